@@ -1,0 +1,98 @@
+"""One home for threading policy and build facts (scikit-learn's _openmp_helpers idea).
+
+* ``n_threads=None`` means what OpenMP would use: ``OMP_NUM_THREADS`` when set, else the
+  processors OpenMP sees. A negative count counts back from the processors (-1 = all).
+* Whether a step is worth a thread team is decided in the kernels: a step smaller than
+  :func:`get_serial_threshold` elements runs on the calling thread without entering an
+  OpenMP region.
+"""
+import numbers
+import os
+import platform
+
+from . import _dispatch
+
+_kernels = _dispatch.kernels
+_num_threads = None
+
+
+def _default_threads():
+    return max(1, int(_kernels.omp_max_threads()))
+
+
+def set_num_threads(n=None):
+    """Set the number of threads the kernels use.
+
+    Parameters
+    ----------
+    n : int or None
+        Positive: that many threads. Negative: the number of processors plus one plus
+        ``n`` (-1 = all processors). None: back to the default (``OMP_NUM_THREADS``,
+        else all processors).
+    """
+    global _num_threads
+    if n is None:
+        _num_threads = None
+        return
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"n must be an int or None, got {type(n).__name__}")
+    n = int(n)
+    if n == 0:
+        raise ValueError("n must be nonzero (positive: a count; negative: counts back "
+                         "from the number of processors)")
+    if n < 0:
+        n = max(1, _kernels.omp_num_procs() + 1 + n)
+    _num_threads = n
+
+
+def get_num_threads():
+    """The number of threads a step may use (1 when built without OpenMP)."""
+    if not _kernels.openmp_enabled():
+        return 1
+    return _num_threads if _num_threads is not None else _default_threads()
+
+
+def set_serial_threshold(n):
+    """Steps with fewer elements than ``n`` (summed over all arrays) stay serial."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    for name in _dispatch.BUILT:
+        mod = __import__(f"{__package__}._kernels_{name}", fromlist=["x"])
+        mod.set_serial_threshold(int(n))
+
+
+def get_serial_threshold():
+    return _kernels.get_serial_threshold()
+
+
+if os.environ.get("FASTOPTIM_SERIAL_THRESHOLD"):
+    set_serial_threshold(int(os.environ["FASTOPTIM_SERIAL_THRESHOLD"]))
+
+
+def config():
+    """Build and runtime facts as a dict (what :func:`show_config` prints)."""
+    names = {0: "baseline", 3: "x86-64-v3 (AVX2, FMA)", 4: "x86-64-v4 (AVX-512)"}
+    from . import __version__
+    return {
+        "version": __version__,
+        "kernel_path": _dispatch.ISA,
+        "kernel_paths_built": list(_dispatch.BUILT),
+        "cpu_level": names.get(_dispatch.CPU_LEVEL, str(_dispatch.CPU_LEVEL)),
+        "forced_by_FASTOPTIM_ISA": os.environ.get("FASTOPTIM_ISA") or None,
+        "openmp": bool(_kernels.openmp_enabled()),
+        "num_threads": get_num_threads(),
+        "omp_max_threads": int(_kernels.omp_max_threads()),
+        "serial_threshold": get_serial_threshold(),
+        "compile_flags": _kernels.build_cflags(),
+        "machine": platform.machine(),
+    }
+
+
+def show_config():
+    """Print which kernel path runs, OpenMP and threads, and the build flags."""
+    cfg = config()
+    width = max(len(k) for k in cfg)
+    for key, value in cfg.items():
+        print(f"{key:<{width}}  {value}")
+    if not cfg["openmp"]:
+        print("note: built without OpenMP; every kernel runs single-threaded")

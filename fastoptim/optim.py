@@ -1,0 +1,518 @@
+"""Stateful optimizers shaped like ``torch.optim``, for NumPy arrays.
+
+Each class only holds state and calls one function of :mod:`fastoptim.functional` per
+parameter group and step; the formulas are in :mod:`fastoptim.reference`.
+
+    opt = fastoptim.Adam([w, b], lr=1e-3)
+    for batch in data:
+        gw, gb = gradients(w, b, batch)
+        opt.step([gw, gb])            # w and b change in place
+
+* ``params`` is a sequence of arrays, or of dicts (parameter groups) with per-group
+  hyperparameter overrides, as in torch. ``opt.param_groups[k]["lr"]`` may be changed
+  between steps (learning-rate schedules).
+* ``step(grads)`` takes one gradient per parameter, across all groups in order;
+  ``None`` skips that parameter (its state and step counter stay as they are).
+* State is created on a parameter's first step (Adagrad's accumulator at
+  construction, as in torch). ``opt.state`` maps the parameter's position (across all
+  groups) to its state; ``state_dict()`` / ``load_state_dict()`` use torch's layout
+  (``{"state": {index: {...}}, "param_groups": [{..., "params": [indices]}]}``), with
+  copies of the arrays, so a saved and reloaded optimizer continues bit-identically.
+* A refused call (bad gradient, bad hyperparameter, malformed state dict) raises
+  before anything changes: every array and every step counter keep their values.
+"""
+import copy
+import numbers
+
+import numpy as np
+
+from . import _config, functional as F
+
+__all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
+
+_k = _config._kernels
+
+
+class _GroupState:
+    """Per-group state: a step counter per parameter and per-name lists of arrays."""
+    __slots__ = ("steps", "arrays", "complete_for")
+
+    def __init__(self, n):
+        self.steps = np.zeros(n, dtype=np.int64)
+        self.arrays = {}
+        self.complete_for = None   # state names for which every parameter has arrays
+
+
+class Optimizer:
+    """Base class: parameter groups, state bookkeeping, state dicts.
+
+    Subclasses define ``_state_names(group)``, ``_prepare(group, grads, arrays,
+    steps)`` (one call into :mod:`fastoptim.functional`), and optionally
+    ``_init_state`` for state that exists before the first step.
+    """
+
+    #: whether ``state[i]`` carries a ``"step"`` entry (torch's SGD has none)
+    _has_step = True
+
+    def __init__(self, params, defaults):
+        self.defaults = dict(defaults)
+        self.param_groups = []
+        self._gstate = []
+        if isinstance(params, np.ndarray) or isinstance(params, dict):
+            raise TypeError("params argument given to the optimizer should be an iterable "
+                            f"of arrays or dicts, but got {type(params).__name__}")
+        try:
+            params = list(params)
+        except TypeError:
+            raise TypeError("params argument given to the optimizer should be an iterable "
+                            f"of arrays or dicts, but got {type(params).__name__}") from None
+        if len(params) == 0:
+            raise ValueError("optimizer got an empty parameter list")
+        if not isinstance(params[0], dict):
+            params = [{"params": params}]
+        for group in params:
+            self.add_param_group(group)
+
+    # --- groups ----------------------------------------------------------------------
+
+    def add_param_group(self, param_group):
+        """Add a group of parameters (a dict with ``"params"`` and optional overrides)."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        if "params" not in param_group:
+            raise ValueError("param_group must have a 'params' entry")
+        group = dict(param_group)
+        params = group["params"]
+        if isinstance(params, np.ndarray):
+            params = [params]
+        elif isinstance(params, (set, frozenset)):
+            raise TypeError("optimizer parameters need to be organized in ordered "
+                            "collections, but the ordering of a set changes between runs")
+        else:
+            params = list(params)
+        if not params:
+            raise ValueError("param_group has an empty 'params' list")
+        for i, p in enumerate(params):
+            _k.check_array(p, "params", i)
+        unknown = set(group) - set(self.defaults) - {"params"}
+        if unknown:
+            raise ValueError(f"param_group has unknown options {sorted(unknown)}; "
+                             f"known: {sorted(self.defaults)}")
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+        group["params"] = params
+        self._check_no_shared_memory(params)
+        self._check_hyperparameters(group)
+        state = _GroupState(len(params))
+        self._init_state(group, state)
+        self.param_groups.append(group)
+        self._gstate.append(state)
+
+    def _check_no_shared_memory(self, new_params):
+        """No parameter may appear twice, in one group or across groups, nor overlap."""
+        spans = []
+        for gi, group in enumerate(self.param_groups + [{"params": new_params}]):
+            for i, p in enumerate(group["params"]):
+                if p.size:
+                    start = p.__array_interface__["data"][0]
+                    spans.append((start, start + p.nbytes, gi, i))
+        spans.sort()
+        for a, b in zip(spans, spans[1:]):
+            if b[0] < a[1]:
+                raise ValueError("some parameters appear more than once, in one group or "
+                                 "in more than one group, or share memory "
+                                 f"(group {a[2]} index {a[3]} and group {b[2]} index {b[3]})")
+
+    def _check_hyperparameters(self, group):
+        """Validate a group's options by preparing an update of no arrays."""
+        names = self._state_names(group)
+        self._prepare(dict(group, params=[]), [], {n: [] for n in names},
+                      np.zeros(0, dtype=np.int64))
+
+    # --- subclass hooks --------------------------------------------------------------
+
+    def _state_names(self, group):
+        raise NotImplementedError
+
+    def _prepare(self, group, grads, arrays, steps):
+        raise NotImplementedError
+
+    def _init_state(self, group, state):
+        """State that exists before any step (Adagrad's accumulators)."""
+
+    def _new_state_array(self, name, group, p):
+        return np.zeros_like(p)
+
+    # --- the step --------------------------------------------------------------------
+
+    def _split_grads(self, grads):
+        total = sum(len(g["params"]) for g in self.param_groups)
+        if isinstance(grads, np.ndarray):
+            if total != 1:
+                raise TypeError("grads must be a list with one entry per parameter "
+                                f"({total}); a single array is accepted only for one "
+                                "parameter")
+            grads = [grads]
+        elif isinstance(grads, tuple):
+            grads = list(grads)
+        elif not isinstance(grads, list):
+            raise TypeError(f"grads must be a list of arrays (None to skip a parameter), "
+                            f"got {type(grads).__name__}")
+        if len(grads) != total:
+            raise ValueError(f"grads has {len(grads)} entries, expected {total} (one per "
+                             "parameter, across all groups in order)")
+        if len(self.param_groups) == 1:
+            return [grads]
+        out, start = [], 0
+        for group in self.param_groups:
+            n = len(group["params"])
+            out.append(grads[start:start + n])
+            start += n
+        return out
+
+    def _arrays_for_step(self, group, state, grads):
+        """State arrays for this step; new arrays for parameters seen the first time.
+
+        Returns (arrays, complete): the caller stores them only after the step ran, so
+        a refused step leaves the optimizer state as it was."""
+        names = self._state_names(group)
+        if state.complete_for == names:
+            return state.arrays, None
+        arrays = {}
+        complete = True
+        for name in names:
+            lst = list(state.arrays.get(name) or [None] * len(group["params"]))
+            for i, (p, g) in enumerate(zip(group["params"], grads)):
+                if lst[i] is None:
+                    if g is not None:
+                        lst[i] = self._new_state_array(name, group, p)
+                    else:
+                        complete = False
+            arrays[name] = lst
+        for name, lst in state.arrays.items():
+            arrays.setdefault(name, lst)
+        return arrays, (names if complete else None)
+
+    def step(self, grads):
+        """Update every parameter in place from its gradient (``None`` skips it)."""
+        per_group = self._split_grads(grads)
+        plans = []
+        for group, state, g in zip(self.param_groups, self._gstate, per_group):
+            arrays, complete = self._arrays_for_step(group, state, g)
+            plans.append((self._prepare(group, g, arrays, state.steps), state, arrays,
+                          complete))
+        n_threads = _config.get_num_threads()
+        for prepared, state, arrays, complete in plans:
+            prepared.run(n_threads)
+            if arrays is not state.arrays:
+                state.arrays = arrays
+                state.complete_for = complete
+
+    def zero_state(self):
+        """Forget all optimizer state, as if the optimizer had just been made."""
+        for gi, group in enumerate(self.param_groups):
+            state = _GroupState(len(group["params"]))
+            self._init_state(group, state)
+            self._gstate[gi] = state
+
+    # --- state -----------------------------------------------------------------------
+
+    def _entries(self):
+        """(global index, group, state, local index) for every parameter."""
+        idx = 0
+        for group, state in zip(self.param_groups, self._gstate):
+            for i in range(len(group["params"])):
+                yield idx, group, state, i
+                idx += 1
+
+    def _entry_state(self, state, i, copy_arrays):
+        entry = {}
+        if self._has_step and (state.steps[i] > 0 or any(
+                lst[i] is not None for lst in state.arrays.values())):
+            entry["step"] = int(state.steps[i])
+        for name, lst in state.arrays.items():
+            if lst[i] is not None:
+                entry[name] = lst[i].copy(order="K") if copy_arrays else lst[i]
+        return entry
+
+    @property
+    def state(self):
+        """{parameter index: {"step": int, name: array}} for parameters with state.
+
+        The arrays are the live ones the optimizer updates."""
+        out = {}
+        for idx, _group, state, i in self._entries():
+            entry = self._entry_state(state, i, copy_arrays=False)
+            if entry:
+                out[idx] = entry
+        return out
+
+    def state_dict(self):
+        """torch.optim's layout, with copies of the state arrays."""
+        state = {}
+        groups = []
+        idx = 0
+        for group, gstate in zip(self.param_groups, self._gstate):
+            saved = {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
+            saved["params"] = list(range(idx, idx + len(group["params"])))
+            groups.append(saved)
+            for i in range(len(group["params"])):
+                entry = self._entry_state(gstate, i, copy_arrays=True)
+                if entry:
+                    state[idx + i] = entry
+            idx += len(group["params"])
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict):
+        """Load a state dict made by :meth:`state_dict` (or pickled/np.savez'd and
+        rebuilt). Arrays are copied into the parameters' dtype and memory order."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise ValueError(f"state_dict is missing the key {key!r}")
+        saved_groups = state_dict["param_groups"]
+        saved_state = state_dict["state"]
+        if not isinstance(saved_groups, (list, tuple)):
+            raise TypeError("state_dict['param_groups'] must be a list")
+        if not isinstance(saved_state, dict):
+            raise TypeError("state_dict['state'] must be a dict")
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups "
+                             f"({len(saved_groups)}) than the optimizer "
+                             f"({len(self.param_groups)})")
+        new_groups, new_states, index_of = [], [], {}
+        idx = 0
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if not isinstance(saved, dict) or "params" not in saved:
+                raise ValueError(f"state_dict['param_groups'][{gi}] must be a dict with "
+                                 "a 'params' entry")
+            ids = list(saved["params"])
+            if len(ids) != len(group["params"]):
+                raise ValueError("loaded state dict contains a parameter group that "
+                                 "doesn't match the size of optimizer's group "
+                                 f"(group {gi}: {len(ids)} vs {len(group['params'])})")
+            new_group = dict(group)
+            for key in self.defaults:
+                if key in saved:
+                    new_group[key] = copy.deepcopy(saved[key])
+            self._check_hyperparameters(new_group)
+            for i, saved_id in enumerate(ids):
+                index_of[saved_id] = (gi, i)
+            new_groups.append(new_group)
+            gstate = _GroupState(len(group["params"]))
+            self._init_state(new_group, gstate)
+            new_states.append(gstate)
+            idx += len(ids)
+        for key, entry in saved_state.items():
+            if key not in index_of:
+                raise ValueError(f"state_dict['state'] has an entry for parameter {key!r}, "
+                                 "which no parameter group lists")
+            gi, i = index_of[key]
+            self._load_entry(new_groups[gi], new_states[gi], i, key, entry)
+        self.param_groups[:] = new_groups
+        self._gstate[:] = new_states
+
+    def _load_entry(self, group, gstate, i, key, entry):
+        if not isinstance(entry, dict):
+            raise TypeError(f"state_dict['state'][{key!r}] must be a dict, got "
+                            f"{type(entry).__name__}")
+        p = group["params"][i]
+        names = self._state_names(group)
+        if self._has_step:
+            if "step" not in entry:
+                raise ValueError(f"state_dict['state'][{key!r}] is missing 'step'")
+            gstate.steps[i] = _as_step(entry["step"], f"state_dict['state'][{key!r}]['step']")
+        for name in names:
+            if name not in entry:
+                if name in self._optional_state:
+                    continue
+                raise ValueError(f"state_dict['state'][{key!r}] is missing {name!r}")
+        for name in set(names) | (set(entry) & set(self._all_state_names)):
+            if name not in entry:
+                continue
+            where = f"state_dict['state'][{key!r}][{name!r}]"
+            value = entry[name]
+            if not isinstance(value, np.ndarray):
+                try:
+                    value = np.asarray(value)
+                except Exception:
+                    raise TypeError(f"{where} must be an array, got "
+                                    f"{type(value).__name__}") from None
+            if value.dtype.kind not in "fiu":
+                raise TypeError(f"{where} must hold real numbers, got dtype {value.dtype}")
+            if value.shape != p.shape:
+                raise ValueError(f"{where} has shape {value.shape}, but the parameter has "
+                                 f"shape {p.shape}")
+            arr = np.empty_like(p)
+            arr[...] = value
+            gstate.arrays.setdefault(name, [None] * len(group["params"]))[i] = arr
+        if not self._has_step and self._step_from_state(entry):
+            gstate.steps[i] = 1
+
+    #: state names that a state entry may lack (SGD's buffer before a momentum step)
+    _optional_state = ()
+    #: every state name the class may hold
+    _all_state_names = ()
+
+    def _step_from_state(self, entry):
+        return False
+
+    def __repr__(self):
+        lines = [type(self).__name__ + " ("]
+        for gi, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {gi}")
+            for key in sorted(k for k in group if k != "params"):
+                lines.append(f"    {key}: {group[key]}")
+        lines.append(")")
+        return "\n".join(lines)
+
+    def __getstate__(self):
+        return {"defaults": self.defaults, "param_groups": self.param_groups,
+                "_gstate": [(s.steps, s.arrays, s.complete_for) for s in self._gstate]}
+
+    def __setstate__(self, d):
+        self.defaults = d["defaults"]
+        self.param_groups = d["param_groups"]
+        self._gstate = []
+        for steps, arrays, complete in d["_gstate"]:
+            s = _GroupState(len(steps))
+            s.steps, s.arrays, s.complete_for = steps, arrays, complete
+            self._gstate.append(s)
+
+
+def _as_step(value, where):
+    if isinstance(value, np.ndarray):
+        if value.size != 1:
+            raise ValueError(f"{where} must be a single number, got shape {value.shape}")
+        value = value.reshape(()).item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where} must be a number, got {type(value).__name__}")
+    if value != value or value < 0 or int(value) != value:
+        raise ValueError(f"{where} must be a non-negative whole number, got {value}")
+    return int(value)
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional (Nesterov) momentum.
+
+    Same options and defaults as ``torch.optim.SGD``; formulas in
+    :func:`fastoptim.reference.sgd_`. State: ``momentum_buffer`` (momentum != 0 only).
+    """
+    _has_step = False
+    _optional_state = ("momentum_buffer",)
+    _all_state_names = ("momentum_buffer",)
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False, *, maximize=False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov,
+                                      maximize=maximize))
+
+    def _state_names(self, group):
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _step_from_state(self, entry):
+        return "momentum_buffer" in entry
+
+    def _prepare(self, group, grads, arrays, steps):
+        momentum = group["momentum"]
+        return F.prepare_sgd(
+            group["params"], grads, arrays.get("momentum_buffer"),
+            steps if momentum != 0 else None, lr=group["lr"], momentum=momentum,
+            dampening=group["dampening"], nesterov=group["nesterov"],
+            weight_decay=group["weight_decay"], maximize=group["maximize"])
+
+
+class Adagrad(Optimizer):
+    """AdaGrad. Same options and defaults as ``torch.optim.Adagrad``; formulas in
+    :func:`fastoptim.reference.adagrad_`. State: ``step``, ``sum``."""
+    _all_state_names = ("sum",)
+
+    def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
+                 initial_accumulator_value=0.0, eps=1e-10, *, maximize=False):
+        super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                                      initial_accumulator_value=initial_accumulator_value,
+                                      eps=eps, maximize=maximize))
+
+    def _check_hyperparameters(self, group):
+        F._real("initial_accumulator_value", group["initial_accumulator_value"], low=0.0)
+        super()._check_hyperparameters(group)
+
+    def _state_names(self, group):
+        return ("sum",)
+
+    def _new_state_array(self, name, group, p):
+        return np.full_like(p, group["initial_accumulator_value"])
+
+    def _init_state(self, group, state):
+        state.arrays["sum"] = [self._new_state_array("sum", group, p)
+                               for p in group["params"]]
+        state.complete_for = ("sum",)
+
+    def _prepare(self, group, grads, arrays, steps):
+        return F.prepare_adagrad(
+            group["params"], grads, arrays["sum"], steps, lr=group["lr"],
+            lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
+            eps=group["eps"], maximize=group["maximize"])
+
+
+class RMSprop(Optimizer):
+    """RMSProp. Same options and defaults as ``torch.optim.RMSprop``; formulas in
+    :func:`fastoptim.reference.rmsprop_`. State: ``step``, ``square_avg``,
+    ``momentum_buffer`` (momentum > 0), ``grad_avg`` (centered)."""
+    _all_state_names = ("square_avg", "momentum_buffer", "grad_avg")
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
+                 momentum=0.0, centered=False, *, maximize=False):
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps,
+                                      weight_decay=weight_decay, momentum=momentum,
+                                      centered=centered, maximize=maximize))
+
+    def _state_names(self, group):
+        return (("square_avg",) + (("momentum_buffer",) if group["momentum"] > 0 else ())
+                + (("grad_avg",) if group["centered"] else ()))
+
+    def _prepare(self, group, grads, arrays, steps):
+        return F.prepare_rmsprop(
+            group["params"], grads, arrays["square_avg"], arrays.get("grad_avg"),
+            arrays.get("momentum_buffer"), steps, lr=group["lr"], alpha=group["alpha"],
+            eps=group["eps"], weight_decay=group["weight_decay"],
+            momentum=group["momentum"], centered=group["centered"],
+            maximize=group["maximize"])
+
+
+class Adam(Optimizer):
+    """Adam (L2 weight decay). Same options and defaults as ``torch.optim.Adam``;
+    formulas in :func:`fastoptim.reference.adam_`. State: ``step``, ``exp_avg``,
+    ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad)."""
+    _decoupled = False
+    _all_state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, *, maximize=False):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps,
+                                      weight_decay=weight_decay, amsgrad=amsgrad,
+                                      maximize=maximize))
+
+    def _state_names(self, group):
+        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+
+    def _prepare(self, group, grads, arrays, steps):
+        return F.prepare_adam(
+            group["params"], grads, arrays["exp_avg"], arrays["exp_avg_sq"],
+            arrays.get("max_exp_avg_sq"), steps, lr=group["lr"], betas=group["betas"],
+            eps=group["eps"], weight_decay=group["weight_decay"],
+            amsgrad=group["amsgrad"], maximize=group["maximize"],
+            decoupled_weight_decay=self._decoupled)
+
+
+class AdamW(Adam):
+    """AdamW (decoupled weight decay, default 1e-2). Same options and defaults as
+    ``torch.optim.AdamW``; formulas in :func:`fastoptim.reference.adamw_`."""
+    _decoupled = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, maximize=maximize)

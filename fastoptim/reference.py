@@ -1,0 +1,197 @@
+"""The specification: one readable NumPy function per update rule.
+
+Every function here has the same signature and the same in-place effect as its
+compiled twin in :mod:`fastoptim.functional`; the tests hold the two equal and the
+benchmarks time the compiled one against this one. Each function updates lists of
+arrays in place (a single array is accepted too). ``grads[i] is None`` skips
+parameter i entirely, as a missing ``.grad`` does in torch.optim. ``steps`` is an
+``int64`` array with one counter per parameter; it is incremented in place for every
+parameter that is updated, like torch's ``state_steps``.
+
+The operation order follows torch.optim's default implementation, so that results
+agree to rounding: ``x.add_(y, alpha=a)`` is ``x + a*y``, ``addcmul`` is
+``x + (v*a)*b``, ``addcdiv`` is ``x + (v*a)/b``, and lerp is torch's two-sided formula.
+Every scalar that depends only on the step is computed in double precision, then used
+in the arrays' dtype (NumPy 2 treats Python floats as weak scalars).
+"""
+import math
+
+import numpy as np
+
+__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_"]
+
+
+def _as_list(x):
+    if x is None or isinstance(x, np.ndarray):
+        return [x]
+    return list(x)
+
+
+def _lerp(start, end, weight):
+    """torch.lerp: start + w*(end-start) for w < 0.5, else end - (end-start)*(1-w)."""
+    if weight < 0.5:
+        return start + weight * (end - start)
+    return end - (end - start) * (1.0 - weight)
+
+
+def _scalar(value, like):
+    """A step scalar computed in double, rounded to the arrays' dtype."""
+    return like.dtype.type(value)
+
+
+def sgd_(params, grads, momentum_buffers=None, steps=None, *, lr=1e-3, momentum=0.0,
+         dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False):
+    r"""Stochastic gradient descent, with optional (Nesterov) momentum.
+
+    .. math::
+        g &\leftarrow -\nabla \text{ if maximize else } \nabla \\
+        g &\leftarrow g + \lambda p \quad (\lambda = \text{weight\_decay} \neq 0) \\
+        b &\leftarrow g \text{ on the first step, else } \mu b + (1-\tau) g \\
+        g &\leftarrow g + \mu b \text{ if nesterov else } b \quad (\mu \neq 0) \\
+        p &\leftarrow p - \gamma g
+
+    ``momentum_buffers`` and ``steps`` are needed when momentum is nonzero; a
+    parameter whose step counter is 0 has its buffer set to the gradient.
+    """
+    params, grads = _as_list(params), _as_list(grads)
+    bufs = _as_list(momentum_buffers) if momentum != 0 else [None] * len(params)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        if steps is not None:
+            steps[i] += 1
+        g = -g if maximize else g.copy()
+        if weight_decay != 0:
+            g = g + _scalar(weight_decay, p) * p
+        if momentum != 0:
+            buf = bufs[i]
+            if steps[i] == 1:
+                buf[...] = g
+            else:
+                buf[...] = buf * _scalar(momentum, p) + _scalar(1 - dampening, p) * g
+            g = g + _scalar(momentum, p) * buf if nesterov else buf.copy()
+        p += _scalar(-lr, p) * g
+
+
+def adagrad_(params, grads, state_sums, steps, *, lr=1e-2, lr_decay=0.0,
+             weight_decay=0.0, eps=1e-10, maximize=False):
+    r"""AdaGrad: per-coordinate steps scaled by the root of the summed squared grads.
+
+    .. math::
+        t &\leftarrow t + 1, \quad \tilde\gamma = \gamma / (1 + (t-1)\eta) \\
+        g &\leftarrow \pm\nabla + \lambda p \\
+        s &\leftarrow s + g^2 \\
+        p &\leftarrow p - \tilde\gamma\, g / (\sqrt{s} + \epsilon)
+
+    ``state_sums`` start at ``initial_accumulator_value`` (the optimizer's option).
+    """
+    params, grads, sums = _as_list(params), _as_list(grads), _as_list(state_sums)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        steps[i] += 1
+        clr = lr / (1 + (int(steps[i]) - 1) * lr_decay)
+        g = -g if maximize else g
+        if weight_decay != 0:
+            g = g + _scalar(weight_decay, p) * p
+        s = sums[i]
+        s[...] = s + g * g
+        p += (_scalar(-clr, p) * g) / (np.sqrt(s) + _scalar(eps, p))
+
+
+def rmsprop_(params, grads, square_avgs, grad_avgs=None, momentum_buffers=None,
+             steps=None, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
+             momentum=0.0, centered=False, maximize=False):
+    r"""RMSProp: steps scaled by a decayed average of squared gradients.
+
+    .. math::
+        g &\leftarrow \pm\nabla + \lambda p \\
+        v &\leftarrow \alpha v + (1-\alpha) g^2 \\
+        \bar g &\leftarrow \alpha \bar g + (1-\alpha) g, \quad
+            d = \sqrt{v - \bar g^2} + \epsilon \quad \text{(centered)} \\
+        d &= \sqrt{v} + \epsilon \quad \text{(otherwise)} \\
+        b &\leftarrow \mu b + g / d, \quad p \leftarrow p - \gamma b
+            \quad (\mu > 0) \\
+        p &\leftarrow p - \gamma g / d \quad \text{(otherwise)}
+
+    ``grad_avgs`` are needed when centered, ``momentum_buffers`` when momentum > 0;
+    ``steps`` is optional (counted when given).
+    """
+    params, grads, sqs = _as_list(params), _as_list(grads), _as_list(square_avgs)
+    gas = _as_list(grad_avgs) if centered else [None] * len(params)
+    bufs = _as_list(momentum_buffers) if momentum > 0 else [None] * len(params)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        if steps is not None:
+            steps[i] += 1
+        g = -g if maximize else g
+        if weight_decay != 0:
+            g = g + _scalar(weight_decay, p) * p
+        sq = sqs[i]
+        sq[...] = sq * _scalar(alpha, p) + (_scalar(1 - alpha, p) * g) * g
+        if centered:
+            ga = gas[i]
+            ga[...] = _lerp(ga, g, _scalar(1 - alpha, p))
+            avg = np.sqrt(sq + (-ga) * ga) + _scalar(eps, p)
+        else:
+            avg = np.sqrt(sq) + _scalar(eps, p)
+        if momentum > 0:
+            buf = bufs[i]
+            buf[...] = buf * _scalar(momentum, p) + g / avg
+            p += _scalar(-lr, p) * buf
+        else:
+            p += (_scalar(-lr, p) * g) / avg
+
+
+def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, steps=None, *,
+          lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
+          maximize=False, decoupled_weight_decay=False):
+    r"""Adam (L2 weight decay), or AdamW with ``decoupled_weight_decay=True``.
+
+    .. math::
+        t &\leftarrow t + 1, \quad g \leftarrow \pm\nabla \\
+        g &\leftarrow g + \lambda p \quad \text{(Adam)}, \qquad
+        p \leftarrow p (1 - \gamma\lambda) \quad \text{(AdamW)} \\
+        m &\leftarrow m + (1-\beta_1)(g - m) \\
+        v &\leftarrow \beta_2 v + (1-\beta_2) g^2 \\
+        \hat v &= \max(\hat v, v) \text{ (amsgrad) else } v \\
+        p &\leftarrow p - \frac{\gamma}{1-\beta_1^t}\,
+            \frac{m}{\sqrt{\hat v}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    ``steps`` is required (bias corrections); ``max_exp_avg_sqs`` when amsgrad.
+    """
+    beta1, beta2 = betas
+    params, grads = _as_list(params), _as_list(grads)
+    ms, vs = _as_list(exp_avgs), _as_list(exp_avg_sqs)
+    vmaxs = _as_list(max_exp_avg_sqs) if amsgrad else [None] * len(params)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        steps[i] += 1
+        step = float(steps[i])
+        g = -g if maximize else g
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                p *= _scalar(1 - lr * weight_decay, p)
+            else:
+                g = g + _scalar(weight_decay, p) * p
+        m, v = ms[i], vs[i]
+        m[...] = _lerp(m, g, _scalar(1 - beta1, p))
+        v[...] = v * _scalar(beta2, p) + (_scalar(1 - beta2, p) * g) * g
+        if amsgrad:
+            np.maximum(vmaxs[i], v, out=vmaxs[i])
+            v = vmaxs[i]
+        step_size = lr / (1 - beta1 ** step)
+        bc2_sqrt = (1 - beta2 ** step) ** 0.5
+        denom = np.sqrt(v) / _scalar(bc2_sqrt, p) + _scalar(eps, p)
+        p += (_scalar(-step_size, p) * m) / denom
+
+
+def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, steps=None, *,
+           lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
+           maximize=False):
+    """AdamW: :func:`adam_` with decoupled weight decay ``p *= 1 - lr*weight_decay``."""
+    adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr,
+          betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+          maximize=maximize, decoupled_weight_decay=True)
