@@ -125,7 +125,7 @@ class BuildExt(build_ext):
         if msvc:
             base = ["/O2", "/fp:precise"]
         else:
-            base = ["-O3", "-fno-math-errno", "-fno-trapping-math",
+            base = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
                     "-Wno-unused-function", "-Wno-unreachable-code"]
         keep = []
         for ext in self.extensions:

@@ -448,9 +448,11 @@ cdef inline floating _sqrt(floating x) noexcept nogil:
 
 cdef inline floating _lerp(floating start, floating end, floating w) noexcept nogil:
     # torch.lerp: start + w*(end-start) for w < 0.5, else end - (end-start)*(1-w)
+    # (<floating> 1): a bare 1 would become the C double 1.0 and promote the product
+    cdef floating one = 1
     if w < 0.5:
         return start + w * (end - start)
-    return end - (end - start) * (1 - w)
+    return end - (end - start) * (one - w)
 
 
 # Flags that decide which arrays a loop touches (momentum, centered, amsgrad) are

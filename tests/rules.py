@@ -1,0 +1,125 @@
+"""What the tests need to know about each rule: its functions, its state arrays and
+the options it takes. Shared by the test modules."""
+import numpy as np
+
+from fastoptim import functional as F
+from fastoptim import reference as R
+
+# option name -> values worth testing (first is the default)
+RULES = {
+    "sgd": dict(
+        options=dict(lr=[1e-3, 0.05], momentum=[0.0, 0.9], dampening=[0.0, 0.3],
+                     nesterov=[False, True], weight_decay=[0.0, 0.01],
+                     maximize=[False, True]),
+    ),
+    "adagrad": dict(
+        options=dict(lr=[1e-2, 0.1], lr_decay=[0.0, 0.01], weight_decay=[0.0, 0.01],
+                     eps=[1e-10, 1e-6], maximize=[False, True]),
+    ),
+    "rmsprop": dict(
+        options=dict(lr=[1e-2, 1e-3], alpha=[0.99, 0.3], eps=[1e-8, 1e-6],
+                     weight_decay=[0.0, 0.01], momentum=[0.0, 0.9],
+                     centered=[False, True], maximize=[False, True]),
+    ),
+    "adam": dict(
+        options=dict(lr=[1e-3, 0.01], betas=[(0.9, 0.999), (0.3, 0.9)], eps=[1e-8, 1e-6],
+                     weight_decay=[0.0, 0.01], amsgrad=[False, True],
+                     maximize=[False, True]),
+    ),
+    "adamw": dict(
+        options=dict(lr=[1e-3, 0.01], betas=[(0.9, 0.999), (0.3, 0.9)], eps=[1e-8, 1e-6],
+                     weight_decay=[1e-2, 0.0, 0.1], amsgrad=[False, True],
+                     maximize=[False, True]),
+    ),
+}
+
+
+def valid(rule, opts):
+    """Whether an option combination is one torch accepts."""
+    if rule == "sgd" and opts.get("nesterov"):
+        return opts.get("momentum", 0) > 0 and opts.get("dampening", 0) == 0
+    return True
+
+
+def state_names(rule, opts):
+    if rule == "sgd":
+        return ["momentum_buffers"] if opts.get("momentum", 0) != 0 else []
+    if rule == "adagrad":
+        return ["state_sums"]
+    if rule == "rmsprop":
+        names = ["square_avgs"]
+        names += ["grad_avgs"] if opts.get("centered") else []
+        names += ["momentum_buffers"] if opts.get("momentum", 0) > 0 else []
+        return names
+    names = ["exp_avgs", "exp_avg_sqs"]
+    return names + (["max_exp_avg_sqs"] if opts.get("amsgrad") else [])
+
+
+def make_state(rule, opts, params, init=0.0):
+    """Fresh state for a list of params: {name: [arrays]} and the steps array."""
+    state = {name: [np.full_like(p, init if name == "state_sums" else 0.0) for p in params]
+             for name in state_names(rule, opts)}
+    steps = np.zeros(len(params), dtype=np.int64)
+    return state, steps
+
+
+def call(module, rule, params, grads, state, steps, opts):
+    """Call rule `rule` of `module` (fastoptim.functional or fastoptim.reference)."""
+    fn = getattr(module, rule + "_")
+    if rule == "sgd":
+        return fn(params, grads, state.get("momentum_buffers"), steps, **opts)
+    if rule == "adagrad":
+        return fn(params, grads, state["state_sums"], steps, **opts)
+    if rule == "rmsprop":
+        return fn(params, grads, state["square_avgs"], state.get("grad_avgs"),
+                  state.get("momentum_buffers"), steps, **opts)
+    return fn(params, grads, state["exp_avgs"], state["exp_avg_sqs"],
+              state.get("max_exp_avg_sqs"), steps, **opts)
+
+
+def prepare(kernels, rule, params, grads, state, steps, opts):
+    """Call a kernel module's prepare_* directly (to test every built ISA)."""
+    o = dict(opts)
+    if rule == "sgd":
+        o.setdefault("momentum", 0.0)
+        return kernels.prepare_sgd(params, grads, state.get("momentum_buffers"),
+                                   steps if o["momentum"] else None,
+                                   lr=o.get("lr", 1e-3), momentum=o["momentum"],
+                                   dampening=o.get("dampening", 0.0),
+                                   nesterov=o.get("nesterov", False),
+                                   weight_decay=o.get("weight_decay", 0.0),
+                                   maximize=o.get("maximize", False))
+    if rule == "adagrad":
+        return kernels.prepare_adagrad(params, grads, state["state_sums"], steps,
+                                       lr=o.get("lr", 1e-2), lr_decay=o.get("lr_decay", 0.0),
+                                       weight_decay=o.get("weight_decay", 0.0),
+                                       eps=o.get("eps", 1e-10),
+                                       maximize=o.get("maximize", False))
+    if rule == "rmsprop":
+        return kernels.prepare_rmsprop(params, grads, state["square_avgs"],
+                                       state.get("grad_avgs"), state.get("momentum_buffers"),
+                                       steps, lr=o.get("lr", 1e-2), alpha=o.get("alpha", 0.99),
+                                       eps=o.get("eps", 1e-8),
+                                       weight_decay=o.get("weight_decay", 0.0),
+                                       momentum=o.get("momentum", 0.0),
+                                       centered=o.get("centered", False),
+                                       maximize=o.get("maximize", False))
+    b1, b2 = o.get("betas", (0.9, 0.999))
+    return kernels.prepare_adam(params, grads, state["exp_avgs"], state["exp_avg_sqs"],
+                                state.get("max_exp_avg_sqs"), steps, lr=o.get("lr", 1e-3),
+                                beta1=b1, beta2=b2, eps=o.get("eps", 1e-8),
+                                weight_decay=o.get("weight_decay",
+                                                   1e-2 if rule == "adamw" else 0.0),
+                                amsgrad=o.get("amsgrad", False),
+                                maximize=o.get("maximize", False),
+                                decoupled=rule == "adamw")
+
+
+def assert_close(got, want, dtype, nsteps, err_msg=""):
+    """Kernel result vs reference: bit-for-bit equal.
+
+    The kernels do the reference's operations in the same order and dtype, and are
+    compiled with -ffp-contract=off (no fused multiply-add: every operation rounds once,
+    as NumPy's do), so every instruction-set path gives exactly the reference's bits.
+    NaNs compare equal to NaNs."""
+    np.testing.assert_array_equal(got, want, err_msg=err_msg)
