@@ -13,6 +13,7 @@ import platform
 from . import _dispatch
 
 _kernels = _dispatch.kernels
+_openmp = bool(_kernels.openmp_enabled())
 _num_threads = None
 
 
@@ -47,7 +48,7 @@ def set_num_threads(n=None):
 
 def get_num_threads():
     """The number of threads a step may use (1 when built without OpenMP)."""
-    if not _kernels.openmp_enabled():
+    if not _openmp:
         return 1
     return _num_threads if _num_threads is not None else _default_threads()
 

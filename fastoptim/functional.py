@@ -1,21 +1,16 @@
 """Compiled, stateless, in-place update functions.
 
 Same signatures and effects as :mod:`fastoptim.reference` (read it for the formulas).
-Each function checks its hyperparameters here and its arrays in the kernel module
-(dtype, shape, contiguity, writeability, memory overlap), all before any array is
-written, then makes one compiled call for the whole list of arrays with the GIL
-released once. A refused call raises ``TypeError``/``ValueError`` naming the argument
+Each function checks its hyperparameters (the ranges torch.optim checks, finite, the
+right types) and its arrays (dtype, shape, contiguity, writeability, memory overlap),
+all before any array is written, then makes one compiled call for the whole list of
+arrays with the GIL released once. A refused call raises ``TypeError``/``ValueError`` naming the argument
 and leaves every array, and ``steps``, unchanged.
 
 ``prepare_*`` do the checking and return a ready ``Step`` whose ``run(n_threads)``
 cannot fail; the optimizer classes use them to check every parameter group before
 updating any.
 """
-import math
-import numbers
-
-import numpy as np
-
 from . import _config
 
 __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_"]
@@ -23,113 +18,36 @@ __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_"]
 _k = _config._kernels
 
 
-# --- hyperparameter checks ---------------------------------------------------------
-
-def _real(name, value, *, low=None, low_open=False, high=None, high_open=False):
-    """Return value as a float after checking it is a finite real within bounds."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "fiu":
-            value = value.item()
-        else:
-            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if low is not None and (v <= low if low_open else v < low):
-        raise ValueError(f"Invalid {name}: {value} (must be {'>' if low_open else '>='} {low})")
-    if high is not None and (v >= high if high_open else v > high):
-        raise ValueError(f"Invalid {name}: {value} (must be {'<' if high_open else '<='} {high})")
-    return v
-
-
-def _flag(name, value):
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-
-
-def _betas(betas):
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    return (_real("beta parameter at index 0", betas[0], low=0.0, high=1.0, high_open=True),
-            _real("beta parameter at index 1", betas[1], low=0.0, high=1.0, high_open=True))
-
-
-def _arrays(name, x):
-    """A list of the caller's arrays: one ndarray becomes a one-element list."""
-    if isinstance(x, list):
-        return x
-    if isinstance(x, np.ndarray):
-        return [x]
-    if isinstance(x, tuple):
-        return list(x)
-    raise TypeError(f"{name} must be an ndarray or a list/tuple of ndarrays, "
-                    f"got {type(x).__name__}")
-
-
-def _optional_arrays(name, x):
-    return None if x is None else _arrays(name, x)
-
-
 # --- prepare: check everything, return a runnable Step -------------------------------
+# The checks themselves run in the kernel module (compiled: a tiny step must cost about
+# a microsecond); these functions give them torch's keyword signatures.
 
 def prepare_sgd(params, grads, momentum_buffers=None, steps=None, *, lr=1e-3,
                 momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
                 maximize=False):
-    lr = _real("learning rate", lr, low=0.0)
-    momentum = _real("momentum value", momentum, low=0.0)
-    dampening = _real("dampening", dampening)
-    weight_decay = _real("weight_decay value", weight_decay, low=0.0)
-    nesterov = _flag("nesterov", nesterov)
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-    return _k.prepare_sgd(
-        _arrays("params", params), _arrays("grads", grads),
-        _optional_arrays("momentum_buffers", momentum_buffers), steps,
-        lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
-        weight_decay=weight_decay, maximize=_flag("maximize", maximize))
+    return _k.prepare_sgd(params, grads, momentum_buffers, steps, lr, momentum, dampening,
+                          nesterov, weight_decay, maximize)
 
 
 def prepare_adagrad(params, grads, state_sums, steps, *, lr=1e-2, lr_decay=0.0,
                     weight_decay=0.0, eps=1e-10, maximize=False):
-    return _k.prepare_adagrad(
-        _arrays("params", params), _arrays("grads", grads),
-        _arrays("state_sums", state_sums), steps,
-        lr=_real("learning rate", lr, low=0.0),
-        lr_decay=_real("lr_decay value", lr_decay, low=0.0),
-        weight_decay=_real("weight_decay value", weight_decay, low=0.0),
-        eps=_real("epsilon value", eps, low=0.0),
-        maximize=_flag("maximize", maximize))
+    return _k.prepare_adagrad(params, grads, state_sums, steps, lr, lr_decay, weight_decay,
+                              eps, maximize)
 
 
 def prepare_rmsprop(params, grads, square_avgs, grad_avgs=None, momentum_buffers=None,
                     steps=None, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
                     momentum=0.0, centered=False, maximize=False):
-    return _k.prepare_rmsprop(
-        _arrays("params", params), _arrays("grads", grads),
-        _arrays("square_avgs", square_avgs), _optional_arrays("grad_avgs", grad_avgs),
-        _optional_arrays("momentum_buffers", momentum_buffers), steps,
-        lr=_real("learning rate", lr, low=0.0),
-        alpha=_real("alpha value", alpha, low=0.0),
-        eps=_real("epsilon value", eps, low=0.0),
-        weight_decay=_real("weight_decay value", weight_decay, low=0.0),
-        momentum=_real("momentum value", momentum, low=0.0),
-        centered=_flag("centered", centered), maximize=_flag("maximize", maximize))
+    return _k.prepare_rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
+                              lr, alpha, eps, weight_decay, momentum, centered, maximize)
 
 
 def prepare_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, steps=None,
                  *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, maximize=False, decoupled_weight_decay=False):
-    beta1, beta2 = _betas(betas)
-    return _k.prepare_adam(
-        _arrays("params", params), _arrays("grads", grads),
-        _arrays("exp_avgs", exp_avgs), _arrays("exp_avg_sqs", exp_avg_sqs),
-        _optional_arrays("max_exp_avg_sqs", max_exp_avg_sqs), steps,
-        lr=_real("learning rate", lr, low=0.0), beta1=beta1, beta2=beta2,
-        eps=_real("epsilon value", eps, low=0.0),
-        weight_decay=_real("weight_decay value", weight_decay, low=0.0),
-        amsgrad=_flag("amsgrad", amsgrad), maximize=_flag("maximize", maximize),
-        decoupled=_flag("decoupled_weight_decay", decoupled_weight_decay))
+    return _k.prepare_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr,
+                           betas, eps, weight_decay, amsgrad, maximize,
+                           decoupled_weight_decay)
 
 
 # --- the public in-place functions -------------------------------------------------

@@ -436,7 +436,12 @@ class Adagrad(Optimizer):
                                       eps=eps, maximize=maximize))
 
     def _check_hyperparameters(self, group):
-        F._real("initial_accumulator_value", group["initial_accumulator_value"], low=0.0)
+        value = group["initial_accumulator_value"]
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            raise TypeError("initial_accumulator_value must be a real number, got "
+                            f"{type(value).__name__}")
+        if not 0.0 <= value < float("inf"):
+            raise ValueError(f"Invalid initial_accumulator_value value: {value}")
         super()._check_hyperparameters(group)
 
     def _state_names(self, group):

@@ -81,38 +81,29 @@ def prepare(kernels, rule, params, grads, state, steps, opts):
     """Call a kernel module's prepare_* directly (to test every built ISA)."""
     o = dict(opts)
     if rule == "sgd":
-        o.setdefault("momentum", 0.0)
+        momentum = o.get("momentum", 0.0)
         return kernels.prepare_sgd(params, grads, state.get("momentum_buffers"),
-                                   steps if o["momentum"] else None,
-                                   lr=o.get("lr", 1e-3), momentum=o["momentum"],
-                                   dampening=o.get("dampening", 0.0),
-                                   nesterov=o.get("nesterov", False),
-                                   weight_decay=o.get("weight_decay", 0.0),
-                                   maximize=o.get("maximize", False))
+                                   steps if momentum else None, o.get("lr", 1e-3), momentum,
+                                   o.get("dampening", 0.0), o.get("nesterov", False),
+                                   o.get("weight_decay", 0.0), o.get("maximize", False))
     if rule == "adagrad":
         return kernels.prepare_adagrad(params, grads, state["state_sums"], steps,
-                                       lr=o.get("lr", 1e-2), lr_decay=o.get("lr_decay", 0.0),
-                                       weight_decay=o.get("weight_decay", 0.0),
-                                       eps=o.get("eps", 1e-10),
-                                       maximize=o.get("maximize", False))
+                                       o.get("lr", 1e-2), o.get("lr_decay", 0.0),
+                                       o.get("weight_decay", 0.0), o.get("eps", 1e-10),
+                                       o.get("maximize", False))
     if rule == "rmsprop":
         return kernels.prepare_rmsprop(params, grads, state["square_avgs"],
                                        state.get("grad_avgs"), state.get("momentum_buffers"),
-                                       steps, lr=o.get("lr", 1e-2), alpha=o.get("alpha", 0.99),
-                                       eps=o.get("eps", 1e-8),
-                                       weight_decay=o.get("weight_decay", 0.0),
-                                       momentum=o.get("momentum", 0.0),
-                                       centered=o.get("centered", False),
-                                       maximize=o.get("maximize", False))
-    b1, b2 = o.get("betas", (0.9, 0.999))
+                                       steps, o.get("lr", 1e-2), o.get("alpha", 0.99),
+                                       o.get("eps", 1e-8), o.get("weight_decay", 0.0),
+                                       o.get("momentum", 0.0), o.get("centered", False),
+                                       o.get("maximize", False))
     return kernels.prepare_adam(params, grads, state["exp_avgs"], state["exp_avg_sqs"],
-                                state.get("max_exp_avg_sqs"), steps, lr=o.get("lr", 1e-3),
-                                beta1=b1, beta2=b2, eps=o.get("eps", 1e-8),
-                                weight_decay=o.get("weight_decay",
-                                                   1e-2 if rule == "adamw" else 0.0),
-                                amsgrad=o.get("amsgrad", False),
-                                maximize=o.get("maximize", False),
-                                decoupled=rule == "adamw")
+                                state.get("max_exp_avg_sqs"), steps, o.get("lr", 1e-3),
+                                o.get("betas", (0.9, 0.999)), o.get("eps", 1e-8),
+                                o.get("weight_decay", 1e-2 if rule == "adamw" else 0.0),
+                                o.get("amsgrad", False), o.get("maximize", False),
+                                rule == "adamw")
 
 
 def assert_close(got, want, dtype, nsteps, err_msg=""):
