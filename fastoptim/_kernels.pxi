@@ -29,7 +29,7 @@
 
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from libc.math cimport sqrt, sqrtf, pow, isfinite, INFINITY
-from libc.stdint cimport int64_t, uintptr_t
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport qsort
 from libc.string cimport memset
 from cython.parallel cimport prange
@@ -40,6 +40,12 @@ import numbers
 import numpy as np
 
 cnp.import_array()
+
+cdef extern from "fo_bf16.h" nogil:
+    float fo_bf16_to_f32(uint16_t h)
+    uint16_t fo_f32_to_bf16_rne(float f)
+    uint16_t fo_f32_to_bf16_sr(float f, uint32_t random_bits)
+    uint32_t fo_hash32(uint32_t x)
 
 cdef extern from "fo_runtime.h" nogil:
     int fo_openmp_enabled()
@@ -122,6 +128,10 @@ cdef struct Batch:
     double lr, momentum, dampening, weight_decay, eps, alpha, lr_decay
     double beta1, beta2
     bint maximize, nesterov, centered, amsgrad, decoupled
+    # bfloat16 state (Adam/AdamW): state arrays hold uint16 bfloat16 bits
+    bint bf16, stochastic
+    uint32_t seed
+    uint32_t *tkey               # per-array key for stochastic rounding (from the step)
 
 
 ctypedef void (*segment_fn)(const Batch *b, Py_ssize_t t, Py_ssize_t lo,
@@ -161,20 +171,25 @@ cdef str _layout(cnp.ndarray a):
 
 
 cdef cnp.ndarray _check_array(object obj, str name, Py_ssize_t i, bint written,
-                              cnp.ndarray like, str like_name):
-    """Return obj as an ndarray after checking it; raise TypeError/ValueError naming it."""
+                              cnp.ndarray like, str like_name, bint bf16=False):
+    """Return obj as an ndarray after checking it; raise TypeError/ValueError naming it.
+    With bf16, obj must be a uint16 array of bfloat16 bits shaped like `like`."""
     cdef cnp.ndarray a
     cdef int typenum
     if not cnp.PyArray_Check(obj):
         raise TypeError(f"{name}[{i}] must be a numpy.ndarray, got {type(obj).__name__}")
     a = <cnp.ndarray> obj
     typenum = cnp.PyArray_TYPE(a)
-    if typenum != cnp.NPY_FLOAT and typenum != cnp.NPY_DOUBLE:
+    if bf16:
+        if typenum != cnp.NPY_UINT16:
+            raise TypeError(f"{name}[{i}] must have dtype uint16 (bfloat16 bits) for "
+                            f"bfloat16 state, got {a.dtype}")
+    elif typenum != cnp.NPY_FLOAT and typenum != cnp.NPY_DOUBLE:
         raise TypeError(f"{name}[{i}] must have dtype float32 or float64, got {a.dtype}")
     if not cnp.PyArray_ISNOTSWAPPED(a):
         raise TypeError(f"{name}[{i}] must be in native byte order, got dtype {a.dtype.str}")
     if like is not None:
-        if typenum != cnp.PyArray_TYPE(like):
+        if not bf16 and typenum != cnp.PyArray_TYPE(like):
             raise TypeError(f"{name}[{i}] has dtype {a.dtype} but {like_name}[{i}] has "
                             f"dtype {like.dtype}; they must match")
         if a.ndim != like.ndim or not cnp.PyArray_SAMESHAPE(a, like):
@@ -226,6 +241,7 @@ cdef class Step:
         PyMem_Free(self.b.index)
         PyMem_Free(self.b.ts0)
         PyMem_Free(self.b.ts1)
+        PyMem_Free(self.b.tkey)
 
     @property
     def size(self):
@@ -281,8 +297,9 @@ cdef class Step:
         self.b.index = <Py_ssize_t *> PyMem_Malloc(max(n, 1) * sizeof(Py_ssize_t))
         self.b.ts0 = <double *> PyMem_Malloc(max(n, 1) * sizeof(double))
         self.b.ts1 = <double *> PyMem_Malloc(max(n, 1) * sizeof(double))
+        self.b.tkey = <uint32_t *> PyMem_Malloc(max(n, 1) * sizeof(uint32_t))
         if (self.b.is_double == NULL or self.b.offsets == NULL or self.b.index == NULL
-                or self.b.ts0 == NULL or self.b.ts1 == NULL):
+                or self.b.ts0 == NULL or self.b.ts1 == NULL or self.b.tkey == NULL):
             raise MemoryError()
         for r in range(nroles):
             if self.b.ptr[r] == NULL:
@@ -299,6 +316,9 @@ cdef class Step:
                 if obj is None:
                     continue
                 p = _check_array(params[i], names[0], i, True, None, None)
+                if self.b.bf16 and cnp.PyArray_TYPE(p) != cnp.NPY_FLOAT:
+                    raise TypeError(f"{names[0]}[{i}] has dtype {p.dtype}; bfloat16 state "
+                                    f"is for float32 parameters")
                 self.b.is_double[t] = cnp.PyArray_TYPE(p) == cnp.NPY_DOUBLE
                 self.b.index[t] = i
                 nbytes = cnp.PyArray_NBYTES(p)
@@ -322,12 +342,13 @@ cdef class Step:
                             raise ValueError(f"{names[r]}[{i}] is None but grads[{i}] "
                                              f"is not; state is needed for every updated "
                                              f"parameter")
-                        a = _check_array(obj, names[r], i, True, p, names[0])
+                        a = _check_array(obj, names[r], i, True, p, names[0],
+                                         self.b.bf16)
                         obj = grads[i]
                     self.b.ptr[r][t] = cnp.PyArray_DATA(a)
                     if nbytes > 0:
                         iv[nint].start = <uintptr_t> cnp.PyArray_DATA(a)
-                        iv[nint].end = iv[nint].start + <uintptr_t> nbytes
+                        iv[nint].end = iv[nint].start + <uintptr_t> cnp.PyArray_NBYTES(a)
                         iv[nint].written = r != ROLE_GRAD
                         iv[nint].role = r
                         iv[nint].index = i
@@ -671,9 +692,85 @@ cdef inline void _adam_typed(const Batch *b, Py_ssize_t t, Py_ssize_t lo, Py_ssi
                    decay, l2, False, b.maximize)
 
 
+cdef inline uint16_t _to_bf16(float x, bint stochastic, uint32_t h, uint32_t key) noexcept nogil:
+    if stochastic:
+        return fo_f32_to_bf16_sr(x, fo_hash32(h ^ key))
+    return fo_f32_to_bf16_rne(x)
+
+
+cdef inline void _adam_bf16_loop(float *p, const float *g, uint16_t *m, uint16_t *v,
+                                 uint16_t *vmax, Py_ssize_t n, Py_ssize_t base,
+                                 float step_size, float inv_bc2_sqrt, float one_minus_b1,
+                                 float beta2, float one_minus_b2, float eps, float wd,
+                                 float decay, bint l2, bint amsgrad, bint maximize,
+                                 bint stochastic, uint32_t km, uint32_t kv,
+                                 uint32_t kx) noexcept nogil:
+    # As _adam_loop, with m, v (and vmax) stored as bfloat16: read and widened to
+    # float32, updated in float32, rounded once when stored. The parameter update uses
+    # the float32 values of this step. Element i's random bits hash (base + i) with a
+    # per-array, per-step key.
+    cdef Py_ssize_t i
+    cdef float gi, pi, mi, vi, vm, denom
+    cdef float neg_step = -step_size
+    cdef uint32_t h
+    for i in range(n):
+        gi = -g[i] if maximize else g[i]
+        pi = p[i]
+        if l2:
+            gi = gi + wd * pi
+        pi = pi * decay
+        h = (<uint32_t> (base + i)) * (<uint32_t> 2654435769u)
+        mi = _lerp(fo_bf16_to_f32(m[i]), gi, one_minus_b1)
+        m[i] = _to_bf16(mi, stochastic, h, km)
+        vi = fo_bf16_to_f32(v[i]) * beta2 + (one_minus_b2 * gi) * gi
+        v[i] = _to_bf16(vi, stochastic, h, kv)
+        if amsgrad:
+            vm = fo_bf16_to_f32(vmax[i])
+            vm = vm if (vm > vi or vm != vm) else vi
+            vmax[i] = _to_bf16(vm, stochastic, h, kx)
+            vi = vm
+        denom = _sqrt(vi) * inv_bc2_sqrt + eps
+        p[i] = pi + (neg_step * mi) / denom
+
+
+cdef void _adam_bf16_typed(const Batch *b, Py_ssize_t t, Py_ssize_t lo,
+                           Py_ssize_t hi) noexcept nogil:
+    cdef bint has_wd = b.weight_decay != 0.0
+    cdef bint l2 = has_wd and not b.decoupled
+    cdef float decay = <float> (1.0 - b.lr * b.weight_decay) if (has_wd and b.decoupled) else 1
+    cdef float step_size = <float> b.ts0[t], inv_bc2_sqrt = <float> b.ts1[t]
+    cdef float omb1 = <float> (1.0 - b.beta1), b2 = <float> b.beta2
+    cdef float omb2 = <float> (1.0 - b.beta2)
+    cdef float eps = <float> b.eps, wd = <float> b.weight_decay
+    cdef uint32_t key = b.tkey[t]
+    cdef uint32_t km = fo_hash32(key ^ 1u), kv = fo_hash32(key ^ 2u), kx = fo_hash32(key ^ 3u)
+    cdef float *p = <float *> b.ptr[0][t] + lo
+    cdef const float *g = <const float *> b.ptr[1][t] + lo
+    cdef uint16_t *m = <uint16_t *> b.ptr[2][t] + lo
+    cdef uint16_t *v = <uint16_t *> b.ptr[3][t] + lo
+    cdef uint16_t *vmax = (<uint16_t *> b.ptr[4][t] + lo) if b.amsgrad else NULL
+    cdef Py_ssize_t n = hi - lo
+    if b.stochastic:
+        if b.amsgrad:
+            _adam_bf16_loop(p, g, m, v, vmax, n, lo, step_size, inv_bc2_sqrt, omb1, b2, omb2,
+                            eps, wd, decay, l2, True, b.maximize, True, km, kv, kx)
+        else:
+            _adam_bf16_loop(p, g, m, v, vmax, n, lo, step_size, inv_bc2_sqrt, omb1, b2, omb2,
+                            eps, wd, decay, l2, False, b.maximize, True, km, kv, kx)
+    else:
+        if b.amsgrad:
+            _adam_bf16_loop(p, g, m, v, vmax, n, lo, step_size, inv_bc2_sqrt, omb1, b2, omb2,
+                            eps, wd, decay, l2, True, b.maximize, False, km, kv, kx)
+        else:
+            _adam_bf16_loop(p, g, m, v, vmax, n, lo, step_size, inv_bc2_sqrt, omb1, b2, omb2,
+                            eps, wd, decay, l2, False, b.maximize, False, km, kv, kx)
+
+
 cdef void _adam_segment(const Batch *b, Py_ssize_t t, Py_ssize_t lo,
                         Py_ssize_t hi) noexcept nogil:
-    if b.is_double[t]:
+    if b.bf16:
+        _adam_bf16_typed(b, t, lo, hi)
+    elif b.is_double[t]:
         _adam_typed(b, t, lo, hi, <double *> b.ptr[0][t], <const double *> b.ptr[1][t],
                     <double *> b.ptr[2][t], <double *> b.ptr[3][t], <double *> b.ptr[4][t])
     else:
@@ -688,6 +785,9 @@ cdef void _adam_scalars(Batch *b, Py_ssize_t t) noexcept nogil:
     b.ts0[t] = b.lr / bc1            # step size
     b.ts1[t] = 1.0 / pow(bc2, 0.5)   # 1/sqrt of the second bias correction: one divide
                                      # per element fewer than torch's sqrt(v)/sqrt(bc2)
+    # stochastic rounding key: a pure function of seed, step and the array's position
+    b.tkey[t] = fo_hash32(fo_hash32(fo_hash32(b.seed) ^ <uint32_t> b.steps[b.index[t]])
+                          ^ <uint32_t> b.index[t])
 
 
 # ---------------------------------------------------------------------------------
@@ -815,8 +915,22 @@ def prepare_rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, ste
 
 
 def prepare_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, betas,
-                 eps, weight_decay, amsgrad, maximize, decoupled):
+                 eps, weight_decay, amsgrad, maximize, decoupled, state_dtype=None,
+                 rounding="nearest", seed=0):
     cdef Step s = Step()
+    if state_dtype is None or state_dtype == "float":
+        s.b.bf16 = False
+    elif state_dtype == "bfloat16":
+        s.b.bf16 = True
+    else:
+        raise ValueError(f"state_dtype must be None (the parameters' dtype) or "
+                         f"'bfloat16', got {state_dtype!r}")
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+    s.b.stochastic = rounding == "stochastic"
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise TypeError(f"seed must be a non-negative int, got {seed!r}")
+    s.b.seed = <uint32_t> (int(seed) & 0xFFFFFFFF)
     s.b.lr = _nonneg("learning rate", lr)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")

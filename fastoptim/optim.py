@@ -140,7 +140,13 @@ class Optimizer:
     def _init_state(self, group, state):
         """State that exists before any step (Adagrad's accumulators)."""
 
+    def _state_bf16(self, group):
+        """Whether the group keeps its state in bfloat16 (uint16 bits)."""
+        return False
+
     def _new_state_array(self, name, group, p):
+        if self._state_bf16(group):
+            return np.zeros(p.shape, np.uint16, order="F" if _f_order(p) else "C")
         return np.zeros_like(p)
 
     # --- the step --------------------------------------------------------------------
@@ -344,8 +350,13 @@ class Optimizer:
             if value.shape != p.shape:
                 raise ValueError(f"{where} has shape {value.shape}, but the parameter has "
                                  f"shape {p.shape}")
-            arr = np.empty_like(p)
-            arr[...] = value
+            if value.dtype == np.uint16:          # bfloat16 bits (bfloat16 state)
+                value = F.bf16_to_f32(value)
+            arr = self._new_state_array(name, group, p)
+            if arr.dtype == np.uint16:
+                arr[...] = F.f32_to_bf16(np.asarray(value, np.float32))
+            else:
+                arr[...] = value
             gstate.arrays.setdefault(name, [None] * len(group["params"]))[i] = arr
         if not self._has_step and self._step_from_state(entry):
             gstate.steps[i] = 1
@@ -379,6 +390,10 @@ class Optimizer:
             s = _GroupState(len(steps))
             s.steps, s.arrays, s.complete_for = steps, arrays, complete
             self._gstate.append(s)
+
+
+def _f_order(p):
+    return p.flags.f_contiguous and not p.flags.c_contiguous
 
 
 def _as_step(value, where):
@@ -490,18 +505,28 @@ class RMSprop(Optimizer):
 class Adam(Optimizer):
     """Adam (L2 weight decay). Same options and defaults as ``torch.optim.Adam``;
     formulas in :func:`fastoptim.reference.adam_`. State: ``step``, ``exp_avg``,
-    ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad)."""
+    ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad).
+
+    ``state_dtype="bfloat16"`` keeps the moments in bfloat16 (uint16 arrays of bfloat16
+    bits, half the bytes; float32 parameters only), rounded to nearest even or, with
+    ``rounding="stochastic"``, stochastically from a counter-based hash of ``seed``,
+    the step and the element (reproducible, independent of the thread count)."""
     _decoupled = False
     _all_state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, *, maximize=False):
+                 amsgrad=False, *, maximize=False, state_dtype=None, rounding="nearest",
+                 seed=0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps,
                                       weight_decay=weight_decay, amsgrad=amsgrad,
-                                      maximize=maximize))
+                                      maximize=maximize, state_dtype=state_dtype,
+                                      rounding=rounding, seed=seed))
 
     def _state_names(self, group):
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+
+    def _state_bf16(self, group):
+        return group["state_dtype"] == "bfloat16"
 
     def _prepare(self, group, grads, arrays, steps):
         return F.prepare_adam(
@@ -509,15 +534,19 @@ class Adam(Optimizer):
             arrays.get("max_exp_avg_sq"), steps, lr=group["lr"], betas=group["betas"],
             eps=group["eps"], weight_decay=group["weight_decay"],
             amsgrad=group["amsgrad"], maximize=group["maximize"],
-            decoupled_weight_decay=self._decoupled)
+            decoupled_weight_decay=self._decoupled, state_dtype=group["state_dtype"],
+            rounding=group["rounding"], seed=group["seed"])
 
 
 class AdamW(Adam):
     """AdamW (decoupled weight decay, default 1e-2). Same options and defaults as
-    ``torch.optim.AdamW``; formulas in :func:`fastoptim.reference.adamw_`."""
+    ``torch.optim.AdamW``; formulas in :func:`fastoptim.reference.adamw_`. Takes
+    Adam's ``state_dtype``, ``rounding`` and ``seed`` too."""
     _decoupled = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, maximize=False):
+                 amsgrad=False, *, maximize=False, state_dtype=None, rounding="nearest",
+                 seed=0):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, maximize=maximize)
+                         amsgrad=amsgrad, maximize=maximize, state_dtype=state_dtype,
+                         rounding=rounding, seed=seed)

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_"]
+__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "bf16_to_f32", "f32_to_bf16"]
 
 
 def _as_list(x):
@@ -37,6 +37,49 @@ def _lerp(start, end, weight):
 def _scalar(value, like):
     """A step scalar computed in double, rounded to the arrays' dtype."""
     return like.dtype.type(value)
+
+
+# --- bfloat16 state: the upper half of a float32, stored in uint16 arrays --------------
+
+def bf16_to_f32(bits):
+    """uint16 bfloat16 bits -> float32 values (exact)."""
+    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def hash32(x):
+    """The 32-bit integer hash used for stochastic rounding (Python int or uint32 array)."""
+    if isinstance(x, (np.ndarray, np.generic)):
+        x = np.array(x, dtype=np.uint32)       # arrays wrap silently on overflow
+        x ^= x >> 16
+        x *= np.uint32(0x7FEB352D)
+        x ^= x >> 15
+        x *= np.uint32(0x846CA68B)
+        x ^= x >> 16
+        return x
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def f32_to_bf16(x, random_bits=None):
+    """float32 -> bfloat16 bits: round to nearest even, or stochastically (round up with
+    probability dropped/2^16) from 16 random bits per element. NaN stays NaN."""
+    u = np.asarray(x, np.float32).view(np.uint32)
+    if random_bits is None:
+        rounded = (u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16
+    else:
+        rounded = (u + (random_bits & np.uint32(0xFFFF))) >> 16
+    nan = (u >> 16) | np.uint32(0x40)
+    return np.where(np.isnan(x), nan, rounded).astype(np.uint16)
+
+
+def _memory_index(p):
+    """Each element's position in memory within its array, as uint32."""
+    order = "F" if p.flags.f_contiguous and not p.flags.c_contiguous else "C"
+    return np.arange(p.size, dtype=np.uint32).reshape(p.shape, order=order)
 
 
 def sgd_(params, grads, momentum_buffers=None, steps=None, *, lr=1e-3, momentum=0.0,
@@ -146,7 +189,8 @@ def rmsprop_(params, grads, square_avgs, grad_avgs=None, momentum_buffers=None,
 
 def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, steps=None, *,
           lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
-          maximize=False, decoupled_weight_decay=False):
+          maximize=False, decoupled_weight_decay=False, state_dtype=None,
+          rounding="nearest", seed=0):
     r"""Adam (L2 weight decay), or AdamW with ``decoupled_weight_decay=True``.
 
     .. math::
@@ -163,6 +207,13 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, steps=None
     torch divides ``sqrt(v)`` by ``sqrt(1 - beta2**t)``; here it is multiplied by the
     reciprocal (computed once per step in double), which saves one division per element
     and differs from torch by at most an ulp of the denominator.
+
+    ``state_dtype="bfloat16"`` (float32 parameters only): m, v (and the amsgrad maximum)
+    are uint16 arrays of bfloat16 bits, widened to float32 for the arithmetic and rounded
+    once when stored (``rounding="nearest"``, ties to even, or ``"stochastic"``); this
+    step's parameter update uses the float32 values. Stochastic rounding draws element
+    k's 16 random bits as ``hash32(k * 0x9E3779B9 ^ key)``, ``key`` a hash of ``seed``,
+    the parameter's step and its position in the list.
     """
     beta1, beta2 = betas
     params, grads = _as_list(params), _as_list(grads)
@@ -179,22 +230,47 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, steps=None
                 p *= _scalar(1 - lr * weight_decay, p)
             else:
                 g = g + _scalar(weight_decay, p) * p
-        m, v = ms[i], vs[i]
-        m[...] = _lerp(m, g, _scalar(1 - beta1, p))
-        v[...] = v * _scalar(beta2, p) + (_scalar(1 - beta2, p) * g) * g
-        if amsgrad:
-            np.maximum(vmaxs[i], v, out=vmaxs[i])
-            v = vmaxs[i]
+        if state_dtype == "bfloat16":
+            m, v = _adam_bf16_moments(p, g, ms[i], vs[i], vmaxs[i], betas, amsgrad,
+                                      rounding, seed, int(steps[i]), i)
+        else:
+            m, v = ms[i], vs[i]
+            m[...] = _lerp(m, g, _scalar(1 - beta1, p))
+            v[...] = v * _scalar(beta2, p) + (_scalar(1 - beta2, p) * g) * g
+            if amsgrad:
+                np.maximum(vmaxs[i], v, out=vmaxs[i])
+                v = vmaxs[i]
         step_size = lr / (1 - beta1 ** step)
         inv_bc2_sqrt = 1 / (1 - beta2 ** step) ** 0.5
         denom = np.sqrt(v) * _scalar(inv_bc2_sqrt, p) + _scalar(eps, p)
         p += (_scalar(-step_size, p) * m) / denom
 
 
+def _adam_bf16_moments(p, g, m16, v16, vmax16, betas, amsgrad, rounding, seed, step, i):
+    """Adam's moment updates on bfloat16 state; returns this step's float32 m and v."""
+    beta1, beta2 = betas
+    m = _lerp(bf16_to_f32(m16), g, _scalar(1 - beta1, p))
+    v = bf16_to_f32(v16) * _scalar(beta2, p) + (_scalar(1 - beta2, p) * g) * g
+    bits = {}
+    if rounding == "stochastic":
+        key = hash32(hash32(hash32(seed) ^ (step & 0xFFFFFFFF)) ^ i)
+        h = _memory_index(p)
+        h *= np.uint32(0x9E3779B9)
+        bits = {role: hash32(h ^ np.uint32(hash32(key ^ role))) for role in (1, 2, 3)}
+    m16[...] = f32_to_bf16(m, bits.get(1))
+    v16[...] = f32_to_bf16(v, bits.get(2))
+    if amsgrad:
+        vmax = bf16_to_f32(vmax16)
+        v = np.where((vmax > v) | np.isnan(vmax), vmax, v)
+        vmax16[...] = f32_to_bf16(v, bits.get(3))
+    return m, v
+
+
 def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, steps=None, *,
            lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
-           maximize=False):
+           maximize=False, state_dtype=None, rounding="nearest", seed=0):
     """AdamW: :func:`adam_` with decoupled weight decay ``p *= 1 - lr*weight_decay``."""
     adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr,
           betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-          maximize=maximize, decoupled_weight_decay=True)
+          maximize=maximize, decoupled_weight_decay=True, state_dtype=state_dtype,
+          rounding=rounding, seed=seed)

@@ -153,7 +153,7 @@ def test_state_layout_matches_torch_names():
     opt = fastoptim.Adam(p, amsgrad=True)
     assert opt.state_dict() == {"state": {}, "param_groups": [dict(
         lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=True,
-        maximize=False, params=[0, 1])]}
+        maximize=False, state_dtype=None, rounding="nearest", seed=0, params=[0, 1])]}
     opt.step([np.ones(3), None])
     sd = opt.state_dict()
     assert list(sd["state"]) == [0]
