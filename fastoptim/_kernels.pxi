@@ -490,8 +490,9 @@ cdef inline void _sgd_loop(floating *p, const floating *g, floating *buf, Py_ssi
     cdef Py_ssize_t i
     cdef floating gi, bi
     cdef floating neg_lr = -lr
+    cdef floating sign = -1 if maximize else 1   # maximize: exact, branch-free
     for i in range(n):
-        gi = -g[i] if maximize else g[i]
+        gi = g[i] * sign
         if has_wd:
             gi = gi + wd * p[i]
         if has_mom:
@@ -540,8 +541,9 @@ cdef inline void _adagrad_loop(floating *p, const floating *g, floating *acc, Py
     cdef Py_ssize_t i
     cdef floating gi, s
     cdef floating neg_clr = -clr
+    cdef floating sign = -1 if maximize else 1   # maximize: exact, branch-free
     for i in range(n):
-        gi = -g[i] if maximize else g[i]
+        gi = g[i] * sign
         if has_wd:
             gi = gi + wd * p[i]
         s = acc[i] + gi * gi
@@ -575,8 +577,9 @@ cdef inline void _rmsprop_loop(floating *p, const floating *g, floating *sq, flo
     cdef Py_ssize_t i
     cdef floating gi, s, a, avg, bi
     cdef floating neg_lr = -lr
+    cdef floating sign = -1 if maximize else 1   # maximize: exact, branch-free
     for i in range(n):
-        gi = -g[i] if maximize else g[i]
+        gi = g[i] * sign
         if has_wd:
             gi = gi + wd * p[i]
         s = sq[i] * alpha + (one_minus_alpha * gi) * gi
@@ -646,10 +649,11 @@ cdef inline void _adam_loop(floating *p, const floating *g, floating *m, floatin
                             bint maximize) noexcept nogil:
     # decay is 1 - lr*weight_decay for AdamW and exactly 1 otherwise (x*1 == x).
     cdef Py_ssize_t i
-    cdef floating gi, pi, mi, vi, vm, denom
+    cdef floating gi, pi, mi, vi, vm, x, denom
     cdef floating neg_step = -step_size
+    cdef floating sign = -1 if maximize else 1   # maximize: exact, branch-free
     for i in range(n):
-        gi = -g[i] if maximize else g[i]
+        gi = g[i] * sign
         pi = p[i]
         if l2:
             gi = gi + wd * pi
@@ -660,8 +664,10 @@ cdef inline void _adam_loop(floating *p, const floating *g, floating *m, floatin
         v[i] = vi
         if amsgrad:
             vm = vmax[i]
-            # torch.maximum: NaN in either operand propagates
-            vm = vm if (vm > vi or vm != vm) else vi
+            # torch.maximum: NaN in either operand propagates (two selects, no
+            # short-circuit `or`, which would put branches in the vector loop)
+            x = vm if vi <= vm else vi
+            vm = vm if vm != vm else x
             vmax[i] = vm
             vi = vm
         denom = _sqrt(vi) * inv_bc2_sqrt + eps
@@ -710,11 +716,12 @@ cdef inline void _adam_bf16_loop(float *p, const float *g, uint16_t *m, uint16_t
     # the float32 values of this step. Element i's random bits hash (base + i) with a
     # per-array, per-step key.
     cdef Py_ssize_t i
-    cdef float gi, pi, mi, vi, vm, denom
+    cdef float gi, pi, mi, vi, vm, x, denom
     cdef float neg_step = -step_size
+    cdef float sign = -1 if maximize else 1      # maximize: exact, branch-free
     cdef uint32_t h
     for i in range(n):
-        gi = -g[i] if maximize else g[i]
+        gi = g[i] * sign
         pi = p[i]
         if l2:
             gi = gi + wd * pi
@@ -726,7 +733,8 @@ cdef inline void _adam_bf16_loop(float *p, const float *g, uint16_t *m, uint16_t
         v[i] = _to_bf16(vi, stochastic, h, kv)
         if amsgrad:
             vm = fo_bf16_to_f32(vmax[i])
-            vm = vm if (vm > vi or vm != vm) else vi
+            x = vm if vi <= vm else vi
+            vm = vm if vm != vm else x
             vmax[i] = _to_bf16(vm, stochastic, h, kx)
             vi = vm
         denom = _sqrt(vi) * inv_bc2_sqrt + eps
