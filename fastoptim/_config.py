@@ -3,8 +3,8 @@
 * ``n_threads=None`` means what OpenMP would use: ``OMP_NUM_THREADS`` when set, else the
   processors OpenMP sees. A negative count counts back from the processors (-1 = all).
 * Whether a step is worth a thread team is decided in the kernels: a step smaller than
-  :func:`get_serial_threshold` elements runs on the calling thread without entering an
-  OpenMP region.
+  a per-rule threshold, calibrated at first use (or :func:`set_serial_threshold`), runs
+  on the calling thread without entering an OpenMP region.
 """
 import numbers
 import os
@@ -54,15 +54,20 @@ def get_num_threads():
 
 
 def set_serial_threshold(n):
-    """Steps with fewer elements than ``n`` (summed over all arrays) stay serial."""
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    """Steps with fewer elements than ``n`` (summed over all arrays) stay serial.
+
+    By default (``n=None``) each rule and dtype calibrates its own threshold at first
+    use: the region cost of a thread team against that rule's per-element cost."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral)
+                          or n < 0):
+        raise ValueError(f"n must be a non-negative int or None, got {n!r}")
     for name in _dispatch.BUILT:
         mod = __import__(f"{__package__}._kernels_{name}", fromlist=["x"])
-        mod.set_serial_threshold(int(n))
+        mod.set_serial_threshold(None if n is None else int(n))
 
 
 def get_serial_threshold():
+    """The threshold used before calibration, or the one set by the user."""
     return _kernels.get_serial_threshold()
 
 
@@ -84,6 +89,7 @@ def config():
         "num_threads": get_num_threads(),
         "omp_max_threads": int(_kernels.omp_max_threads()),
         "serial_threshold": get_serial_threshold(),
+        "calibration": _kernels.calibration(),
         "compile_flags": _kernels.build_cflags(),
         "machine": platform.machine(),
     }

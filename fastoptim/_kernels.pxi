@@ -97,17 +97,79 @@ def build_cflags():
     return fo_build_cflags().decode()
 
 
+# When is a step worth a thread team? A parallel region costs a fixed time (about a
+# microsecond with warm threads); splitting n elements of per-element cost c over two
+# threads saves n*c/2. So the break-even size is 2 * region / c, and c depends on the
+# rule and dtype. Each (rule, dtype) calibrates itself at first use: its first
+# CALIBRATION_RUNS steps of a mid size run serially and are timed (they are real
+# updates, nothing extra is computed), the region cost is measured once, and from then
+# on steps below the computed threshold stay serial. Until then, and whenever the user
+# sets a threshold, _serial_threshold applies.
+
+cdef enum:
+    N_KINDS = 8                  # rule kinds (Step.kind), see the prepare_* functions
+    KIND_SGD = 0
+    KIND_ADAGRAD = 1
+    KIND_RMSPROP = 2
+    KIND_ADAM = 3
+    KIND_ADAM_BF16 = 4
+    KIND_TRAFFIC = 5
+    CALIBRATION_RUNS = 3
+    CALIBRATION_MIN = 4096
+    CALIBRATION_MAX = 1 << 18
+
 cdef Py_ssize_t _serial_threshold = 1 << 15
+cdef bint _user_threshold = False
+cdef Py_ssize_t _thresholds[N_KINDS][2]
+cdef double _calib_ns_per_elem[N_KINDS][2]
+cdef int _calib_runs[N_KINDS][2]
+cdef double _region_ns = -1.0
+cdef int _region_sink[64]
 
 
-def set_serial_threshold(Py_ssize_t n):
-    """Steps with fewer elements than `n` (summed over arrays) run on one thread."""
-    global _serial_threshold
-    _serial_threshold = max(n, 0)
+def set_serial_threshold(n):
+    """Steps with fewer elements than `n` (summed over arrays) run on one thread;
+    None returns to the per-rule thresholds calibrated at first use."""
+    global _serial_threshold, _user_threshold
+    if n is None:
+        _user_threshold = False
+        _serial_threshold = 1 << 15
+    else:
+        _user_threshold = True
+        _serial_threshold = max(<Py_ssize_t> n, 0)
 
 
 def get_serial_threshold():
+    """The fixed threshold in force before calibration (or set by the user)."""
     return _serial_threshold
+
+
+def calibration():
+    """{(kind, dtype): threshold} for the rules calibrated so far, and the region cost."""
+    names = ("sgd", "adagrad", "rmsprop", "adam", "adam-bf16", "traffic", "kind6", "kind7")
+    out = {}
+    cdef int k, d
+    for k in range(N_KINDS):
+        for d in range(2):
+            if _calib_runs[k][d] >= CALIBRATION_RUNS:
+                out[(names[k], "float64" if d else "float32")] = dict(
+                    threshold=_thresholds[k][d], ns_per_element=_calib_ns_per_elem[k][d])
+    return {"region_ns": _region_ns if _region_ns >= 0 else None, "rules": out}
+
+
+cdef double _measure_region(int n_threads):
+    """Median cost (ns) of an OpenMP region with warm threads."""
+    from time import perf_counter_ns
+    cdef int r, c
+    cdef list times = []
+    for r in range(40):
+        t0 = perf_counter_ns()
+        with nogil:
+            for c in prange(n_threads, num_threads=n_threads, schedule="static", chunksize=1):
+                _region_sink[c % 64] = r
+        times.append(perf_counter_ns() - t0)
+    times = sorted(times[10:])
+    return <double> times[len(times) // 2]
 
 
 # ---------------------------------------------------------------------------------
@@ -226,6 +288,7 @@ cdef class Step:
     cdef scalars_fn scalars
     cdef Py_ssize_t total
     cdef bint done
+    cdef int kind                  # KIND_*: which rule, for the serial-size calibration
 
     def __cinit__(self):
         memset(&self.b, 0, sizeof(Batch))
@@ -387,14 +450,42 @@ cdef class Step:
 
     def run(self, int n_threads=1):
         """Apply the update in place. Runs at most once."""
+        global _region_ns
+        cdef int k = self.kind, d
+        cdef Py_ssize_t threshold = _serial_threshold
         if self.done:
             raise RuntimeError("this step has already run")
         self.done = True
+        d = 1 if (self.b.n > 0 and self.b.is_double[0]) else 0
+        if n_threads > 1 and not _user_threshold and fo_openmp_enabled():
+            if _calib_runs[k][d] >= CALIBRATION_RUNS:
+                threshold = _thresholds[k][d]
+            elif CALIBRATION_MIN <= self.total <= CALIBRATION_MAX:
+                self._calibration_run(k, d, n_threads)
+                return
         with nogil:
-            _run_batch(&self.b, self.segment, self.scalars, n_threads)
+            _run_batch(&self.b, self.segment, self.scalars, n_threads, threshold)
+
+    cdef _calibration_run(self, int k, int d, int n_threads):
+        """Run serially, timed; after CALIBRATION_RUNS of them set the threshold."""
+        global _region_ns
+        from time import perf_counter_ns
+        t0 = perf_counter_ns()
+        with nogil:
+            _run_batch(&self.b, self.segment, self.scalars, 1, 0)
+        cdef double ns = <double> (perf_counter_ns() - t0) / self.total
+        if _calib_runs[k][d] == 0 or ns < _calib_ns_per_elem[k][d]:
+            _calib_ns_per_elem[k][d] = ns
+        _calib_runs[k][d] += 1
+        if _calib_runs[k][d] == CALIBRATION_RUNS:
+            if _region_ns < 0:
+                _region_ns = _measure_region(n_threads)
+            _thresholds[k][d] = <Py_ssize_t> min(max(
+                2.0 * _region_ns / max(_calib_ns_per_elem[k][d], 1e-3), 2048.0), 1 << 20)
 
 
-cdef void _run_batch(Batch *b, segment_fn seg, scalars_fn scal, int n_threads) noexcept nogil:
+cdef void _run_batch(Batch *b, segment_fn seg, scalars_fn scal, int n_threads,
+                     Py_ssize_t threshold) noexcept nogil:
     cdef Py_ssize_t t, c, nchunks, total = b.offsets[b.n]
     for t in range(b.n):
         if b.steps != NULL:
@@ -403,7 +494,7 @@ cdef void _run_batch(Batch *b, segment_fn seg, scalars_fn scal, int n_threads) n
             scal(b, t)
     if total == 0:
         return
-    if n_threads <= 1 or total < _serial_threshold or not fo_openmp_enabled():
+    if n_threads <= 1 or total < threshold or not fo_openmp_enabled():
         for t in range(b.n):
             if b.offsets[t + 1] > b.offsets[t]:
                 seg(b, t, 0, b.offsets[t + 1] - b.offsets[t])
@@ -875,6 +966,7 @@ def prepare_sgd(params, grads, momentum_buffers, steps, lr, momentum, dampening,
         s._gather(("params", "grads"), (_arrays("params", params), _arrays("grads", grads)),
                   (True, False), steps)
     s.segment = _sgd_segment
+    s.kind = KIND_SGD
     s.scalars = _sgd_scalars
     return s
 
@@ -893,6 +985,7 @@ def prepare_adagrad(params, grads, state_sums, steps, lr, lr_decay, weight_decay
               (_arrays("params", params), _arrays("grads", grads),
                _arrays("state_sums", state_sums)), (True, False, True), steps)
     s.segment = _adagrad_segment
+    s.kind = KIND_ADAGRAD
     s.scalars = _adagrad_scalars
     return s
 
@@ -918,6 +1011,7 @@ def prepare_rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, ste
                _arrays("momentum_buffers", momentum_buffers) if s.b.momentum > 0.0 else None),
               (True, False, True, True, True), steps)
     s.segment = _rmsprop_segment
+    s.kind = KIND_RMSPROP
     s.scalars = NULL
     return s
 
@@ -959,6 +1053,7 @@ def prepare_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, l
                _arrays("max_exp_avg_sqs", max_exp_avg_sqs) if s.b.amsgrad else None),
               (True, False, True, True, True), steps)
     s.segment = _adam_segment
+    s.kind = KIND_ADAM_BF16 if s.b.bf16 else KIND_ADAM
     s.scalars = _adam_scalars
     return s
 
@@ -1034,5 +1129,6 @@ def prepare_traffic(list params, list grads, list states):
     s._gather(names, (params, grads) + tuple(list(x) for x in states),
               (True, False) + (True,) * len(states), None)
     s.segment = _traffic_segment
+    s.kind = KIND_TRAFFIC
     s.scalars = NULL
     return s

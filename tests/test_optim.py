@@ -268,3 +268,43 @@ def test_show_config_names_the_kernel_path(capsys):
     out = capsys.readouterr().out
     assert "kernel_path" in out and fastoptim.config()["kernel_path"] in out
     assert "openmp" in out
+
+
+def test_serial_threshold_calibrates_per_rule_at_first_use():
+    if not fastoptim.config()["openmp"] or fastoptim.get_num_threads() < 2:
+        pytest.skip("needs OpenMP and two threads")
+    p = np.ones(6000, np.float32)
+    opt = fastoptim.Adagrad([p])
+    for _ in range(4):
+        opt.step([np.ones(6000, np.float32)])
+    cal = fastoptim.config()["calibration"]
+    entry = cal["rules"][("adagrad", "float32")]
+    assert 2048 <= entry["threshold"] <= 1 << 20 and entry["ns_per_element"] > 0
+    assert cal["region_ns"] > 0
+    try:
+        fastoptim.set_serial_threshold(10)
+        assert fastoptim.get_serial_threshold() == 10
+    finally:
+        fastoptim.set_serial_threshold(None)
+    with pytest.raises(ValueError, match="non-negative int or None"):
+        fastoptim.set_serial_threshold(-1)
+
+
+def test_large_state_arrays_are_placed_off_the_parameter_page_offset():
+    p = np.asfortranarray(np.random.default_rng(0).standard_normal((300, 200)))
+    opt = fastoptim.Adam([p], amsgrad=True)
+    opt.step([np.ones_like(p)])
+    addr = lambda a: a.__array_interface__["data"][0]
+    offsets = sorted((addr(opt.state[0][k]) - addr(p)) % 4096
+                     for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
+    assert offsets == [1088, 2176, 3264]
+    for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        assert opt.state[0][k].flags.f_contiguous and opt.state[0][k].shape == p.shape
+    q = p.copy(order="F")
+    ref = fastoptim.Adam([np.ascontiguousarray(q)], amsgrad=True)
+    # same numbers as unplaced state (placement changes addresses, not values)
+    r = np.ascontiguousarray(np.asfortranarray(np.random.default_rng(0).standard_normal(
+        (300, 200))))
+    ref = fastoptim.Adam([r], amsgrad=True)
+    ref.step([np.ones_like(r)])
+    np.testing.assert_array_equal(np.ascontiguousarray(p), r)
