@@ -853,3 +853,6 @@ def prepare_traffic(list params, list grads, list states):
     s.segment = _traffic_segment
     s.scalars = NULL
     return s
+
+
+include "_kernels_hessian.pxi"
