@@ -112,7 +112,6 @@ def test_adahessian_thread_count_does_not_change_results():
     old = fastoptim.get_serial_threshold()
     try:
         fastoptim.set_serial_threshold(0)
-        rng = np.random.default_rng(8)
         shapes = [(5000,), (17,), (3001,)]
         results = []
         for threads in (1, 2):
@@ -127,7 +126,6 @@ def test_adahessian_thread_count_does_not_change_results():
             results.append(params)
         for a, b in zip(*results):
             np.testing.assert_array_equal(a, b)
-        del rng
     finally:
         fastoptim.set_serial_threshold(old)
 
@@ -458,8 +456,6 @@ def test_newton_refusals_change_nothing():
     np.testing.assert_array_equal(x, 1.0)
     F.newton_([x], [g], [np.zeros((3, 3))], damping=2.0)       # damping regularises
     np.testing.assert_allclose(x, 0.5)
-    x = np.ones(3)
-    ok = [np.ones(2), np.eye(2)]
     cases = [
         (dict(hessians=[np.eye(2), np.eye(4)]), ValueError, r"hessians\[1\] has shape"),
         (dict(hessians=[np.eye(2), np.array([[1.0, 2.0, 0], [0, 1, 0], [0, 0, 1]])],
@@ -482,7 +478,6 @@ def test_newton_refusals_change_nothing():
         for p in params:
             np.testing.assert_array_equal(p, 1.0)
         np.testing.assert_array_equal(steps, 0)
-    del ok
 
 
 def test_newton_class_groups_state_dict_and_callables():
