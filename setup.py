@@ -160,7 +160,7 @@ def _extensions():
             f"fastoptim._kernels_{v}",
             sources=[f"fastoptim/_kernels_{v}.pyx"],
             include_dirs=[np.get_include(), os.path.join(HERE, "src_c")],
-            depends=["fastoptim/_kernels.pxi"] + [
+            depends=["fastoptim/_kernels.pxi", "fastoptim/_kernels_hessian.pxi"] + [
                 os.path.join("src_c", f) for f in os.listdir(os.path.join(HERE, "src_c"))],
         ))
     return exts

@@ -114,6 +114,7 @@ cdef enum:
     KIND_ADAM = 3
     KIND_ADAM_BF16 = 4
     KIND_TRAFFIC = 5
+    KIND_ADAHESSIAN = 6
     CALIBRATION_RUNS = 3
     CALIBRATION_MIN = 4096
     CALIBRATION_MAX = 1 << 18
@@ -146,7 +147,8 @@ def get_serial_threshold():
 
 def calibration():
     """{(kind, dtype): threshold} for the rules calibrated so far, and the region cost."""
-    names = ("sgd", "adagrad", "rmsprop", "adam", "adam-bf16", "traffic", "kind6", "kind7")
+    names = ("sgd", "adagrad", "rmsprop", "adam", "adam-bf16", "traffic", "adahessian",
+             "kind7")
     out = {}
     cdef int k, d
     for k in range(N_KINDS):
@@ -189,6 +191,7 @@ cdef struct Batch:
     # hyperparameters (double; rounded to each array's dtype inside the loop)
     double lr, momentum, dampening, weight_decay, eps, alpha, lr_decay
     double beta1, beta2
+    double hessian_power         # AdaHessian (_kernels_hessian.pxi)
     bint maximize, nesterov, centered, amsgrad, decoupled
     # bfloat16 state (Adam/AdamW): state arrays hold uint16 bfloat16 bits
     bint bf16, stochastic
@@ -945,6 +948,20 @@ cdef list _optional_arrays(str name, object x):
     return None if x is None else _arrays(name, x)
 
 
+def real_arg(str name, value, double low=-INFINITY, bint low_open=False,
+             double high=INFINITY, bint high_open=False):
+    """The hyperparameter check of the kernels, for rules written in Python (Newton)."""
+    return _real(name, value, low, low_open, high, high_open)
+
+
+def flag_arg(str name, value):
+    return _flag(name, value)
+
+
+def array_list(str name, x):
+    return _arrays(name, x)
+
+
 def prepare_sgd(params, grads, momentum_buffers, steps, lr, momentum, dampening,
                 nesterov, weight_decay, maximize):
     cdef Step s = Step()
@@ -1132,3 +1149,6 @@ def prepare_traffic(list params, list grads, list states):
     s.kind = KIND_TRAFFIC
     s.scalars = NULL
     return s
+
+
+include "_kernels_hessian.pxi"

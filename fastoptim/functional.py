@@ -11,10 +11,13 @@ and leaves every array, and ``steps``, unchanged.
 cannot fail; the optimizer classes use them to check every parameter group before
 updating any.
 """
+import numpy as np
+
 from . import _config
 from .reference import bf16_to_f32, f32_to_bf16   # the bfloat16 storage format
 
-__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "bf16_to_f32", "f32_to_bf16"]
+__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adahessian_", "newton_",
+           "bf16_to_f32", "f32_to_bf16"]
 
 _k = _config._kernels
 
@@ -51,6 +54,120 @@ def prepare_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, ste
                            betas, eps, weight_decay, amsgrad, maximize,
                            decoupled_weight_decay, state_dtype, rounding, seed)
 
+
+
+def prepare_adahessian(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_sqs,
+                       steps, *, lr=0.15, betas=(0.9, 0.999), eps=1e-4, weight_decay=0.0,
+                       hessian_power=1.0, maximize=False):
+    return _k.prepare_adahessian(params, grads, hessian_diags, exp_avgs,
+                                 exp_hessian_diag_sqs, steps, lr, betas, eps, weight_decay,
+                                 hessian_power, maximize)
+
+
+class NewtonStep:
+    """A checked Newton update: every solve is done, ``run()`` only subtracts.
+
+    Newton's rule is not element-wise: its work is a dense factorization per
+    parameter, done by LAPACK through ``numpy.linalg`` (the "compiled kernel" of this
+    rule). So the solves happen while preparing, where a singular system can still be
+    refused with every array unchanged, and ``run()`` cannot fail.
+    """
+
+    def __init__(self, params, deltas, index, steps):
+        self._params = params
+        self._deltas = deltas
+        self._index = index
+        self._steps = steps
+        self._done = False
+
+    @property
+    def size(self):
+        """Number of elements this step updates (summed over arrays)."""
+        return sum(p.size for p in self._params)
+
+    @property
+    def count(self):
+        """Number of arrays this step updates."""
+        return len(self._params)
+
+    def run(self, n_threads=1):
+        """Apply the update in place. Runs at most once. (``n_threads`` is accepted
+        for the Step interface; LAPACK's threads are those of NumPy's BLAS.)"""
+        if self._done:
+            raise RuntimeError("this step has already run")
+        self._done = True
+        if self._steps is not None:
+            for i in self._index:
+                self._steps[i] += 1
+        for p, d in zip(self._params, self._deltas):
+            p -= d
+
+
+def _hessian_matrix(h, p, i):
+    """hessians[i] (array, or callable of p) as a checked (n, n) float64 matrix."""
+    where = f"hessians[{i}]"
+    if h is None:
+        raise ValueError(f"{where} is None but grads[{i}] is not; a Hessian is needed "
+                         f"for every updated parameter")
+    if callable(h) and not isinstance(h, np.ndarray):
+        h = h(p)
+        where = f"hessians[{i}](params[{i}])"
+    if not isinstance(h, np.ndarray):
+        try:
+            h = np.asarray(h)
+        except Exception:
+            raise TypeError(f"{where} must be an array, got {type(h).__name__}") from None
+    if h.dtype.kind not in "fiu":
+        raise TypeError(f"{where} must hold real numbers, got dtype {h.dtype}")
+    n = p.size
+    if h.shape != (n, n) and h.shape != p.shape + p.shape:
+        raise ValueError(f"{where} has shape {h.shape}; expected ({n}, {n}) or "
+                         f"{p.shape + p.shape} for params[{i}] of shape {p.shape}")
+    return np.asarray(h, dtype=np.float64).reshape(n, n), where
+
+
+def prepare_newton(params, grads, hessians, steps=None, *, lr=1.0, damping=0.0,
+                   saddle_free=False):
+    lr = _k.real_arg("learning rate", lr, low=0.0)
+    damping = _k.real_arg("damping", damping, low=0.0)
+    saddle_free = _k.flag_arg("saddle_free", saddle_free)
+    params, grads = _k.array_list("params", params), _k.array_list("grads", grads)
+    if callable(hessians) and not isinstance(hessians, np.ndarray):
+        hessians = [hessians]
+    hessians = _k.array_list("hessians", hessians)
+    # The array checks of every rule (dtype, shape, contiguity, writeability, overlap,
+    # steps), by preparing -- never running -- a plain SGD step on the same arrays.
+    _k.prepare_sgd(params, grads, None, steps, 0.0, 0.0, 0.0, False, 0.0, False)
+    if len(hessians) != len(params):
+        raise ValueError(f"hessians has {len(hessians)} entries, expected {len(params)} "
+                         f"(one per parameter)")
+    todo, deltas, index = [], [], []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        h, where = _hessian_matrix(hessians[i], p, i)
+        g64 = np.asarray(g, dtype=np.float64).reshape(-1)
+        if saddle_free:
+            scale = max(1.0, float(np.max(np.abs(h), initial=0.0)))
+            if not np.all(np.abs(h - h.T) <= 1e-6 * scale):
+                raise ValueError(f"{where} is not symmetric; saddle_free=True needs a "
+                                 f"symmetric Hessian (eigh reads one triangle)")
+            lam, q = np.linalg.eigh(h)
+            curv = np.abs(lam) + damping
+            if np.any(curv == 0):
+                raise np.linalg.LinAlgError(
+                    f"|{where}| + damping*I is singular; use damping > 0")
+            delta = q @ ((q.T @ g64) / curv)
+        else:
+            try:
+                delta = np.linalg.solve(h + damping * np.eye(p.size), g64)
+            except np.linalg.LinAlgError as e:
+                raise np.linalg.LinAlgError(
+                    f"{where} + damping*I is singular ({e}); use damping > 0") from None
+        todo.append(p)
+        deltas.append((lr * delta).astype(p.dtype).reshape(p.shape))
+        index.append(i)
+    return NewtonStep(todo, deltas, index, steps)
 
 # --- the public in-place functions -------------------------------------------------
 
@@ -95,3 +212,25 @@ def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, steps=Non
     _k.prepare_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, betas,
                     eps, weight_decay, amsgrad, maximize, True, state_dtype, rounding,
                     seed).run(_config.get_num_threads())
+
+
+def adahessian_(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_sqs, steps, *,
+                lr=0.15, betas=(0.9, 0.999), eps=1e-4, weight_decay=0.0,
+                hessian_power=1.0, maximize=False):
+    """AdaHessian, in place, from Hessian-diagonal estimates (one per parameter). See
+    :func:`reference.adahessian_`; estimate the diagonals with
+    :func:`fastoptim.hessian.hutchinson_diag` (or :mod:`fastoptim.torch_hessian`)."""
+    prepare_adahessian(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_sqs,
+                       steps, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                       hessian_power=hessian_power,
+                       maximize=maximize).run(_config.get_num_threads())
+
+
+def newton_(params, grads, hessians, steps=None, *, lr=1.0, damping=0.0,
+            saddle_free=False):
+    """Damped (optionally saddle-free) Newton steps, in place. See
+    :func:`reference.newton_`. Not an element-wise rule: each parameter's step is a
+    dense solve by LAPACK (``numpy.linalg``), all done before any array is written;
+    a singular system raises ``numpy.linalg.LinAlgError`` (a ``ValueError``)."""
+    prepare_newton(params, grads, hessians, steps, lr=lr, damping=damping,
+                   saddle_free=saddle_free).run(_config.get_num_threads())

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import _config, functional as F
 
-__all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
+__all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "AdaHessian", "Newton"]
 
 _k = _config._kernels
 
@@ -578,3 +578,137 @@ class AdamW(Adam):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, state_dtype=state_dtype,
                          rounding=rounding, seed=seed)
+
+
+class _CurvatureOptimizer(Optimizer):
+    """Base of the second-order optimizers, whose step takes, besides one gradient per
+    parameter, one curvature input per parameter (a Hessian diagonal for AdaHessian, a
+    Hessian for Newton), split across groups like the gradients."""
+
+    #: what the curvature argument of ``step`` is called (for error messages)
+    _curvature_name = "curvature"
+
+    def _split_curvature(self, values, per_group):
+        name = self._curvature_name
+        total = sum(len(g) for g in per_group)
+        if isinstance(values, np.ndarray) or (callable(values) and
+                                              not isinstance(values, (list, tuple))):
+            if total != 1:
+                raise TypeError(f"{name} must be a list with one entry per parameter "
+                                f"({total}); a single entry is accepted only for one "
+                                "parameter")
+            values = [values]
+        elif isinstance(values, tuple):
+            values = list(values)
+        elif not isinstance(values, list):
+            raise TypeError(f"{name} must be a list (one entry per parameter, None to "
+                            f"skip), got {type(values).__name__}")
+        if len(values) != total:
+            raise ValueError(f"{name} has {len(values)} entries, expected {total} (one per "
+                             "parameter, across all groups in order)")
+        out, start = [], 0
+        for g in per_group:
+            out.append(values[start:start + len(g)])
+            start += len(g)
+        return out
+
+    def _step_with(self, grads, curvature):
+        # Optimizer.step with a second per-parameter input: prepare (check) every group
+        # first, then run them all, so a refused step changes nothing.
+        per_group = self._split_grads(grads)
+        per_curv = self._split_curvature(curvature, per_group)
+        plans = []
+        for group, state, g, c in zip(self.param_groups, self._gstate, per_group, per_curv):
+            arrays, complete = self._arrays_for_step(group, state, g)
+            plans.append((self._prepare(group, g, arrays, state.steps, c), state, arrays,
+                          complete))
+        n_threads = _config.get_num_threads()
+        for prepared, state, arrays, complete in plans:
+            prepared.run(n_threads)
+            if arrays is not state.arrays:
+                state.arrays = arrays
+                state.complete_for = complete
+
+    def step(self, grads, curvature):
+        self._step_with(grads, curvature)
+
+
+class AdaHessian(_CurvatureOptimizer):
+    """AdaHessian (Yao et al. 2021): Adam with the squared gradient replaced by the
+    squared Hutchinson estimate of the Hessian diagonal. Formulas in
+    :func:`fastoptim.reference.adahessian_`; defaults are the paper's (lr 0.15,
+    eps 1e-4, decoupled weight decay, ``hessian_power`` 1). State: ``step``,
+    ``exp_avg``, ``exp_hessian_diag_sq``.
+
+    The optimizer does not differentiate anything: each step takes the gradients and
+    an estimate of each parameter's Hessian diagonal, computed by the caller::
+
+        opt = fastoptim.AdaHessian([w], lr=0.15)
+        g = grad(w)
+        d = fastoptim.hutchinson_diag(lambda z: hvp(w, z), w, rng=rng)   # z * (H z)
+        opt.step([g], [d])
+
+    (with PyTorch: :func:`fastoptim.torch_hessian.hutchinson_diag` from autograd).
+    """
+    _curvature_name = "hessian_diags"
+    _all_state_names = ("exp_avg", "exp_hessian_diag_sq")
+
+    def __init__(self, params, lr=0.15, betas=(0.9, 0.999), eps=1e-4, weight_decay=0.0,
+                 hessian_power=1.0, *, maximize=False):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps,
+                                      weight_decay=weight_decay,
+                                      hessian_power=hessian_power, maximize=maximize))
+
+    def step(self, grads, hessian_diags):
+        """Update every parameter in place from its gradient and its Hessian-diagonal
+        estimate (same shape as the parameter). ``grads[i] is None`` skips parameter
+        i (``hessian_diags[i]`` is then ignored and may be None)."""
+        self._step_with(grads, hessian_diags)
+
+    def _state_names(self, group):
+        return ("exp_avg", "exp_hessian_diag_sq")
+
+    def _prepare(self, group, grads, arrays, steps, hessian_diags=None):
+        return F.prepare_adahessian(
+            group["params"], grads, hessian_diags if hessian_diags is not None else [],
+            arrays["exp_avg"], arrays["exp_hessian_diag_sq"], steps, lr=group["lr"],
+            betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+            hessian_power=group["hessian_power"], maximize=group["maximize"])
+
+
+class Newton(_CurvatureOptimizer):
+    """Damped Newton steps for small dense problems, with a saddle-free option.
+
+    ``p -= lr * solve(H + damping*I, grad)``, one dense Hessian block per parameter;
+    with ``saddle_free=True`` H is replaced by ``|H| = Q |Lambda| Q^T`` (eigenvalues by
+    absolute value), so the step goes downhill along negative curvature and is
+    repelled by saddles instead of drawn to them. Formulas in
+    :func:`fastoptim.reference.newton_`. State: ``step`` only.
+
+    Not an element-wise rule: the work is an O(n^3) dense solve per parameter, done by
+    LAPACK through ``numpy.linalg`` (its compiled kernel), so it suits parameters of
+    up to a few thousand elements::
+
+        opt = fastoptim.Newton([x], lr=1.0, damping=1e-3, saddle_free=True)
+        opt.step([grad(x)], [hess(x)])        # or [hess]: a callable h(x) -> Hessian
+    """
+    _curvature_name = "hessians"
+
+    def __init__(self, params, lr=1.0, damping=0.0, saddle_free=False):
+        super().__init__(params, dict(lr=lr, damping=damping, saddle_free=saddle_free))
+
+    def step(self, grads, hessians):
+        """Update every parameter in place. ``hessians[i]`` is parameter i's Hessian,
+        of shape ``(n, n)`` or ``p.shape + p.shape`` (n = ``p.size``, C order), or a
+        callable ``h(p)`` returning one; ``grads[i] is None`` skips parameter i. A
+        singular system raises ``numpy.linalg.LinAlgError`` before any change."""
+        self._step_with(grads, hessians)
+
+    def _state_names(self, group):
+        return ()
+
+    def _prepare(self, group, grads, arrays, steps, hessians=None):
+        return F.prepare_newton(group["params"], grads,
+                                hessians if hessians is not None else [], steps,
+                                lr=group["lr"], damping=group["damping"],
+                                saddle_free=group["saddle_free"])

@@ -18,7 +18,8 @@ import math
 
 import numpy as np
 
-__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "bf16_to_f32", "f32_to_bf16"]
+__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adahessian_", "newton_",
+           "bf16_to_f32", "f32_to_bf16"]
 
 
 def _as_list(x):
@@ -274,3 +275,100 @@ def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, steps=Non
           betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
           maximize=maximize, decoupled_weight_decay=True, state_dtype=state_dtype,
           rounding=rounding, seed=seed)
+
+
+def adahessian_(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_sqs, steps, *,
+                lr=0.15, betas=(0.9, 0.999), eps=1e-4, weight_decay=0.0,
+                hessian_power=1.0, maximize=False):
+    r"""AdaHessian (Yao et al. 2021): Adam with the squared gradient replaced by the
+    squared estimate of the Hessian diagonal.
+
+    .. math::
+        t &\leftarrow t + 1, \quad g \leftarrow \pm\nabla \\
+        m &\leftarrow \beta_1 m + (1-\beta_1) g \\
+        v &\leftarrow \beta_2 v + (1-\beta_2) D^2 \\
+        p &\leftarrow p - \gamma \left( \frac{m / (1-\beta_1^t)}
+            {\left(\sqrt{v} / \sqrt{1-\beta_2^t}\right)^k + \epsilon}
+            + \lambda p \right)
+
+    ``D`` (``hessian_diags[i]``, same shape as the parameter) estimates the diagonal
+    of the Hessian, e.g. Hutchinson's :math:`z \odot (Hz)` with Rademacher ``z``
+    (:func:`fastoptim.hessian.hutchinson_diag`); only :math:`D^2` enters, so its sign
+    does not matter. ``k`` is ``hessian_power`` (0 to 1; 1 is the paper's default,
+    a plain square root). Weight decay is decoupled, as in the authors' code. With
+    ``maximize``, the gradient is negated (D is used as given). ``steps`` is required
+    (bias corrections).
+
+    The authors' code computes ``p - lr*(m/bc1/denom + wd*p)``; here the step-only
+    scalars ``lr/bc1`` and ``lr*wd`` are formed first (in double), which differs
+    only by rounding.
+    """
+    beta1, beta2 = betas
+    params, grads = _as_list(params), _as_list(grads)
+    diags = _as_list(hessian_diags)
+    ms, vs = _as_list(exp_avgs), _as_list(exp_hessian_diag_sqs)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        steps[i] += 1
+        step = float(steps[i])
+        g = -g if maximize else g
+        d = diags[i]
+        m, v = ms[i], vs[i]
+        m[...] = m * _scalar(beta1, p) + _scalar(1 - beta1, p) * g
+        v[...] = v * _scalar(beta2, p) + (_scalar(1 - beta2, p) * d) * d
+        step_size = lr / (1 - beta1 ** step)
+        bc2_sqrt = (1 - beta2 ** step) ** 0.5
+        root = np.sqrt(v)
+        if hessian_power != 1:
+            root = root ** _scalar(hessian_power, p)
+            bc2_sqrt = bc2_sqrt ** hessian_power
+        denom = root / _scalar(bc2_sqrt, p) + _scalar(eps, p)
+        update = (_scalar(step_size, p) * m) / denom
+        if weight_decay != 0:
+            update = update + _scalar(lr * weight_decay, p) * p
+        p -= update
+
+
+def _dense_hessian(h, p):
+    """A Hessian (array or callable of p) as an (n, n) float64 matrix, n = p.size,
+    indexing p in C order."""
+    if callable(h):
+        h = h(p)
+    h = np.asarray(h, dtype=np.float64)
+    return h.reshape(p.size, p.size)
+
+
+def newton_(params, grads, hessians, steps=None, *, lr=1.0, damping=0.0,
+            saddle_free=False):
+    r"""Damped Newton steps for small dense problems, one Hessian block per parameter.
+
+    .. math::
+        t &\leftarrow t + 1 \\
+        \tilde H &= Q\,|\Lambda|\,Q^\top \text{ where } H = Q \Lambda Q^\top
+            \quad \text{(saddle\_free)}, \qquad \tilde H = H \text{ (otherwise)} \\
+        p &\leftarrow p - \gamma\, (\tilde H + \delta I)^{-1} \nabla
+
+    ``hessians[i]`` is parameter i's Hessian: an array of shape ``(n, n)`` or
+    ``p.shape + p.shape`` (n = ``p.size``), or a callable ``h(p)`` returning one. It
+    must be symmetric when ``saddle_free``. Plain Newton jumps to the stationary point
+    of the local quadratic model: a minimum, a maximum or a saddle alike. The
+    saddle-free variant (Dauphin et al. 2014) takes eigenvalues by absolute value, so
+    it moves *away* along directions of negative curvature and is repelled by saddles.
+    ``damping`` (δ) adds δ I, which also regularises nearly singular Hessians.
+    The solve is in double precision; the step is rounded to the parameter's dtype.
+    ``steps`` is optional (counted when given).
+    """
+    params, grads, hessians = _as_list(params), _as_list(grads), _as_list(hessians)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        if steps is not None:
+            steps[i] += 1
+        h = _dense_hessian(hessians[i], p)
+        if saddle_free:
+            lam, q = np.linalg.eigh(h)
+            h = (q * np.abs(lam)) @ q.T
+        a = h + damping * np.eye(p.size)
+        delta = np.linalg.solve(a, np.asarray(g, dtype=np.float64).reshape(-1))
+        p -= (lr * delta).astype(p.dtype).reshape(p.shape)
