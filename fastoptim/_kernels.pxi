@@ -1152,3 +1152,67 @@ def prepare_traffic(list params, list grads, list states):
 
 
 include "_kernels_hessian.pxi"
+
+
+# ---------------------------------------------------------------------------------
+# Non-finite gradients (the optimizers' nonfinite="skip"/"raise"): one read of each
+# gradient, testing exponent bits with integer operations (an OR-reduction vectorizes;
+# a floating-point reduction would not without reassociation).
+# ---------------------------------------------------------------------------------
+
+cdef bint _nonfinite_f32(const uint32_t *u, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef uint32_t acc = 0
+    for i in range(n):
+        acc |= (u[i] & 0x7F800000u) == 0x7F800000u
+    return acc != 0
+
+
+cdef bint _nonfinite_f64(const uint64_t *u, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef uint64_t acc = 0
+    for i in range(n):
+        acc |= (u[i] & 0x7FF0000000000000u) == 0x7FF0000000000000u
+    return acc != 0
+
+
+cdef bint _nonfinite(const char *data, Py_ssize_t n, bint is_double,
+                     int n_threads) noexcept nogil:
+    cdef Py_ssize_t c, lo, hi, itemsize = 8 if is_double else 4
+    cdef int nchunks = n_threads if (n_threads > 1 and n >= (1 << 20)) else 1
+    cdef int found = 0
+    if nchunks == 1:
+        if is_double:
+            return _nonfinite_f64(<const uint64_t *> data, n)
+        return _nonfinite_f32(<const uint32_t *> data, n)
+    for c in prange(nchunks, num_threads=nchunks, schedule="static", chunksize=1):
+        lo = n * c // nchunks
+        hi = n * (c + 1) // nchunks
+        if is_double:
+            found += _nonfinite_f64(<const uint64_t *> (data + lo * itemsize), hi - lo)
+        else:
+            found += _nonfinite_f32(<const uint32_t *> (data + lo * itemsize), hi - lo)
+    return found != 0
+
+
+def first_nonfinite(list arrays, int n_threads=1):
+    """Index of the first array holding a NaN or an infinity, or -1. None entries are
+    skipped; arrays are float32/float64 (checked by prepare_* beforehand)."""
+    cdef Py_ssize_t i
+    cdef cnp.ndarray a
+    cdef bint bad
+    for i in range(len(arrays)):
+        obj = arrays[i]
+        if obj is None:
+            continue
+        a = <cnp.ndarray> obj
+        if not (cnp.PyArray_IS_C_CONTIGUOUS(a) or cnp.PyArray_IS_F_CONTIGUOUS(a)) or \
+                not cnp.PyArray_ISALIGNED(a):
+            bad = not bool(np.isfinite(a).all())
+        else:
+            with nogil:
+                bad = _nonfinite(<const char *> cnp.PyArray_DATA(a), cnp.PyArray_SIZE(a),
+                                 cnp.PyArray_TYPE(a) == cnp.NPY_DOUBLE, n_threads)
+        if bad:
+            return i
+    return -1

@@ -54,7 +54,15 @@ class Optimizer:
     #: whether ``state[i]`` carries a ``"step"`` entry (torch's SGD has none)
     _has_step = True
 
-    def __init__(self, params, defaults):
+    def __init__(self, params, defaults, nonfinite="propagate"):
+        if nonfinite not in ("propagate", "skip", "raise"):
+            raise ValueError("nonfinite must be 'propagate', 'skip' or 'raise', got "
+                             f"{nonfinite!r}")
+        #: what a step does when a gradient holds NaN or Inf: "propagate" (as torch),
+        #: "skip" (change nothing, count it in ``skipped_steps``) or "raise" (ValueError)
+        self.nonfinite = nonfinite
+        #: steps skipped because of non-finite gradients (nonfinite="skip")
+        self.skipped_steps = 0
         self.defaults = dict(defaults)
         self.param_groups = []
         self._gstate = []
@@ -199,19 +207,39 @@ class Optimizer:
         return arrays, (names if complete else None)
 
     def step(self, grads):
-        """Update every parameter in place from its gradient (``None`` skips it)."""
-        per_group = self._split_grads(grads)
+        """Update every parameter in place from its gradient (``None`` skips it).
+
+        Returns True when the step was applied, False when ``nonfinite="skip"`` skipped
+        it."""
+        return self._step(self._split_grads(grads))
+
+    def _step(self, per_group, per_extra=None):
+        """Prepare (check) every group, then run them all: a refused step changes
+        nothing. ``per_extra``: one more per-parameter input per group (curvature)."""
         plans = []
-        for group, state, g in zip(self.param_groups, self._gstate, per_group):
+        for k, (group, state, g) in enumerate(zip(self.param_groups, self._gstate,
+                                                  per_group)):
             arrays, complete = self._arrays_for_step(group, state, g)
-            plans.append((self._prepare(group, g, arrays, state.steps), state, arrays,
-                          complete))
+            extra = () if per_extra is None else (per_extra[k],)
+            plans.append((self._prepare(group, g, arrays, state.steps, *extra), state,
+                          arrays, complete))
         n_threads = _config.get_num_threads()
+        if self.nonfinite != "propagate":
+            flat = per_group[0] if len(per_group) == 1 else [g for gs in per_group
+                                                              for g in gs]
+            bad = _k.first_nonfinite(flat, n_threads)
+            if bad >= 0:
+                if self.nonfinite == "raise":
+                    raise ValueError(f"grads[{bad}] contains NaN or Inf (nonfinite='raise'"
+                                     "); nothing was changed")
+                self.skipped_steps += 1
+                return False
         for prepared, state, arrays, complete in plans:
             prepared.run(n_threads)
             if arrays is not state.arrays:
                 state.arrays = arrays
                 state.complete_for = complete
+        return True
 
     def zero_state(self):
         """Forget all optimizer state, as if the optimizer had just been made."""
@@ -266,7 +294,10 @@ class Optimizer:
                 if entry:
                     state[idx + i] = entry
             idx += len(group["params"])
-        return {"state": state, "param_groups": groups}
+        out = {"state": state, "param_groups": groups}
+        if self.skipped_steps:
+            out["skipped_steps"] = self.skipped_steps
+        return out
 
     def load_state_dict(self, state_dict):
         """Load a state dict made by :meth:`state_dict` (or pickled/np.savez'd and
@@ -315,8 +346,13 @@ class Optimizer:
                                  "which no parameter group lists")
             gi, i = index_of[key]
             self._load_entry(new_groups[gi], new_states[gi], i, key, entry)
+        skipped = state_dict.get("skipped_steps", 0)
+        if isinstance(skipped, bool) or not isinstance(skipped, numbers.Integral) or skipped < 0:
+            raise ValueError(f"state_dict['skipped_steps'] must be a non-negative int, "
+                             f"got {skipped!r}")
         self.param_groups[:] = new_groups
         self._gstate[:] = new_states
+        self.skipped_steps = int(skipped)
 
     def _load_entry(self, group, gstate, i, key, entry):
         if not isinstance(entry, dict):
@@ -379,9 +415,12 @@ class Optimizer:
 
     def __getstate__(self):
         return {"defaults": self.defaults, "param_groups": self.param_groups,
-                "_gstate": [(s.steps, s.arrays, s.complete_for) for s in self._gstate]}
+                "_gstate": [(s.steps, s.arrays, s.complete_for) for s in self._gstate],
+                "nonfinite": self.nonfinite, "skipped_steps": self.skipped_steps}
 
     def __setstate__(self, d):
+        self.nonfinite = d.get("nonfinite", "propagate")
+        self.skipped_steps = d.get("skipped_steps", 0)
         self.defaults = d["defaults"]
         self.param_groups = d["param_groups"]
         self._gstate = []
@@ -445,10 +484,10 @@ class SGD(Optimizer):
     _all_state_names = ("momentum_buffer",)
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, *, maximize=False):
+                 nesterov=False, *, maximize=False, nonfinite="propagate"):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov,
-                                      maximize=maximize))
+                                      maximize=maximize), nonfinite)
 
     def _state_names(self, group):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
@@ -471,10 +510,11 @@ class Adagrad(Optimizer):
     _all_state_names = ("sum",)
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
-                 initial_accumulator_value=0.0, eps=1e-10, *, maximize=False):
+                 initial_accumulator_value=0.0, eps=1e-10, *, maximize=False,
+                 nonfinite="propagate"):
         super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                                       initial_accumulator_value=initial_accumulator_value,
-                                      eps=eps, maximize=maximize))
+                                      eps=eps, maximize=maximize), nonfinite)
 
     def _check_hyperparameters(self, group):
         value = group["initial_accumulator_value"]
@@ -512,10 +552,10 @@ class RMSprop(Optimizer):
     _all_state_names = ("square_avg", "momentum_buffer", "grad_avg")
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
-                 momentum=0.0, centered=False, *, maximize=False):
+                 momentum=0.0, centered=False, *, maximize=False, nonfinite="propagate"):
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps,
                                       weight_decay=weight_decay, momentum=momentum,
-                                      centered=centered, maximize=maximize))
+                                      centered=centered, maximize=maximize), nonfinite)
 
     def _state_names(self, group):
         return (("square_avg",) + (("momentum_buffer",) if group["momentum"] > 0 else ())
@@ -544,11 +584,11 @@ class Adam(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, maximize=False, state_dtype=None, rounding="nearest",
-                 seed=0):
+                 seed=0, nonfinite="propagate"):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps,
                                       weight_decay=weight_decay, amsgrad=amsgrad,
                                       maximize=maximize, state_dtype=state_dtype,
-                                      rounding=rounding, seed=seed))
+                                      rounding=rounding, seed=seed), nonfinite)
 
     def _state_names(self, group):
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
@@ -574,10 +614,10 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, state_dtype=None, rounding="nearest",
-                 seed=0):
+                 seed=0, nonfinite="propagate"):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, state_dtype=state_dtype,
-                         rounding=rounding, seed=seed)
+                         rounding=rounding, seed=seed, nonfinite=nonfinite)
 
 
 class _CurvatureOptimizer(Optimizer):
@@ -613,24 +653,11 @@ class _CurvatureOptimizer(Optimizer):
         return out
 
     def _step_with(self, grads, curvature):
-        # Optimizer.step with a second per-parameter input: prepare (check) every group
-        # first, then run them all, so a refused step changes nothing.
         per_group = self._split_grads(grads)
-        per_curv = self._split_curvature(curvature, per_group)
-        plans = []
-        for group, state, g, c in zip(self.param_groups, self._gstate, per_group, per_curv):
-            arrays, complete = self._arrays_for_step(group, state, g)
-            plans.append((self._prepare(group, g, arrays, state.steps, c), state, arrays,
-                          complete))
-        n_threads = _config.get_num_threads()
-        for prepared, state, arrays, complete in plans:
-            prepared.run(n_threads)
-            if arrays is not state.arrays:
-                state.arrays = arrays
-                state.complete_for = complete
+        return self._step(per_group, self._split_curvature(curvature, per_group))
 
     def step(self, grads, curvature):
-        self._step_with(grads, curvature)
+        return self._step_with(grads, curvature)
 
 
 class AdaHessian(_CurvatureOptimizer):
@@ -654,16 +681,17 @@ class AdaHessian(_CurvatureOptimizer):
     _all_state_names = ("exp_avg", "exp_hessian_diag_sq")
 
     def __init__(self, params, lr=0.15, betas=(0.9, 0.999), eps=1e-4, weight_decay=0.0,
-                 hessian_power=1.0, *, maximize=False):
+                 hessian_power=1.0, *, maximize=False, nonfinite="propagate"):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps,
                                       weight_decay=weight_decay,
-                                      hessian_power=hessian_power, maximize=maximize))
+                                      hessian_power=hessian_power, maximize=maximize),
+                         nonfinite)
 
     def step(self, grads, hessian_diags):
         """Update every parameter in place from its gradient and its Hessian-diagonal
         estimate (same shape as the parameter). ``grads[i] is None`` skips parameter
         i (``hessian_diags[i]`` is then ignored and may be None)."""
-        self._step_with(grads, hessian_diags)
+        return self._step_with(grads, hessian_diags)
 
     def _state_names(self, group):
         return ("exp_avg", "exp_hessian_diag_sq")
@@ -694,15 +722,17 @@ class Newton(_CurvatureOptimizer):
     """
     _curvature_name = "hessians"
 
-    def __init__(self, params, lr=1.0, damping=0.0, saddle_free=False):
-        super().__init__(params, dict(lr=lr, damping=damping, saddle_free=saddle_free))
+    def __init__(self, params, lr=1.0, damping=0.0, saddle_free=False, *,
+                 nonfinite="propagate"):
+        super().__init__(params, dict(lr=lr, damping=damping, saddle_free=saddle_free),
+                         nonfinite)
 
     def step(self, grads, hessians):
         """Update every parameter in place. ``hessians[i]`` is parameter i's Hessian,
         of shape ``(n, n)`` or ``p.shape + p.shape`` (n = ``p.size``, C order), or a
         callable ``h(p)`` returning one; ``grads[i] is None`` skips parameter i. A
         singular system raises ``numpy.linalg.LinAlgError`` before any change."""
-        self._step_with(grads, hessians)
+        return self._step_with(grads, hessians)
 
     def _state_names(self, group):
         return ()
