@@ -159,27 +159,33 @@ class Optimizer:
     # --- the step --------------------------------------------------------------------
 
     def _split_grads(self, grads):
+        return self._split_per_param(grads, "grads", "array",
+                                     lambda v: isinstance(v, np.ndarray))
+
+    def _split_per_param(self, values, name, what, is_single):
+        """One entry per parameter across all groups in order -> one list per group.
+        A single entry (``is_single``) is accepted when there is one parameter."""
         total = sum(len(g["params"]) for g in self.param_groups)
-        if isinstance(grads, np.ndarray):
+        if is_single(values):
             if total != 1:
-                raise TypeError("grads must be a list with one entry per parameter "
-                                f"({total}); a single array is accepted only for one "
+                raise TypeError(f"{name} must be a list with one entry per parameter "
+                                f"({total}); a single {what} is accepted only for one "
                                 "parameter")
-            grads = [grads]
-        elif isinstance(grads, tuple):
-            grads = list(grads)
-        elif not isinstance(grads, list):
-            raise TypeError(f"grads must be a list of arrays (None to skip a parameter), "
-                            f"got {type(grads).__name__}")
-        if len(grads) != total:
-            raise ValueError(f"grads has {len(grads)} entries, expected {total} (one per "
+            values = [values]
+        elif isinstance(values, tuple):
+            values = list(values)
+        elif not isinstance(values, list):
+            raise TypeError(f"{name} must be a list with one entry per parameter (None to "
+                            f"skip one), got {type(values).__name__}")
+        if len(values) != total:
+            raise ValueError(f"{name} has {len(values)} entries, expected {total} (one per "
                              "parameter, across all groups in order)")
         if len(self.param_groups) == 1:
-            return [grads]
+            return [values]
         out, start = [], 0
         for group in self.param_groups:
             n = len(group["params"])
-            out.append(grads[start:start + n])
+            out.append(values[start:start + n])
             start += n
         return out
 
@@ -628,33 +634,13 @@ class _CurvatureOptimizer(Optimizer):
     #: what the curvature argument of ``step`` is called (for error messages)
     _curvature_name = "curvature"
 
-    def _split_curvature(self, values, per_group):
-        name = self._curvature_name
-        total = sum(len(g) for g in per_group)
-        if isinstance(values, np.ndarray) or (callable(values) and
-                                              not isinstance(values, (list, tuple))):
-            if total != 1:
-                raise TypeError(f"{name} must be a list with one entry per parameter "
-                                f"({total}); a single entry is accepted only for one "
-                                "parameter")
-            values = [values]
-        elif isinstance(values, tuple):
-            values = list(values)
-        elif not isinstance(values, list):
-            raise TypeError(f"{name} must be a list (one entry per parameter, None to "
-                            f"skip), got {type(values).__name__}")
-        if len(values) != total:
-            raise ValueError(f"{name} has {len(values)} entries, expected {total} (one per "
-                             "parameter, across all groups in order)")
-        out, start = [], 0
-        for g in per_group:
-            out.append(values[start:start + len(g)])
-            start += len(g)
-        return out
-
     def _step_with(self, grads, curvature):
         per_group = self._split_grads(grads)
-        return self._step(per_group, self._split_curvature(curvature, per_group))
+        curvature = self._split_per_param(
+            curvature, self._curvature_name, "entry",
+            lambda v: isinstance(v, np.ndarray) or (callable(v) and
+                                                    not isinstance(v, (list, tuple))))
+        return self._step(per_group, curvature)
 
     def step(self, grads, curvature):
         return self._step_with(grads, curvature)
