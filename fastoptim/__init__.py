@@ -23,3 +23,11 @@ __all__ = [
     "set_num_threads", "get_num_threads", "set_serial_threshold", "get_serial_threshold",
     "show_config", "config", "__version__",
 ]
+
+
+def __getattr__(name):
+    # fastoptim.torch (needs torch) is imported on first use, never by `import fastoptim`
+    if name == "torch":
+        import importlib
+        return importlib.import_module(".torch", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
