@@ -1,0 +1,148 @@
+"""fastoptim.torch on an existing scale-out engine: DistributedDataParallel and
+ZeroRedundancyOptimizer (state sharded across ranks), two gloo processes over
+loopback, checked against a single-process run on the whole batch."""
+import os
+import socket
+
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+import torch.multiprocessing as mp  # noqa: E402
+from torch.distributed.optim import ZeroRedundancyOptimizer  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+
+import fastoptim.torch as fot  # noqa: E402
+
+WORLD = 2
+STEPS = 25
+OPTS = dict(lr=0.02, amsgrad=True, weight_decay=0.01)
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(),
+                               torch.nn.Linear(32, 32), torch.nn.Tanh(),
+                               torch.nn.Linear(32, 3))
+
+
+def _data():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(64, 10, generator=gen), torch.randn(64, 3, generator=gen)
+
+
+def _train(model, opt, x, y):
+    for _ in range(STEPS):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def _worker(rank, port, mode, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model = _model()
+        ddp = DDP(model)
+        if mode == "ddp":
+            opt = fot.Adam(ddp.parameters(), **OPTS)
+        else:
+            opt = ZeroRedundancyOptimizer(
+                ddp.parameters(), optimizer_class=fot.Adam,
+                parameters_as_bucket_view=(mode == "zero-buckets"), **OPTS)
+        x, y = _data()
+        # equal shards: DDP's average of the shard gradients is the whole batch's
+        _train(ddp, opt, x.chunk(WORLD)[rank], y.chunk(WORLD)[rank])
+        result = {"params": [p.detach().clone() for p in model.parameters()]}
+        if mode != "ddp":
+            result["local_state"] = len(opt.optim.state)
+            result["local_type"] = type(opt.optim).__name__
+            opt.consolidate_state_dict(to=0)
+            if rank == 0:
+                result["state_dict"] = opt.state_dict()
+        torch.save(result, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(mode, tmp_path, timeout=90):
+    out = str(tmp_path / mode)
+    ctx = mp.spawn(_worker, args=(_free_port(), mode, out), nprocs=WORLD, join=False)
+    try:
+        for _ in range(timeout):
+            if ctx.join(timeout=1):
+                break
+        else:
+            pytest.fail(f"{mode}: the {WORLD} processes did not finish in {timeout} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    return [torch.load(f"{out}.{r}", weights_only=True) for r in range(WORLD)]
+
+
+def _single_process():
+    model = _model()
+    opt = fot.Adam(model.parameters(), **OPTS)
+    x, y = _data()
+    _train(model, opt, x, y)
+    return model, opt
+
+
+def _close(a, b):
+    # the same update; only the gradient's summation order differs (all-reduce)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _moved(params):
+    """Training changed every parameter far beyond the comparison's tolerance."""
+    for a, p0 in zip(params, _model().parameters()):
+        assert (a - p0.detach()).abs().max() > 1e-2
+
+
+def test_ddp_two_gloo_processes_match_a_single_process(tmp_path):
+    ranks = _run("ddp", tmp_path)
+    model, _ = _single_process()
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
+        assert torch.equal(a, b)                     # ranks stay in sync
+    for a, p in zip(ranks[0]["params"], model.parameters()):
+        _close(a, p.detach())
+    _moved(ranks[0]["params"])
+
+
+@pytest.mark.parametrize("mode", ["zero", "zero-buckets"])
+def test_zero_redundancy_optimizer_shards_state(mode, tmp_path):
+    ranks = _run(mode, tmp_path)
+    model, opt = _single_process()
+    n = len(list(model.parameters()))
+    assert all(r["local_type"] == "Adam" for r in ranks)
+    # each rank keeps the state of its own shard only
+    assert all(0 < r["local_state"] < n for r in ranks)
+    assert sum(r["local_state"] for r in ranks) == n
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
+        assert torch.equal(a, b)
+    for a, p in zip(ranks[0]["params"], model.parameters()):
+        _close(a, p.detach())
+    _moved(ranks[0]["params"])
+    # the consolidated state is torch's layout and loads into a single-process optimizer
+    sd = ranks[0]["state_dict"]
+    want = opt.state_dict()
+    assert sorted(sd["state"]) == sorted(want["state"])
+    for k, entry in want["state"].items():
+        assert list(sd["state"][k]) == list(entry)
+        for name, v in entry.items():
+            _close(sd["state"][k][name], v)
+    fresh = fot.Adam(_model().parameters(), **OPTS)
+    fresh.load_state_dict(sd)
+    assert fresh.state_dict()["state"][0]["step"].item() == STEPS
