@@ -112,10 +112,11 @@ def _threads():
     return max(1, torch.get_num_threads())
 
 
-def _meta(t):
-    """What must not change for a cached view of ``t``'s memory to stay valid. (The
-    view keeps the old storage alive, so a new tensor cannot reuse its address.)"""
-    return t.data_ptr(), t.shape, t.stride(), t.dtype
+def _meta(p):
+    """What must not change for a cached view of a parameter's memory to stay valid
+    (the view keeps the old storage alive, so no new tensor can take its address).
+    Inlined in _Optimizer._plan."""
+    return p.data_ptr(), p.shape, p.stride(), p.dtype
 
 
 def _dense(a):
@@ -182,17 +183,19 @@ def _step_to_tensor(group, p, p_state, fused):
 
 class _Views:
     """Cached NumPy views of one parameter and its state tensors, as the kernel takes
-    them (1-D, all in the parameter's memory order). Valid while ``_meta`` of each
-    tensor is unchanged."""
-    __slots__ = ("p", "meta", "array", "layout", "strided", "states", "step")
+    them (1-D, all in the parameter's memory order). Valid while ``_meta`` of the
+    parameter is unchanged and each state tensor is the same object at the same
+    address."""
+    __slots__ = ("p", "meta", "array", "layout", "c_order", "strided", "states", "step")
 
     def __init__(self, p, meta, array, layout, strided):
         self.p = p                # the parameter
         self.meta = meta          # _meta(p) when the views were made
+        self.c_order = layout.flags.c_contiguous
         self.array = array        # 1-D array the kernel updates
         self.layout = layout      # ``array`` seen with p's shape (to align grad/state)
         self.strided = strided    # p's strided memory, when ``array`` is a buffer
-        self.states = {}          # name -> (tensor, meta, kernel array, memory or None)
+        self.states = {}          # name -> (tensor, data_ptr, kernel array, fill or None)
         self.step = None          # (step tensor, data_ptr, 0-d view)
 
 
@@ -342,6 +345,7 @@ class _Optimizer(_TorchOptimizer):
         if cache is None:
             cache = self._views = {}
         names = self._state_names(group)
+        has_step = self._has_step
         kparams, kgrads, kstates = [], [], [[] for _ in names]
         steps, fresh, where, strided = [], [], [], []
         for i, p in enumerate(group["params"]):
@@ -350,7 +354,8 @@ class _Optimizer(_TorchOptimizer):
                 continue
             # the parameter: a flat view of its memory, or a buffer copied in and out
             v = cache.get(id(p))
-            if v is None or v.p is not p or v.meta != _meta(p):
+            if v is None or v.p is not p or v.meta != (p.data_ptr(), p.shape, p.stride(),
+                                                       p.dtype):
                 v = self._param_views(gi, group, i, p, cache)
             if v.strided is not None:
                 self._check_strided(gi, group, i, v, strided)
@@ -361,8 +366,14 @@ class _Optimizer(_TorchOptimizer):
             if not (g.is_cpu and g.layout is _STRIDED and g.dtype is p.dtype
                     and g.shape == p.shape):
                 self._check_grad(gi, group, i, p, g)
-            ga = self._grad_array(gi, group, i, g)
-            if _same_order(ga, v.layout):
+            if g.dtype in _FLOAT_DTYPES and not g.requires_grad:
+                try:
+                    ga = g.numpy()
+                except RuntimeError:          # negative bit set
+                    ga = self._grad_array(g)
+            else:
+                ga = self._grad_array(g)
+            if (v.c_order and ga.flags.c_contiguous) or _same_order(ga, v.layout):
                 kgrads.append(ga.ravel("K"))
             else:
                 buf, view = _like(v.layout)
@@ -370,36 +381,43 @@ class _Optimizer(_TorchOptimizer):
                 kgrads.append(buf)
             # the state tensors, viewed in the parameter's memory order
             state = self.state.get(p)
-            is_new = not state or not self._has_state(state, group)
+            is_new = not state or (self._partial_state and not self._has_state(state, group))
             if is_new:
                 state = self._new_state(group, p)
                 if state:
                     plan.new_state.append((self.state, p, state))
+            vstates = v.states
             for k, sname in enumerate(names):
                 t = state.get(sname)
-                c = v.states.get(sname)
-                if c is None or c[0] is not t or c[1] != _meta(t):
+                c = vstates.get(sname)
+                # a state tensor is only ever replaced (load_state_dict, ZeRO) or moved
+                # (share_memory_, .data = ...), which changes its identity or pointer
+                if c is None or c[0] is not t or c[1] != t.data_ptr():
                     c = self._state_views(gi, group, i, v, sname, state, t)
                 kstates[k].append(c[2])
                 if c[3] is not None:
                     plan.fills.append((c[3][0], c[3][1]))
                     plan.backs.append((c[3][1], c[3][0]))
                 plan.written.append(t)
-            if self._has_step:
-                steps.append(self._step_view(gi, group, i, v, state))
+            if has_step:
+                t = state.get("step")
+                c = v.step
+                if c is None or c[0] is not t or c[1] != t.data_ptr():
+                    c = self._step_view(gi, group, i, v, t)
+                steps.append(c[2])
             fresh.append(is_new)
             where.append(i)
             plan.written.append(p)
         if not kparams:
             return plan
-        if self._has_step:
-            values = np.array([float(s) for s in steps], dtype=np.float64)
+        if has_step:
+            values = np.fromiter(steps, dtype=np.float64, count=len(steps))
             counts = values.astype(np.int64)
-            bad = np.flatnonzero((counts != values) | (counts < 0))
-            if bad.size:
+            if (counts != values).any() or (counts < 0).any():
+                j = int(np.flatnonzero((counts != values) | (counts < 0))[0])
                 raise ValueError(
-                    f"state['step'] of {self._param_name(gi, group, where[bad[0]])} is "
-                    f"{values[bad[0]]}; a step count must be a whole number >= 0")
+                    f"state['step'] of {self._param_name(gi, group, where[j])} is "
+                    f"{values[j]}; a step count must be a whole number >= 0")
             plan.step_views = steps
         elif names:
             # SGD: the kernel sets a momentum buffer to the gradient when its counter
@@ -454,22 +472,17 @@ class _Optimizer(_TorchOptimizer):
                                  f"{self._param_name(gi, group, j)}")
         strided.append((i, v.strided))
 
-    def _grad_array(self, gi, group, i, g):
-        if g.requires_grad:
-            g = g.detach()
+    @staticmethod
+    def _grad_array(g):
+        """NumPy view of a gradient, resolving what NumPy cannot see (a graph from
+        create_graph=True, a conjugate or negative bit) into a detached copy."""
+        g = g.detach()
         if g.dtype in _COMPLEX_DTYPES:
-            if g.is_conj():
-                g = g.resolve_conj()
-            g = torch.view_as_real(g)
-        try:
-            return g.numpy()
-        except RuntimeError:
-            if g.is_neg():
-                return g.resolve_neg().numpy()
-            raise
+            g = torch.view_as_real(g.resolve_conj())
+        return g.resolve_neg().numpy()
 
     def _state_views(self, gi, group, i, v, sname, state, t):
-        """(tensor, meta, kernel array, (buffer view, memory) or None) for one state
+        """(tensor, data_ptr, kernel array, (buffer view, memory) or None) for one state
         tensor; state in another memory order than the parameter goes through a
         buffer that is filled before the run and copied back after."""
         p = v.p
@@ -488,29 +501,27 @@ class _Optimizer(_TorchOptimizer):
                              f"{p.dtype} of shape {tuple(p.shape)} on {p.device}")
         sa = self._numpy(gi, group, i, t, what=f"state[{sname!r}] of ")
         if _same_order(sa, v.layout):
-            c = (t, _meta(t), sa.ravel("K"), None)
+            c = (t, t.data_ptr(), sa.ravel("K"), None)
         else:
             buf, view = _like(v.layout)
-            c = (t, _meta(t), buf, (view, sa))
+            c = (t, t.data_ptr(), buf, (view, sa))
         v.states[sname] = c
         return c
 
-    def _step_view(self, gi, group, i, v, state):
-        """0-d NumPy view of state["step"] (making one costs ~0.5 us; reading or
-        writing it ~0.02 us, against ~1.4 us for a torch in-place add)."""
-        t = state.get("step")
-        c = v.step
-        if c is not None and c[0] is t and c[1] == t.data_ptr():
-            return c[2]
+    def _step_view(self, gi, group, i, v, t):
+        """(tensor, data_ptr, 0-d NumPy view) of state["step"]: making the view costs
+        ~0.5 us, reading or writing through it ~0.02 us (a torch in-place add ~1.4 us)."""
         if not isinstance(t, torch.Tensor) or t.dim() != 0 or not t.is_cpu \
                 or t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"state['step'] of {self._param_name(gi, group, i)} must be a "
                             f"0-d float32 or float64 CPU tensor, got {t!r}")
-        view = t.detach().numpy()
-        v.step = (t, t.data_ptr(), view)
-        return view
+        v.step = (t, t.data_ptr(), t.detach().numpy())
+        return v.step
 
     # --- class hooks -------------------------------------------------------------------
+
+    #: whether a non-empty state may still lack what a step needs (SGD's buffer)
+    _partial_state = False
 
     def _has_state(self, state, group):
         return True
@@ -535,6 +546,7 @@ class SGD(_Optimizer):
     step. See :func:`fastoptim.reference.sgd_` for the update.
     """
     _has_step = False
+    _partial_state = True          # torch 1.x checkpoints hold momentum_buffer=None
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,

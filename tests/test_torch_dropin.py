@@ -7,6 +7,7 @@ import copy
 import io
 import os
 import subprocess
+import warnings
 import sys
 
 import numpy as np
@@ -824,3 +825,30 @@ def test_params_sharing_memory_are_refused():
     with pytest.raises(ValueError, match="shares memory"):
         opt.step()
     assert torch.equal(s, torch.zeros(4, 6))
+
+
+def test_same_parameter_twice_in_a_group_is_refused():
+    p = torch.nn.Parameter(torch.zeros(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # torch warns about the duplicate
+        opt = fot.Adam([p, p])
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=r"\[1\] overlaps parameter param_groups\[0\]\['params'\]\[0\]"):
+        opt.step()
+    assert torch.equal(p, torch.zeros(3)) and len(opt.state) == 0
+
+
+def test_grad_with_a_graph_from_create_graph():
+    """backward(create_graph=True) leaves grads that require grad: read, not changed."""
+    wt = torch.nn.Parameter(torch.randn(4))
+    wf = torch.nn.Parameter(wt.detach().clone())
+    ot, of = torch.optim.SGD([wt], lr=0.1, momentum=0.5), fot.SGD([wf], lr=0.1, momentum=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(3):
+            for w, o in ((wt, ot), (wf, of)):
+                o.zero_grad()
+                (w ** 3).sum().backward(create_graph=True)
+                assert w.grad.requires_grad
+                o.step()
+    assert_close(wf, wt)
