@@ -609,9 +609,9 @@ class SGD(_Optimizer):
             steps if momentum != 0 else None,
             lr=_value("lr", group["lr"]), momentum=momentum,
             dampening=_value("dampening", group["dampening"]),
-            nesterov=group["nesterov"],
+            nesterov=bool(group["nesterov"]),
             weight_decay=_value("weight_decay", group["weight_decay"]),
-            maximize=group["maximize"])
+            maximize=bool(group["maximize"]))
 
 
 class Adagrad(_Optimizer):
@@ -718,7 +718,7 @@ class Adagrad(_Optimizer):
             params, grads, states[0], steps, lr=_value("lr", group["lr"]),
             lr_decay=_value("lr_decay", group["lr_decay"]),
             weight_decay=_value("weight_decay", group["weight_decay"]),
-            eps=_value("eps", group["eps"]), maximize=group["maximize"])
+            eps=_value("eps", group["eps"]), maximize=bool(group["maximize"]))
 
 
 class RMSprop(_Optimizer):
@@ -793,7 +793,7 @@ class RMSprop(_Optimizer):
 
     def _prepare(self, group, params, grads, states, steps):
         momentum = _value("momentum", group["momentum"])
-        centered = group["centered"]
+        centered = bool(group["centered"])
         return F.prepare_rmsprop(
             params, grads, states[0],
             states[-1] if centered else None,
@@ -801,7 +801,7 @@ class RMSprop(_Optimizer):
             lr=_value("lr", group["lr"]), alpha=_value("alpha", group["alpha"]),
             eps=_value("eps", group["eps"]),
             weight_decay=_value("weight_decay", group["weight_decay"]),
-            momentum=momentum, centered=centered, maximize=group["maximize"])
+            momentum=momentum, centered=centered, maximize=bool(group["maximize"]))
 
 
 class Adam(_Optimizer):
@@ -902,7 +902,7 @@ class Adam(_Optimizer):
         return state
 
     def _prepare(self, group, params, grads, states, steps):
-        amsgrad = group["amsgrad"]
+        amsgrad = bool(group["amsgrad"])
         beta1, beta2 = group["betas"]
         return F.prepare_adam(
             params, grads, states[0], states[1], states[2] if amsgrad else None, steps,
@@ -910,8 +910,8 @@ class Adam(_Optimizer):
             betas=(_value("betas[0]", beta1), _value("betas[1]", beta2)),
             eps=_value("eps", group["eps"]),
             weight_decay=_value("weight_decay", group["weight_decay"]),
-            amsgrad=amsgrad, maximize=group["maximize"],
-            decoupled_weight_decay=group["decoupled_weight_decay"])
+            amsgrad=amsgrad, maximize=bool(group["maximize"]),
+            decoupled_weight_decay=bool(group["decoupled_weight_decay"]))
 
 
 class AdamW(Adam):
