@@ -725,7 +725,7 @@ def _assert_unchanged(opt, params, snap):
     for p, s in opt.state.items():
         assert sorted(s) == sorted(state[id(p)])
         for k, v in s.items():
-            assert torch.equal(v, state[id(p)][k])
+            torch.testing.assert_close(v, state[id(p)][k], rtol=0, atol=0, equal_nan=True)
     assert [p._version for p in params] == versions
 
 
@@ -852,3 +852,16 @@ def test_grad_with_a_graph_from_create_graph():
                 assert w.grad.requires_grad
                 o.step()
     assert_close(wf, wt)
+
+
+def test_bad_step_counts_are_refused():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = fot.Adam([p])
+    p.grad = torch.randn(3)
+    opt.step()
+    for bad in (2.5, -1.0, float("nan"), float("inf")):
+        opt.state[p]["step"].fill_(bad)
+        snap = _snapshot(opt, [p])
+        with pytest.raises(ValueError, match="a step count must be a whole number >= 0"):
+            opt.step()
+        _assert_unchanged(opt, [p], snap)
