@@ -3,6 +3,7 @@ with ``torch.optim.Adam`` and ``fastoptim.torch.Adam`` side by side.
 
     python examples/mlp_digits.py                 # loss curves, accuracy, timings
     python examples/mlp_digits.py --hidden 1024   # a bigger model: a memory-bound step
+    python examples/mlp_digits.py --layers 12     # many tensors: one call vs one per tensor
     python examples/mlp_digits.py --plot loss.png # and a picture of the loss curves
 
 Both runs start from the same weights and see the same mini-batches, so their loss
@@ -38,12 +39,14 @@ def data(seed=0):
             torch.from_numpy(xte), torch.from_numpy(yte).long())
 
 
-def mlp(hidden, seed=0):
+def mlp(hidden, layers=2, seed=0):
+    """64 -> hidden -> ... (``layers`` hidden layers) -> 10, ReLU between."""
     torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        torch.nn.Linear(64, hidden), torch.nn.ReLU(),
-        torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
-        torch.nn.Linear(hidden, 10))
+    sizes = [64] + [hidden] * layers
+    mods = []
+    for a, b in zip(sizes, sizes[1:]):
+        mods += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    return torch.nn.Sequential(*mods, torch.nn.Linear(sizes[-1], 10))
 
 
 def batches(n, batch, epochs, seed=0):
@@ -64,7 +67,7 @@ def side_by_side(args, xtr, ytr, xte, yte):
     runs = {}
     for label, cls in (("torch.optim.Adam", torch.optim.Adam),
                        ("fastoptim.torch.Adam", fot.Adam)):
-        model = mlp(args.hidden)
+        model = mlp(args.hidden, args.layers)
         opt = cls(model.parameters(), lr=args.lr)
         losses, epoch_loss, steps = [], [], 0
         per_epoch = len(xtr) // args.batch
@@ -80,7 +83,7 @@ def side_by_side(args, xtr, ytr, xte, yte):
                 epoch_loss = []
         runs[label] = dict(model=model, losses=losses, acc=accuracy(model, xte, yte))
     (ta, a), (tb, b) = runs.items()
-    print(f"MLP 64-{args.hidden}-{args.hidden}-10 "
+    print(f"MLP 64-{'-'.join([str(args.hidden)] * args.layers)}-10 "
           f"({sum(p.numel() for p in a['model'].parameters())} parameters), "
           f"Adam lr={args.lr}, batch {args.batch}, {args.epochs} epochs")
     print(f"{'epoch':>5}  {ta:>18}  {tb:>20}")
@@ -116,7 +119,7 @@ def timings(args, xtr, ytr):
         "torch.optim.Adam fused": lambda ps: torch.optim.Adam(ps, lr=args.lr, fused=True),
         "fastoptim.torch.Adam": lambda ps: fot.Adam(ps, lr=args.lr),
     }
-    base = mlp(args.hidden)
+    base = mlp(args.hidden, args.layers)
     runs = {}
     for label, make in makers.items():
         model = copy.deepcopy(base)
@@ -144,7 +147,8 @@ def timings(args, xtr, ytr):
                     r["whole"].append(t2 - t0)
     n = sum(p.numel() for p in base.parameters())
     print(f"\ntimes per training step, median of {args.blocks * args.block_steps} steps "
-          f"in {args.blocks} interleaved blocks ({n} parameters, batch {args.batch}, "
+          f"in {args.blocks} interleaved blocks ({n} parameters in "
+          f"{len(list(base.parameters()))} tensors, batch {args.batch}, "
           f"torch threads {torch.get_num_threads()}, fastoptim threads "
           f"{fot._threads()}, kernel path {fastoptim.config()['kernel_path']})")
     print(f"{'optimizer':<30} {'fwd+bwd':>10} {'step()':>10} {'whole step':>11}")
@@ -157,7 +161,8 @@ def timings(args, xtr, ytr):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--hidden", type=int, default=256, help="width of the hidden layers")
+    ap.add_argument("--layers", type=int, default=2, help="number of hidden layers")
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
