@@ -865,3 +865,17 @@ def test_bad_step_counts_are_refused():
         with pytest.raises(ValueError, match="a step count must be a whole number >= 0"):
             opt.step()
         _assert_unchanged(opt, [p], snap)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+@pytest.mark.parametrize("first", ["torch", "fastoptim"])
+def test_one_openmp_runtime_shared_with_torch(first):
+    """torch's wheel and fastoptim both need libgomp.so.1; the loader maps it once, in
+    either import order, so the two share one thread pool (README: threads)."""
+    code = (f"import {first}; import fastoptim.torch, torch; "
+            "fastoptim.torch.Adam([torch.nn.Parameter(torch.zeros(1 << 16))]); "
+            "libs = {l.split()[-1] for l in open('/proc/self/maps') "
+            "        if 'libgomp' in l or 'libomp' in l or 'libiomp' in l}; "
+            "print(len(libs)); assert len(libs) <= 1, libs")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(fastoptim.__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
