@@ -11,7 +11,8 @@ curves and accuracies agree (to rounding). Then every optimizer (torch's for-loo
 foreach and fused Adam, and fastoptim's) trains its own copy of the model in
 alternating blocks of steps, and the script reports per training step the median time
 of forward+backward, of ``optimizer.step()`` and of the whole step: the forward and
-backward time shows whether an optimizer slows the torch work around it.
+backward time, against a control that makes no step at all, shows whether an
+optimizer slows the torch work around it.
 
 Needs torch and scikit-learn (``pip install torch scikit-learn``).
 """
@@ -111,9 +112,20 @@ def side_by_side(args, xtr, ytr, xte, yte):
     return runs
 
 
+class _NoStep(torch.optim.Optimizer):
+    """The control: zero_grad and a step that does nothing."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    def step(self, closure=None):
+        return None
+
+
 def timings(args, xtr, ytr):
     """Median times per training step, contenders interleaved in blocks."""
     makers = {
+        "no optimizer (fwd+bwd alone)": lambda ps: _NoStep(ps),
         "torch.optim.Adam (for-loop)": lambda ps: torch.optim.Adam(ps, lr=args.lr, foreach=False),
         "torch.optim.Adam foreach": lambda ps: torch.optim.Adam(ps, lr=args.lr, foreach=True),
         "torch.optim.Adam fused": lambda ps: torch.optim.Adam(ps, lr=args.lr, fused=True),
@@ -155,8 +167,10 @@ def timings(args, xtr, ytr):
     ref = statistics.median(runs["torch.optim.Adam fused"]["step"])
     for label, r in runs.items():
         med = {k: statistics.median(r[k]) * 1e6 for k in ("fb", "step", "whole")}
+        speed = (f"   (step {ref * 1e6 / med['step']:.2f}x fused's speed)"
+                 if not isinstance(r["opt"], _NoStep) else "")
         print(f"{label:<30} {med['fb']:>8.0f}us {med['step']:>8.0f}us {med['whole']:>9.0f}us"
-              f"   (step {ref * 1e6 / med['step']:.2f}x fused's speed)")
+              f"{speed}")
 
 
 def main():
