@@ -354,7 +354,8 @@ for _ in range(20):
     opt.zero_grad()
     torch.nn.functional.mse_loss(model(c["x"]), c["y"]).backward()
     opt.step()
-torch.save({{"model": model.state_dict(), "optim": opt.state_dict()}}, {str(tmp_path / "out.pt")!r})
+out = {{"model": model.state_dict(), "optim": opt.state_dict()}}
+torch.save(out, {str(tmp_path / "out.pt")!r})
 """
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [os.path.dirname(os.path.dirname(fastoptim.__file__))]
@@ -799,7 +800,8 @@ def test_errors_name_the_parameter_by_name():
     m = torch.nn.Linear(3, 2)
     opt = fot.SGD(m.named_parameters(), lr=0.1)
     m.bias.grad = torch.randn(2).to_sparse()
-    with pytest.raises(TypeError, match=r"parameter 'bias' \(param_groups\[0\]\['params'\]\[1\]\)"):
+    where = r"parameter 'bias' \(param_groups\[0\]\['params'\]\[1\]\)"
+    with pytest.raises(TypeError, match=where):
         opt.step()
     with pytest.raises(ValueError, match="is on device meta"):
         fot.Adam([torch.nn.Parameter(torch.empty(3, device="meta"))])
@@ -833,7 +835,8 @@ def test_same_parameter_twice_in_a_group_is_refused():
         warnings.simplefilter("ignore")          # torch warns about the duplicate
         opt = fot.Adam([p, p])
     p.grad = torch.ones(3)
-    with pytest.raises(ValueError, match=r"\[1\] overlaps parameter param_groups\[0\]\['params'\]\[0\]"):
+    with pytest.raises(ValueError,
+                       match=r"\[1\] overlaps parameter param_groups\[0\]\['params'\]\[0\]"):
         opt.step()
     assert torch.equal(p, torch.zeros(3)) and len(opt.state) == 0
 
