@@ -17,6 +17,7 @@ Why it is built this way:
 """
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -62,7 +63,12 @@ def _is_msvc(compiler):
 
 
 def _try_compile(compiler, source, extra_compile=(), extra_link=()):
-    """Return True when `source` compiles and links with the given flags."""
+    """Return True when `source` compiles and links with the given flags.
+
+    The probe is linked as an executable, and distutils' executable link does not
+    read LDFLAGS (its shared-library link, used for the real modules, does): LDFLAGS
+    are added here, so that e.g. ``LDFLAGS=-L$(brew --prefix libomp)/lib`` reaches
+    the OpenMP probe as it reaches the modules."""
     tmp = tempfile.mkdtemp(prefix="fastoptim-probe-")
     try:
         src = os.path.join(tmp, "probe.c")
@@ -74,8 +80,9 @@ def _try_compile(compiler, source, extra_compile=(), extra_link=()):
         os.dup2(devnull.fileno(), 2)
         try:
             objs = compiler.compile([src], output_dir=tmp, extra_postargs=list(extra_compile))
+            ldflags = [] if _is_msvc(compiler) else shlex.split(os.environ.get("LDFLAGS", ""))
             compiler.link_executable(objs, os.path.join(tmp, "probe"),
-                                     extra_postargs=list(extra_link))
+                                     extra_postargs=list(extra_link) + ldflags)
             return True
         except Exception:
             return False

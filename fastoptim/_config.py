@@ -5,16 +5,36 @@
 * Whether a step is worth a thread team is decided in the kernels: a step smaller than
   a per-rule threshold, calibrated at first use (or :func:`set_serial_threshold`), runs
   on the calling thread without entering an OpenMP region.
+* After ``os.fork()`` (multiprocessing's "fork" start method) the child process runs
+  every kernel on one thread. GNU OpenMP (libgomp, what GCC builds link) keeps the
+  parent's thread team in the forking thread's state; the team's threads do not exist
+  in the child, so the child's first parallel region would wait for them forever.
+  One thread per forked worker is also what a pool of worker processes wants.
 """
 import numbers
 import os
 import platform
+import sys
 
 from . import _dispatch
 
 _kernels = _dispatch.kernels
 _openmp = bool(_kernels.openmp_enabled())
 _num_threads = None
+_forked_child = False
+
+#: most threads a step may use: a team far larger than the machine only costs thread
+#: creation (and libgomp crashes when it cannot create the threads it is asked for)
+MAX_THREADS = max(256, 4 * int(_kernels.omp_num_procs()))
+
+
+def _after_fork_in_child():
+    global _forked_child
+    _forked_child = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _default_threads():
@@ -27,9 +47,12 @@ def set_num_threads(n=None):
     Parameters
     ----------
     n : int or None
-        Positive: that many threads. Negative: the number of processors plus one plus
-        ``n`` (-1 = all processors). None: back to the default (``OMP_NUM_THREADS``,
-        else all processors).
+        Positive: that many threads (at most :data:`MAX_THREADS`). Negative: the number
+        of processors plus one plus ``n`` (-1 = all processors). None: back to the
+        default (``OMP_NUM_THREADS``, else all processors).
+
+    In a child process made by ``os.fork()`` the kernels stay on one thread whatever
+    is set here (see the module's notes).
     """
     global _num_threads
     if n is None:
@@ -41,29 +64,35 @@ def set_num_threads(n=None):
     if n == 0:
         raise ValueError("n must be nonzero (positive: a count; negative: counts back "
                          "from the number of processors)")
+    if n > MAX_THREADS:
+        raise ValueError(f"n must be at most {MAX_THREADS} (4x the processors, at least "
+                         f"256), got {n}")
     if n < 0:
         n = max(1, _kernels.omp_num_procs() + 1 + n)
     _num_threads = n
 
 
 def get_num_threads():
-    """The number of threads a step may use (1 when built without OpenMP)."""
-    if not _openmp:
+    """The number of threads a step may use (1 when built without OpenMP, and in a
+    child process made by ``os.fork()``)."""
+    if not _openmp or _forked_child:
         return 1
-    return _num_threads if _num_threads is not None else _default_threads()
+    return min(_num_threads if _num_threads is not None else _default_threads(),
+               MAX_THREADS)
 
 
 def set_serial_threshold(n):
     """Steps with fewer elements than ``n`` (summed over all arrays) stay serial.
 
     By default (``n=None``) each rule and dtype calibrates its own threshold at first
-    use: the region cost of a thread team against that rule's per-element cost."""
+    use: the region cost of a thread team against that rule's per-element cost. A
+    threshold beyond any possible size (e.g. ``2**70``) keeps every step serial."""
     if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral)
                           or n < 0):
         raise ValueError(f"n must be a non-negative int or None, got {n!r}")
     for name in _dispatch.BUILT:
         mod = __import__(f"{__package__}._kernels_{name}", fromlist=["x"])
-        mod.set_serial_threshold(None if n is None else int(n))
+        mod.set_serial_threshold(None if n is None else min(int(n), sys.maxsize))
 
 
 def get_serial_threshold():
@@ -87,6 +116,7 @@ def config():
         "forced_by_FASTOPTIM_ISA": os.environ.get("FASTOPTIM_ISA") or None,
         "openmp": bool(_kernels.openmp_enabled()),
         "num_threads": get_num_threads(),
+        "forked_child": _forked_child,
         "omp_max_threads": int(_kernels.omp_max_threads()),
         "serial_threshold": get_serial_threshold(),
         "calibration": _kernels.calibration(),

@@ -29,7 +29,7 @@
 
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from libc.math cimport sqrt, sqrtf, pow, isfinite, INFINITY
-from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t, uintptr_t, INT64_MAX
 from libc.stdlib cimport qsort
 from libc.string cimport memset
 from cython.parallel cimport prange
@@ -351,8 +351,10 @@ cdef class Step:
                 raise ValueError("steps must be a writeable contiguous array "
                                  "(it is incremented in place)")
             for i in range(n):
-                if (<int64_t *> cnp.PyArray_DATA(a))[i] < 0:
-                    raise ValueError(f"steps[{i}] is {(<object>a)[i]}; steps must be >= 0")
+                # < INT64_MAX: the counter is incremented in place (no signed overflow)
+                if not 0 <= (<int64_t *> cnp.PyArray_DATA(a))[i] < INT64_MAX:
+                    raise ValueError(f"steps[{i}] is {(<object>a)[i]}; steps must be >= 0 "
+                                     f"and < 2**63 - 1")
             self.steps_arr = a
 
         self.b.nroles = nroles
@@ -371,7 +373,7 @@ cdef class Step:
             if self.b.ptr[r] == NULL:
                 raise MemoryError()
 
-        iv = <Interval *> PyMem_Malloc(max(n * nroles, 1) * sizeof(Interval))
+        iv = <Interval *> PyMem_Malloc((n * nroles + 1) * sizeof(Interval))   # + steps
         if iv == NULL:
             raise MemoryError()
         try:
@@ -423,6 +425,14 @@ cdef class Step:
                 t += 1
             self.b.n = t
             self.total = self.b.offsets[t]
+            if self.steps_arr is not None and cnp.PyArray_NBYTES(self.steps_arr) > 0:
+                # the step counters are written too: they may not overlap any array
+                iv[nint].start = <uintptr_t> cnp.PyArray_DATA(self.steps_arr)
+                iv[nint].end = iv[nint].start + <uintptr_t> cnp.PyArray_NBYTES(self.steps_arr)
+                iv[nint].written = 1
+                iv[nint].role = -1
+                iv[nint].index = 0
+                nint += 1
 
             # No updated array may overlap any other array of the call.
             qsort(iv, nint, sizeof(Interval), _cmp_interval)
@@ -444,8 +454,8 @@ cdef class Step:
             self.b.steps = <int64_t *> cnp.PyArray_DATA(self.steps_arr)
 
     cdef _overlap_error(self, tuple names, Interval a, Interval b):
-        x = f"{names[a.role]}[{a.index}]"
-        y = f"{names[b.role]}[{b.index}]"
+        x = "steps" if a.role < 0 else f"{names[a.role]}[{a.index}]"
+        y = "steps" if b.role < 0 else f"{names[b.role]}[{b.index}]"
         if a.role == b.role and a.index == b.index:
             raise ValueError(f"{x} appears twice")
         raise ValueError(f"{x} overlaps {y} in memory; arrays that are updated in place "
@@ -906,13 +916,17 @@ cdef double _real(str name, object value, double low, bint low_open, double high
         v = <double> value
     elif isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    elif isinstance(value, numbers.Real):
-        v = float(value)
-    elif (cnp.PyArray_Check(value) and (<object> value).size == 1
-          and (<object> value).dtype.kind in "fiu"):
-        v = float((<object> value).item())
     else:
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        try:
+            if isinstance(value, numbers.Real):
+                v = float(value)
+            elif (cnp.PyArray_Check(value) and (<object> value).size == 1
+                  and (<object> value).dtype.kind in "fiu"):
+                v = float((<object> value).item())
+            else:
+                raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        except OverflowError:      # e.g. 10**400: a real number, but not a finite double
+            raise ValueError(f"{name} must be finite, got {value}") from None
     if not isfinite(v):
         raise ValueError(f"{name} must be finite, got {value}")
     if (v <= low) if low_open else (v < low):

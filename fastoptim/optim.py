@@ -329,7 +329,13 @@ class Optimizer:
             if not isinstance(saved, dict) or "params" not in saved:
                 raise ValueError(f"state_dict['param_groups'][{gi}] must be a dict with "
                                  "a 'params' entry")
-            ids = list(saved["params"])
+            ids = saved["params"]
+            if not isinstance(ids, (list, tuple)) or not all(
+                    isinstance(k, numbers.Integral) and not isinstance(k, (bool, np.bool_))
+                    for k in ids):
+                raise TypeError(f"state_dict['param_groups'][{gi}]['params'] must be a "
+                                "list of integer parameter indices")
+            ids = [int(k) for k in ids]
             if len(ids) != len(group["params"]):
                 raise ValueError("loaded state dict contains a parameter group that "
                                  "doesn't match the size of optimizer's group "
@@ -340,6 +346,9 @@ class Optimizer:
                     new_group[key] = copy.deepcopy(saved[key])
             self._check_hyperparameters(new_group)
             for i, saved_id in enumerate(ids):
+                if saved_id in index_of:
+                    raise ValueError(f"state_dict['param_groups'] lists parameter "
+                                     f"{saved_id} more than once")
                 index_of[saved_id] = (gi, i)
             new_groups.append(new_group)
             gstate = _GroupState(len(group["params"]))
@@ -474,9 +483,14 @@ def _as_step(value, where):
         value = value.reshape(()).item()
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{where} must be a number, got {type(value).__name__}")
-    if value != value or value < 0 or int(value) != value:
-        raise ValueError(f"{where} must be a non-negative whole number, got {value}")
+    # (NaN and Inf fail the first test; 2**63 - 1 cannot be incremented in int64)
+    if not 0 <= value < _STEP_LIMIT or int(value) != value:
+        raise ValueError(f"{where} must be a non-negative whole number below 2**63 - 1, "
+                         f"got {value}")
     return int(value)
+
+
+_STEP_LIMIT = 2 ** 63 - 1
 
 
 class SGD(Optimizer):

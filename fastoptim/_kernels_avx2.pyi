@@ -1,0 +1,3 @@
+# The avx2 build of fastoptim/_kernels.pxi: the same API as the baseline build.
+from fastoptim._kernels_baseline import *
+from fastoptim._kernels_baseline import Step as Step
