@@ -392,7 +392,12 @@ def _time_block(c, k):
 
 def measure(contenders, profile, progress=None):
     """Time every contender, interleaved. Returns ({key: [seconds per step, one per
-    repetition]}, reps, {key: calls per block})."""
+    repetition]}, reps, {key: calls per block}).
+
+    The number of repetitions is planned from a calibration call so that the case
+    lasts about ``profile.case_s`` (at least ``min_reps``); when other processes slow
+    the machine down, a case stops early after ``2 * case_s`` once it has
+    ``min_reps`` repetitions."""
     gc_was = gc.isenabled()
     gc.collect()
     gc.disable()
@@ -416,16 +421,26 @@ def measure(contenders, profile, progress=None):
         reps = int(max(profile.min_reps, min(profile.max_reps, profile.case_s // per_rep)))
         times = {c.key: [] for c in contenders}
         n = len(contenders)
-        for r in range(reps):
+        t_start = time.perf_counter()
+        r = 0
+        while r < reps:
             order = contenders[r % n:] + contenders[:r % n]
             for c in order:
                 if c.before:
                     c.before()
                 time.sleep(profile.pause_s)
-                times[c.key].append(_time_block(c, k[c.key]))
+                t = _time_block(c, k[c.key])
+                times[c.key].append(t)
+                if k[c.key] > 1 and t * k[c.key] > 4 * profile.block_s:
+                    # far slower than calibrated (another process took the CPU):
+                    # shorter blocks from now on; the per-call time stays comparable
+                    k[c.key] = max(1, round(profile.block_s / t))
+            r += 1
             if progress:
-                progress(r + 1, reps)
-        return times, reps, k
+                progress(r, reps)
+            if r >= profile.min_reps and time.perf_counter() - t_start > 2 * profile.case_s:
+                break
+        return times, r, k
     finally:
         if gc_was:
             gc.enable()
@@ -495,7 +510,9 @@ def _run_case(kind, rule, arrays, threads, torch, profile, progress, warm_prefix
                                   with_optimizer_class, notes)
     nbytes = bytes_per_element(rule, arrays.dtype.itemsize) * arrays.size
     load = OtherLoad()
+    t0 = time.perf_counter()
     times, reps, k = measure(contenders, profile, progress)
+    wall = time.perf_counter() - t0
     other = load.cores()
     if other is not None and other >= BUSY_WARN:
         notes.append(f"other processes kept {other:.1f} cores busy during this case: "
@@ -511,7 +528,7 @@ def _run_case(kind, rule, arrays, threads, torch, profile, progress, warm_prefix
         "size": int(arrays.size), "n_arrays": len(arrays.params),
         "bytes_per_element": bytes_per_element(rule, arrays.dtype.itemsize),
         "bytes_per_step": int(nbytes), "reps": reps, "label": label,
-        "other_load_cores": other,
+        "other_load_cores": other, "wall_s": wall,
         "ceiling": ceiling, "rows": [r for r in rows if r["impl"] != "ceiling"],
         "notes": notes,
     }
@@ -638,11 +655,12 @@ def _series_label(row):
 
 
 def plot(results, path):
-    """Draw fraction of ceiling and speed-ups against size, one line per
-    implementation, one row of panels per rule; fp64 dashed."""
+    """Draw fraction of ceiling and speed-ups against size: one row of panels per
+    rule, one line per implementation (colour), float32 solid and float64 dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     sweep = [c for c in results["cases"] if c["kind"] == "sweep"]
     rules = [k for k in RULES if any(c["rule"] == k for c in sweep)]
@@ -653,50 +671,53 @@ def plot(results, path):
               ("speedup_vs_numpy", "speed-up over NumPy", True)]
     if has_torch:
         panels.append(("speedup_vs_torch", "speed-up over fastest torch", True))
-    fig, axes = plt.subplots(len(rules), len(panels), squeeze=False,
-                             figsize=(5.2 * len(panels), 3.3 * len(rules)))
-    colors = {}
+    styles = {"float32": "-", "float64": "--"}
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    names = []
+    for c in sweep:
+        for r in c["rows"]:
+            if _series_label(r) not in names:
+                names.append(_series_label(r))
+    colors = {name: cycle[i % len(cycle)] for i, name in enumerate(names)}
+    dtypes = [d for d in styles if any(c["dtype"] == d for c in sweep)]
+    n_legend = len(names) + len(dtypes)
+    legend_rows = -(-n_legend // 4)
+    height = 3.2 * len(rules) + 0.3 * legend_rows + 0.3
+    fig, axes = plt.subplots(len(rules), len(panels), squeeze=False,
+                             figsize=(5.2 * len(panels), height))
     for ri, rule in enumerate(rules):
-        for dtype, style in (("float32", "-"), ("float64", "--")):
+        top = {key: 0.0 for key, _, _ in panels}
+        for dtype in dtypes:
             cases = sorted((c for c in sweep if c["rule"] == rule and c["dtype"] == dtype),
                            key=lambda c: c["size"])
-            if not cases:
-                continue
             series = {}
             for c in cases:
                 for r in c["rows"]:
                     series.setdefault(_series_label(r), []).append((c["size"], r))
             for name, pts in series.items():
-                color = colors.setdefault(name, cycle[len(colors) % len(cycle)])
                 for pi, (key, title, logy) in enumerate(panels):
-                    xs = [n for n, r in pts if r[key] is not None]
-                    ys = [r[key] for n, r in pts if r[key] is not None]
-                    if not xs:
+                    xy = [(n, r[key]) for n, r in pts if r[key] is not None]
+                    if not xy:
                         continue
-                    ax = axes[ri][pi]
-                    ax.plot(xs, ys, style, marker="o", ms=3, color=color,
-                            label=f"{name} ({dtype})")
+                    top[key] = max(top[key], max(y for _, y in xy))
+                    axes[ri][pi].plot(*zip(*xy), styles[dtype], marker="o", ms=3,
+                                      color=colors[name])
         for pi, (key, title, logy) in enumerate(panels):
             ax = axes[ri][pi]
             ax.set_xscale("log", base=2)
+            ax.axhline(1.0, color="gray", lw=0.8)
             if logy:
                 ax.set_yscale("log")
-                ax.axhline(1.0, color="gray", lw=0.8)
-            else:
-                ax.axhline(1.0, color="gray", lw=0.8)
-                ax.set_ylim(bottom=0)
+            else:   # above 1 is noise: keep the scale where the information is
+                ax.set_ylim(0, max(1.1, min(2.0, top[key] * 1.05)))
             ax.set_title(f"{RULES[rule].title}: {title}", fontsize=10)
             ax.set_xlabel("elements")
             ax.grid(True, which="both", alpha=0.3)
-    seen = {}
-    for ri in range(len(rules)):
-        for h, lab in zip(*axes[ri][0].get_legend_handles_labels()):
-            seen.setdefault(lab, h)
-    fig.legend(list(seen.values()), list(seen.keys()), loc="upper center",
-               ncol=min(4, max(1, len(seen))), fontsize=8,
-               bbox_to_anchor=(0.5, 1.0))
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.025 * (1 + len(seen) // 4)))
+    handles = [Line2D([], [], color=colors[n], marker="o", ms=3) for n in names]
+    handles += [Line2D([], [], color="black", ls=styles[d]) for d in dtypes]
+    fig.legend(handles, names + dtypes, loc="lower center", ncol=4, fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, (0.3 * legend_rows + 0.2) / height, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -744,7 +765,7 @@ class _Progress:
 BUSY_WARN = 0.25
 
 DEFAULT_SIZES = (1 << 14, 1 << 18, 1 << 22, 1 << 25)
-QUICK_SIZES = (1 << 14, 1 << 18, 1 << 25)
+QUICK_SIZES = (1 << 14, 1 << 18, 1 << 24)
 OVERHEAD_SIZE = 16
 #: sweep sizes above this warm up on a prefix of the arrays instead of a full call
 WARM_FULL_MAX = 1 << 22
@@ -803,13 +824,17 @@ def _import_torch():
 
 def run(rules, sizes, dtypes, threads, profile, torch=None, model=True, overhead=True,
         out=sys.stdout, progress=False):
-    """Run every case and return the results dict (what ``--json`` writes)."""
+    """Run every case and return the results dict (what ``--json`` writes).
+
+    ``model``: True for the transformer case of every rule, False for none, or a list
+    of rule keys."""
     t_start = time.perf_counter()
     whole_run = OtherLoad()
     rules = [RULES[k] for k in rules]
     plan = [("sweep", r, dt, n) for dt in dtypes for n in sizes for r in rules]
     if model:
-        plan += [("model", r, "float32", None) for r in rules]
+        plan += [("model", r, "float32", None) for r in rules
+                 if model is True or r.key in model]
     if overhead:
         plan += [("overhead", r, "float32", OVERHEAD_SIZE) for r in rules]
     bar = _Progress(len(plan), progress)
@@ -889,7 +914,7 @@ def _parser():
                    help=f"comma-separated rules (default: all: {','.join(RULES)})")
     p.add_argument("--sizes", default=None,
                    help="comma-separated element counts, e.g. 2^14,2^18,1e6 "
-                        "(default 2^14,2^18,2^22,2^25; --quick: 2^14,2^18,2^25)")
+                        "(default 2^14,2^18,2^22,2^25; --quick: 2^14,2^18,2^24)")
     p.add_argument("--dtypes", default=None,
                    help="comma-separated: float32,float64 (default both; --quick: "
                         "float32)")
@@ -897,10 +922,12 @@ def _parser():
                    help="thread counts for fastoptim and the ceiling, e.g. 1,2 or "
                         "1,all (default); torch runs on the largest")
     p.add_argument("--quick", action="store_true",
-                   help="shorter blocks, fewer repetitions and sizes (~20 s)")
+                   help="shorter blocks, fewer repetitions, sizes and cases (~20 s "
+                        "on an idle 2-core machine)")
     p.add_argument("--no-torch", action="store_true", help="leave torch out")
     p.add_argument("--no-model", action="store_true",
-                   help="skip the small-transformer parameter list")
+                   help="skip the small-transformer parameter list (--quick runs it "
+                        "for Adam only)")
     p.add_argument("--no-overhead", action="store_true",
                    help="skip the 16-element per-call overhead case")
     p.add_argument("--block-ms", type=float, default=None,
@@ -975,8 +1002,11 @@ def main(argv=None):
           + f"\nfraction of ceiling = same-traffic loop time / time, on the same "
           f"threads; x numpy, x torch = their time / this time (fastest torch "
           f"variant); medians of per-rep values\n", flush=True)
+    model = not args.no_model
+    if model and args.quick:    # the transformer case once, for Adam (or the first rule)
+        model = ["adam"] if "adam" in rules else rules[:1]
     results = run(rules, sizes, dtypes, threads, profile, torch=torch,
-                  model=not args.no_model, overhead=not args.no_overhead,
+                  model=model, overhead=not args.no_overhead,
                   progress=not args.no_progress and err.isatty())
     print("Summary (fastoptim = one functional call; foN = N threads)")
     print(format_summary(results["cases"]))

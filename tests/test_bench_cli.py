@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from fastoptim import bench
+from fastoptim import _config, bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--quick", "--no-progress", "--case-s", "0.01", "--block-ms", "0.2",
@@ -172,3 +172,36 @@ def test_import_fastoptim_stays_light():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("rule_key", list(bench.RULES))
+def test_every_contender_runs(rule_key):
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    rule = bench.RULES[rule_key]
+    arrays = bench.Arrays([(33,), (4, 5)], np.float64, rule.n_state)
+    notes = []
+    contenders = bench.build_contenders(rule, arrays, [1, 2], torch=torch,
+                                        warm_prefix=8, notes=notes)
+    assert notes == []
+    impls = [(c.impl, c.threads) for c in contenders]
+    assert impls[:3] == [("numpy", 1), ("fastoptim", 1), ("fastoptim", 2)]
+    assert ("ceiling", 1) in impls and ("ceiling", 2) in impls
+    saved = _config._num_threads
+    try:
+        for c in contenders:
+            before = [p.copy() for p in arrays.params]
+            if c.before:
+                c.before()
+            c.warm()
+            c.call()
+            c.call()
+            if c.impl != "ceiling":     # every rule moves the parameters
+                assert not np.array_equal(before[1], arrays.params[1]), c.label
+    finally:
+        _config._num_threads = saved
+    for lst in [arrays.params] + arrays.states[:rule.n_state]:
+        for a in lst:
+            assert np.isfinite(a).all()
