@@ -268,20 +268,32 @@ def _set_fo_threads(n):
 
 def _torch_call(torch, rule, P, G, S, variant):
     """A torch.optim step over ``torch.from_numpy`` views of P, with p.grad set once and
-    every state tensor re-pointed at the arrays of S (after one step that creates it)."""
+    every state tensor living in the arrays of S.
+
+    The state's structure (names, the step counter's dtype) comes from one step of the
+    same optimizer on a one-element tensor; each parameter then gets that state with
+    its tensors replaced by views of S, so torch never allocates state of its own (and
+    no full-size step is spent on setting up)."""
     kw = {"single-tensor": dict(foreach=False), "foreach": dict(foreach=True),
           "fused": dict(fused=True)}[variant]
+    dtype = torch.from_numpy(P[0][:0].reshape(-1)).dtype
+    probe = torch.zeros(1, dtype=dtype)
+    probe.grad = torch.ones(1, dtype=dtype)
+    probe_opt = getattr(torch.optim, rule.torch_name)([probe], **rule.torch_kwargs, **kw)
+    probe_opt.step()
+    template = probe_opt.state[probe]
+    if set(template) - {"step"} != set(rule.torch_state):
+        raise RuntimeError(f"torch.optim.{rule.torch_name} keeps state "
+                           f"{sorted(template)}, expected {list(rule.torch_state)}")
     tp = [torch.from_numpy(p) for p in P]
     for t, g in zip(tp, G):
         t.grad = torch.from_numpy(g)
     opt = getattr(torch.optim, rule.torch_name)(tp, **rule.torch_kwargs, **kw)
-    opt.step()
     for i, t in enumerate(tp):
-        st = opt.state[t]
+        state = {name: value.clone() for name, value in template.items()}
         for slot, name in enumerate(rule.torch_state):
-            arr = S[slot][i]
-            arr[...] = st[name].numpy()
-            st[name] = torch.from_numpy(arr)
+            state[name] = torch.from_numpy(S[slot][i])
+        opt.state[t] = state
     return opt.step
 
 
@@ -376,7 +388,7 @@ class Profile:
 
 
 PROFILES = {
-    "default": Profile(block_s=0.02, case_s=1.0, min_reps=3, max_reps=15, pause_s=0.005),
+    "default": Profile(block_s=0.02, case_s=0.8, min_reps=3, max_reps=15, pause_s=0.005),
     "quick": Profile(block_s=0.004, case_s=0.2, min_reps=3, max_reps=7, pause_s=0.003),
 }
 
@@ -933,7 +945,7 @@ def _parser():
     p.add_argument("--block-ms", type=float, default=None,
                    help="target duration of one timed block (default 20; quick 4)")
     p.add_argument("--case-s", type=float, default=None,
-                   help="target duration of one case (default 1.0; quick 0.2)")
+                   help="target duration of one case (default 0.8; quick 0.2)")
     p.add_argument("--pause-ms", type=float, default=None,
                    help="pause before each block's warm-up (default 5; quick 3)")
     p.add_argument("--json", metavar="PATH", help="write all results as JSON")
