@@ -25,7 +25,7 @@ IMPLS = ["numpy", "fastoptim", "traffic"]
 @pytest.mark.parametrize("rule_key", list(bench.RULES))
 def test_step(benchmark, rule_key, dtype, size, impl):
     rule = bench.RULES[rule_key]
-    arrays = bench.Arrays([(size,)], dtype, rule.n_state, ceiling=False)
+    arrays = bench.Arrays([(size,)], dtype, rule.n_state)
     P, G, S = arrays.params, arrays.grads, arrays.states
     steps = np.zeros(1, dtype=np.int64)
     benchmark.group = f"{rule.title} {dtype} 2^{size.bit_length() - 1}"

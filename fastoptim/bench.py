@@ -7,7 +7,7 @@ AdamW), dtype and size:
   (:mod:`fastoptim.functional`, one compiled call) on 1 thread and on all threads, and of
   ``torch.optim`` (single-tensor, ``foreach``, ``fused`` where torch has it) when torch
   is installed;
-* in the same run, over arrays laid out the same way, the *ceiling*: a compiled loop with
+* in the same run, over the very same arrays, the *ceiling*: a compiled loop with
   exactly the rule's memory traffic and no arithmetic
   (``fastoptim._config._kernels.prepare_traffic``), one call and one parallel region for
   the whole list of arrays, on 1 thread and on all threads.
@@ -29,9 +29,13 @@ Measuring discipline (see the design notes; this 2-core VM needs all of it):
   takes about its time budget. Results are medians over repetitions of per-repetition
   values; ratios (fraction of ceiling, speed-ups) are medians of per-repetition ratios.
 * Every contender works on the very same arrays, placed by :func:`carve_arrays` at
-  staggered, non-colliding offsets (the ceiling loop gets a second set with the same
-  layout, since it shuffles values between arrays). torch contenders get the same
-  arrays through ``torch.from_numpy``, their optimizer state re-pointed at them.
+  staggered, non-colliding offsets. torch contenders get them through
+  ``torch.from_numpy``, their optimizer state re-pointed at them. The ceiling loop
+  moves values around between a parameter and its state arrays (a cycle of length
+  1 + number of states); after each of its blocks it runs untimed until the cycle
+  closes, so every other contender finds the values it left. (A second set of arrays
+  with the same layout read 5% slower here, consistently for the allocation's life:
+  the physical pages behind an allocation matter too.)
 
 This module is not imported by ``import fastoptim``; torch and matplotlib are imported
 only when used.
@@ -177,10 +181,10 @@ def _fill_normal(arrays, rng, scale=1.0):
 
 
 class Arrays:
-    """The arrays of one case: parameters, gradients, state lists (shared by every
-    contender) and a second set with the same layout for the ceiling loop."""
+    """The arrays of one case: parameters, gradients and state lists, shared by every
+    contender (the ceiling loop included)."""
 
-    def __init__(self, shapes, dtype, n_state, seed=0, ceiling=True):
+    def __init__(self, shapes, dtype, n_state, seed=0):
         rng = np.random.default_rng(seed)
         self.shapes = shapes
         self.dtype = np.dtype(dtype)
@@ -189,12 +193,7 @@ class Arrays:
         self.params, self.grads, self.states = roles[0], roles[1], roles[2:]
         _fill_normal(self.params, rng)
         _fill_normal(self.grads, rng, 1e-2)
-        self.reset_state()
-        ceil = carve_arrays(shapes, dtype, 2 + n_state) if ceiling else [[]] * (2 + n_state)
-        for role in ceil:
-            for a in role:
-                a.fill(0)           # touch every page now, not inside a timed block
-        self.ceil_params, self.ceil_grads, self.ceil_states = ceil[0], ceil[1], ceil[2:]
+        self.reset_state()          # also touches every page now, not in a timed block
 
     @property
     def size(self):
@@ -206,16 +205,14 @@ class Arrays:
                 a.fill(0)
 
     def view(self, n_state, prefix=None):
-        """(params, grads, states, ceiling params, grads, states) for a rule with
-        ``n_state`` state arrays; with ``prefix``, views of the first elements of the
-        first array only (used for warm-up calls)."""
+        """(params, grads, states) for a rule with ``n_state`` state arrays; with
+        ``prefix``, views of the first elements of the first array only (used for
+        warm-up calls)."""
         def cut(lst):
-            if prefix is None or not lst:
+            if prefix is None:
                 return list(lst)
             return [lst[0].reshape(-1)[:prefix]]
-        return (cut(self.params), cut(self.grads), [cut(s) for s in self.states[:n_state]],
-                cut(self.ceil_params), cut(self.ceil_grads),
-                [cut(s) for s in self.ceil_states[:n_state]])
+        return cut(self.params), cut(self.grads), [cut(s) for s in self.states[:n_state]]
 
 
 # ----------------------------------------------------------------------------------
@@ -226,15 +223,20 @@ class Contender:
     """One implementation in one configuration.
 
     ``call()`` is timed; ``warm()`` runs untimed before each block; ``before()`` sets
-    global state the call depends on (fastoptim's thread count)."""
+    global state the call depends on (fastoptim's thread count); ``settle(calls,
+    warms)``, after a block of that many calls and warm-ups, puts the arrays back as
+    they were (the ceiling loop)."""
 
-    def __init__(self, impl, variant, threads, call, warm=None, before=None):
+    def __init__(self, impl, variant, threads, call, warm=None, before=None,
+                 settle=None, period=1):
         self.impl = impl            # "numpy", "fastoptim", "torch", "ceiling"
         self.variant = variant      # "", "optimizer class", "single-tensor", "foreach", "fused"
         self.threads = threads
         self.call = call
         self.warm = warm if warm is not None else call
         self.before = before
+        self.settle = settle
+        self.period = period        # settle is free after blocks of a multiple of this
 
     @property
     def label(self):
@@ -257,9 +259,29 @@ def _fastoptim_call(rule, P, G, S):
     return lambda: rule.call(functional, P, G, S, steps)
 
 
-def _ceiling_call(P, G, S, threads):
+def _ceiling_contender(P, G, S, threads, warm=None):
+    """The same-traffic loop on 1..``threads`` threads over P, G, S (``warm``: prefix
+    views for the warm-up). Each call moves every value one step around the cycle
+    p <- s0 <- s1 ... <- p (1 + len(S) arrays); ``settle`` completes the cycle."""
     prepare = _kernels.prepare_traffic
-    return lambda: prepare(P, G, S).run(threads)
+    period = 1 + len(S)
+
+    def call():
+        prepare(P, G, S).run(threads)
+
+    def warm_call():
+        prepare(*warm).run(threads)
+
+    def settle(calls, warms):
+        if warm is None:
+            calls, warms = calls + warms, 0
+        for _ in range(-calls % period):
+            call()
+        for _ in range(-warms % period):
+            warm_call()
+
+    return Contender("ceiling", "", threads, call, warm_call if warm else None,
+                     settle=settle, period=period)
 
 
 def _set_fo_threads(n):
@@ -305,13 +327,13 @@ def build_contenders(rule, arrays, threads, torch=None, warm_prefix=None,
                      with_optimizer_class=False, notes=None):
     """Every contender for ``rule`` on ``arrays``; ``threads`` is the list of thread
     counts for fastoptim and the ceiling (torch runs on the largest)."""
-    P, G, S, cP, cG, cS = arrays.view(rule.n_state)
+    P, G, S = arrays.view(rule.n_state)
     warm = arrays.view(rule.n_state, warm_prefix) if warm_prefix else None
     out = [Contender("numpy", "", 1, _numpy_call(rule, P, G, S),
-                     _numpy_call(rule, *warm[:3]) if warm else None)]
+                     _numpy_call(rule, *warm) if warm else None)]
     for n in threads:
         out.append(Contender("fastoptim", "", n, _fastoptim_call(rule, P, G, S),
-                             _fastoptim_call(rule, *warm[:3]) if warm else None,
+                             _fastoptim_call(rule, *warm) if warm else None,
                              before=_set_fo_threads(n)))
     if with_optimizer_class:
         n = max(threads)
@@ -322,14 +344,13 @@ def build_contenders(rule, arrays, threads, torch=None, warm_prefix=None,
         out.append(Contender("fastoptim", "optimizer class", n, lambda: opt.step(grads),
                              before=_set_fo_threads(n)))
     for n in sorted(set(threads) | {1}):     # 1 thread: the NumPy reference's ceiling
-        out.append(Contender("ceiling", "", n, _ceiling_call(cP, cG, cS, n),
-                             _ceiling_call(*warm[3:], n) if warm else None))
+        out.append(_ceiling_contender(P, G, S, n, warm))
     if torch is not None:
         n = torch.get_num_threads()
         for variant in _torch_variants(rule):
             try:
                 call = _torch_call(torch, rule, P, G, S, variant)
-                wcall = _torch_call(torch, rule, *warm[:3], variant) if warm else None
+                wcall = _torch_call(torch, rule, *warm, variant) if warm else None
             except Exception as exc:   # a variant this torch build lacks
                 if notes is not None:
                     notes.append(f"torch {rule.torch_name} {variant}: skipped "
@@ -402,6 +423,16 @@ def _time_block(c, k):
     return (time.perf_counter_ns() - t0) / k * 1e-9
 
 
+def _calls_per_block(c, target):
+    """About ``target`` calls; for the ceiling, a count after which (with the warm-up)
+    its value cycle is closed, so that settling costs nothing."""
+    k = max(1, min(100000, round(target)))
+    if c.period > 1:
+        lead = 1 if c.warm is c.call else 0
+        k += -(k + lead) % c.period
+    return k
+
+
 def measure(contenders, profile, progress=None):
     """Time every contender, interleaved. Returns ({key: [seconds per step, one per
     repetition]}, reps, {key: calls per block}).
@@ -424,8 +455,10 @@ def measure(contenders, profile, progress=None):
                 t0 = time.perf_counter_ns()
                 c.call()
                 t.append((time.perf_counter_ns() - t0) * 1e-9)
+            if c.settle:
+                c.settle(len(t), 1)
             est[c.key] = max(min(t), 1e-8)
-        k = {c.key: max(1, min(100000, round(profile.block_s / est[c.key])))
+        k = {c.key: _calls_per_block(c, profile.block_s / est[c.key])
              for c in contenders}
         warm_cost = {c.key: (est[c.key] if c.warm is c.call else 0.0) for c in contenders}
         per_rep = sum(k[c.key] * est[c.key] + warm_cost[c.key] + profile.pause_s
@@ -443,10 +476,12 @@ def measure(contenders, profile, progress=None):
                 time.sleep(profile.pause_s)
                 t = _time_block(c, k[c.key])
                 times[c.key].append(t)
+                if c.settle:
+                    c.settle(k[c.key], 1)
                 if k[c.key] > 1 and t * k[c.key] > 4 * profile.block_s:
                     # far slower than calibrated (another process took the CPU):
                     # shorter blocks from now on; the per-call time stays comparable
-                    k[c.key] = max(1, round(profile.block_s / t))
+                    k[c.key] = _calls_per_block(c, profile.block_s / t)
             r += 1
             if progress:
                 progress(r, reps)
@@ -525,6 +560,10 @@ def _run_case(kind, rule, arrays, threads, torch, profile, progress, warm_prefix
     t0 = time.perf_counter()
     times, reps, k = measure(contenders, profile, progress)
     wall = time.perf_counter() - t0
+    if not all(np.isfinite(a).all() for lst in [arrays.params] + arrays.states
+               for a in lst):
+        notes.append("some parameter or state values became non-finite during the "
+                     "case; timings on such data may not be representative")
     other = load.cores()
     if other is not None and other >= BUSY_WARN:
         notes.append(f"other processes kept {other:.1f} cores busy during this case: "

@@ -198,6 +198,8 @@ def test_every_contender_runs(rule_key):
             c.warm()
             c.call()
             c.call()
+            if c.settle:
+                c.settle(2, 1)
             if c.impl != "ceiling":     # every rule moves the parameters
                 assert not np.array_equal(before[1], arrays.params[1]), c.label
     finally:
@@ -205,3 +207,29 @@ def test_every_contender_runs(rule_key):
     for lst in [arrays.params] + arrays.states[:rule.n_state]:
         for a in lst:
             assert np.isfinite(a).all()
+
+
+@pytest.mark.parametrize("rule_key", ["sgd", "adagrad", "adam"])
+@pytest.mark.parametrize("warm_prefix", [None, 8])
+def test_ceiling_leaves_the_shared_arrays_as_it_found_them(rule_key, warm_prefix):
+    rule = bench.RULES[rule_key]
+    arrays = bench.Arrays([(40,), (3, 7)], np.float32, rule.n_state)
+    for lst in arrays.states:                  # distinct values in every array
+        for a in lst:
+            a[...] = np.arange(a.size, dtype=a.dtype).reshape(a.shape) + 0.5
+    ceilings = [c for c in bench.build_contenders(rule, arrays, [1, 2],
+                                                  warm_prefix=warm_prefix)
+                if c.impl == "ceiling"]
+    assert [c.period for c in ceilings] == [1 + rule.n_state] * 2
+    snapshot = [a.copy() for lst in [arrays.params, arrays.grads] + arrays.states
+                for a in lst]
+    profile = bench.Profile(block_s=1e-5, case_s=0.0, min_reps=4, max_reps=4,
+                            pause_s=0.0)
+    times, reps, k = bench.measure(ceilings, profile)
+    assert reps == 4 and all(len(t) == 4 for t in times.values())
+    after = [a for lst in [arrays.params, arrays.grads] + arrays.states for a in lst]
+    for x, y in zip(snapshot, after):
+        np.testing.assert_array_equal(x, y)
+    if rule.n_state:                            # and it does move values around
+        ceilings[0].call()
+        assert not np.array_equal(snapshot[0], arrays.params[0])
