@@ -43,7 +43,6 @@ only when used.
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import re
