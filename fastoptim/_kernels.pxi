@@ -38,6 +38,10 @@ cimport numpy as cnp
 import numbers
 
 import numpy as np
+try:
+    from numpy.lib.array_utils import byte_bounds as _byte_bounds
+except ImportError:                      # NumPy < 2
+    from numpy import byte_bounds as _byte_bounds
 
 cnp.import_array()
 
@@ -146,7 +150,7 @@ def get_serial_threshold():
 
 
 def calibration():
-    """{(kind, dtype): threshold} for the rules calibrated so far, and the region cost."""
+    """{"rule/dtype": threshold} for the rules calibrated so far, and the region cost."""
     names = ("sgd", "adagrad", "rmsprop", "adam", "adam-bf16", "traffic", "adahessian",
              "kind7")
     out = {}
@@ -154,7 +158,7 @@ def calibration():
     for k in range(N_KINDS):
         for d in range(2):
             if _calib_runs[k][d] >= CALIBRATION_RUNS:
-                out[(names[k], "float64" if d else "float32")] = dict(
+                out[names[k] + ("/float64" if d else "/float32")] = dict(
                     threshold=_thresholds[k][d], ns_per_element=_calib_ns_per_elem[k][d])
     return {"region_ns": _region_ns if _region_ns >= 0 else None, "rules": out}
 
@@ -210,6 +214,71 @@ cdef struct Interval:
     int written
     int role
     Py_ssize_t index
+
+
+cdef bint _first_conflict(Interval *iv, Py_ssize_t n, Py_ssize_t *a,
+                          Py_ssize_t *b) noexcept nogil:
+    """Sort the intervals; find one that overlaps another where at least one of the two
+    is written. Sets iv[*a] (the later one) and iv[*b]; True when found."""
+    cdef Py_ssize_t k, who_all = -1, who_w = -1
+    cdef uintptr_t max_end_all = 0, max_end_w = 0
+    qsort(iv, n, sizeof(Interval), _cmp_interval)
+    for k in range(n):
+        if iv[k].written and who_all >= 0 and iv[k].start < max_end_all:
+            a[0], b[0] = k, who_all
+            return True
+        if not iv[k].written and who_w >= 0 and iv[k].start < max_end_w:
+            a[0], b[0] = k, who_w
+            return True
+        if iv[k].end > max_end_all or who_all < 0:
+            max_end_all = iv[k].end
+            who_all = k
+        if iv[k].written and (iv[k].end > max_end_w or who_w < 0):
+            max_end_w = iv[k].end
+            who_w = k
+    return False
+
+
+def first_overlap(list written, list read):
+    """Memory overlap across lists of arrays (None entries and empty arrays skipped):
+    None, or (list_a, index_a, written_a, list_b, index_b, written_b) for an array that
+    overlaps another where at least one of them is in `written`. List numbers count
+    the `written` lists first, then the `read` ones. (For optimizers with several
+    parameter groups: each group's own call checks only within the group.)"""
+    cdef Py_ssize_t total = 0, n = 0, k = 0, who = 0, r, i
+    cdef list lists = written + read
+    cdef Interval *iv
+    cdef cnp.ndarray a
+    for r in range(len(lists)):
+        total += len(lists[r])
+    iv = <Interval *> PyMem_Malloc(max(total, 1) * sizeof(Interval))
+    if iv == NULL:
+        raise MemoryError()
+    try:
+        for r in range(len(lists)):
+            for i in range(len(lists[r])):
+                obj = lists[r][i]
+                if obj is None or not cnp.PyArray_Check(obj):
+                    continue
+                a = <cnp.ndarray> obj
+                if cnp.PyArray_NBYTES(a) == 0:
+                    continue
+                lo, hi = _byte_bounds(a) if not (cnp.PyArray_IS_C_CONTIGUOUS(a) or
+                                                    cnp.PyArray_IS_F_CONTIGUOUS(a)) \
+                    else (<uintptr_t> cnp.PyArray_DATA(a),
+                          <uintptr_t> cnp.PyArray_DATA(a) + cnp.PyArray_NBYTES(a))
+                iv[n].start = lo
+                iv[n].end = hi
+                iv[n].written = r < len(written)
+                iv[n].role = r
+                iv[n].index = i
+                n += 1
+        if not _first_conflict(iv, n, &k, &who):
+            return None
+        return (iv[k].role, iv[k].index, bool(iv[k].written),
+                iv[who].role, iv[who].index, bool(iv[who].written))
+    finally:
+        PyMem_Free(iv)
 
 
 cdef int _cmp_interval(const void *a, const void *b) noexcept nogil:
@@ -328,8 +397,7 @@ cdef class Step:
         cdef int nroles = len(lists)
         cdef cnp.ndarray p, a
         cdef Interval *iv = NULL
-        cdef uintptr_t max_end_all = 0, max_end_w = 0
-        cdef Py_ssize_t who_all = -1, who_w = -1
+        cdef Py_ssize_t who = 0
         cdef Py_ssize_t nbytes
         cdef object obj, lst
 
@@ -435,18 +503,8 @@ cdef class Step:
                 nint += 1
 
             # No updated array may overlap any other array of the call.
-            qsort(iv, nint, sizeof(Interval), _cmp_interval)
-            for k in range(nint):
-                if iv[k].written and who_all >= 0 and iv[k].start < max_end_all:
-                    self._overlap_error(names, iv[k], iv[who_all])
-                if not iv[k].written and who_w >= 0 and iv[k].start < max_end_w:
-                    self._overlap_error(names, iv[k], iv[who_w])
-                if iv[k].end > max_end_all or who_all < 0:
-                    max_end_all = iv[k].end
-                    who_all = k
-                if iv[k].written and (iv[k].end > max_end_w or who_w < 0):
-                    max_end_w = iv[k].end
-                    who_w = k
+            if _first_conflict(iv, nint, &k, &who):
+                self._overlap_error(names, iv[k], iv[who])
         finally:
             PyMem_Free(iv)
         self.keep.append(lists)

@@ -229,6 +229,8 @@ class Optimizer:
             extra = () if per_extra is None else (per_extra[k],)
             plans.append((self._prepare(group, g, arrays, state.steps, *extra), state,
                           arrays, complete))
+        if len(per_group) > 1:
+            self._check_across_groups(per_group, per_extra)
         n_threads = _config.get_num_threads()
         if self.nonfinite != "propagate":
             flat = per_group[0] if len(per_group) == 1 else [g for gs in per_group
@@ -246,6 +248,28 @@ class Optimizer:
                 state.arrays = arrays
                 state.complete_for = complete
         return True
+
+    def _check_across_groups(self, per_group, per_extra):
+        """Each group's kernel call checks memory overlap within the group; here, no
+        input of one group (gradient, curvature) may share memory with what another
+        group updates (parameters, state), which that group may already have changed."""
+        written = [g["params"] for g in self.param_groups]
+        labels = [("params", gi) for gi in range(len(written))]
+        for gi, state in enumerate(self._gstate):
+            for name, lst in state.arrays.items():
+                written.append(lst)
+                labels.append((f"state {name!r}", gi))
+        read = list(per_group) + (list(per_extra) if per_extra is not None else [])
+        labels += [("grads", gi) for gi in range(len(per_group))]
+        if per_extra is not None:
+            labels += [(self._curvature_name, gi) for gi in range(len(per_extra))]
+        hit = _k.first_overlap(written, read)          # (callables are skipped)
+        if hit is not None:
+            (la, ia, _wa, lb, ib, _wb) = hit
+            (na, ga), (nb, gb) = labels[la], labels[lb]
+            raise ValueError(f"{na}[{ia}] of group {ga} overlaps {nb}[{ib}] of group {gb} "
+                             "in memory; what one group reads must not share memory with "
+                             "what another updates")
 
     def zero_state(self):
         """Forget all optimizer state, as if the optimizer had just been made."""

@@ -823,16 +823,23 @@ def test_refused_steps_change_nothing_and_the_next_step_is_exact(name, case):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap (reported): Optimizer.step checks overlap within each parameter group, "
-    "not across groups, so a gradient that is another group's parameter or state array "
-    "is read after that group was updated instead of being refused"))
 @pytest.mark.parametrize("name", ["sgd", "adam"])
 def test_a_gradient_that_is_another_groups_parameter_is_refused(name):
+    # each group's kernel call checks overlap within its group; Optimizer.step checks
+    # across groups (a gradient of group 1 read after group 0 was updated)
     opt, params = trained(name)
-    expect_refused(ValueError, "overlaps",
+    expect_refused(ValueError, r"grads\[0\] of group 1 overlaps params\[0\] of group 0",
                    lambda: step(name, opt, [_grads_like(params)[0], params[0][:6].reshape(
                        2, 3)], params), opt, params)
+
+
+def test_a_gradient_that_is_another_groups_state_is_refused():
+    opt, params = trained("adam")
+    other_state = opt.state[0]["exp_avg"]
+    expect_refused(ValueError, r"overlaps state 'exp_avg'\[0\] of group 0",
+                   lambda: opt.step([_grads_like(params)[0],
+                                     other_state.reshape(-1)[:6].reshape(2, 3)]),
+                   opt, params)
 
 
 @pytest.mark.parametrize("name", ["adahessian", "newton"])
