@@ -318,6 +318,17 @@ def _torch_call(torch, rule, P, G, S, variant):
     return opt.step
 
 
+def _dropin_call(torch, rule, P, G):
+    """fastoptim.torch's optimizer (the drop-in for torch.optim) on nn.Parameters copied
+    from P, with .grad set once: what a PyTorch user's step() costs."""
+    from . import torch as fot
+    params = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in P]
+    for t, g in zip(params, G):
+        t.grad = torch.from_numpy(g.copy())
+    opt = getattr(fot, rule.torch_name)(params, **rule.torch_kwargs)
+    return opt.step
+
+
 def _torch_variants(rule):
     return ("single-tensor", "foreach") + (("fused",) if rule.torch_fused else ())
 
@@ -342,6 +353,9 @@ def build_contenders(rule, arrays, threads, torch=None, warm_prefix=None,
         grads = [g.copy() for g in G]
         out.append(Contender("fastoptim", "optimizer class", n, lambda: opt.step(grads),
                              before=_set_fo_threads(n)))
+        if torch is not None:
+            out.append(Contender("fastoptim", "torch drop-in", n,
+                                 _dropin_call(torch, rule, P, G), before=_set_fo_threads(n)))
     for n in sorted(set(threads) | {1}):     # 1 thread: the NumPy reference's ceiling
         out.append(_ceiling_contender(P, G, S, n, warm))
     if torch is not None:
@@ -912,7 +926,8 @@ def run(rules, sizes, dtypes, threads, profile, torch=None, model=True, overhead
                            else None)
             case = _run_case(kind, rule, arrays, threads, torch, profile, bar.draw,
                              warm_prefix=warm_prefix,
-                             with_optimizer_class=(kind == "overhead"), label=label)
+                             with_optimizer_class=(kind in ("overhead", "model")),
+                             label=label)
             cases.append(case)
             bar.finish_case()
             bar.clear()
