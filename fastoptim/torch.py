@@ -92,6 +92,15 @@ _KERNEL_NAME = re.compile(r"\b(params|grads|momentum_buffers|state_sums|square_a
 
 # --- helpers ------------------------------------------------------------------------
 
+def _check_fused(fused, differentiable, foreach):
+    """torch.optim's own checks of the fused flag (same messages)."""
+    if fused:
+        if differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
 def _scalar_dtype(is_fused=None):
     """torch.optim's dtype for ``state["step"]`` (optimizer._get_scalar_dtype)."""
     if is_fused:
@@ -592,11 +601,7 @@ class SGD(_Optimizer):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         super().__init__(params, defaults)
 
-        if fused:
-            if differentiable:
-                raise RuntimeError("`fused` does not support `differentiable`")
-            if foreach:
-                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        _check_fused(fused, differentiable, foreach)
         self._fastoptim_init()
 
     def __setstate__(self, state):
@@ -670,11 +675,7 @@ class Adagrad(_Optimizer):
         }
         super().__init__(params, defaults)
 
-        if fused:
-            if differentiable:
-                raise RuntimeError("`fused` does not support `differentiable`")
-            if foreach:
-                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        _check_fused(fused, differentiable, foreach)
         self._fastoptim_init()
 
         # torch's Adagrad creates the state of its first groups at construction,
@@ -885,11 +886,7 @@ class Adam(_Optimizer):
         }
         super().__init__(params, defaults)
 
-        if fused:
-            if differentiable:
-                raise RuntimeError("`fused` does not support `differentiable`")
-            if foreach:
-                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        _check_fused(fused, differentiable, foreach)
         self._fastoptim_init()
 
     def __setstate__(self, state):
