@@ -7,7 +7,7 @@ Why it is built this way:
   CPU, ``_kernels_avx2`` for x86-64-v3, ``_kernels_avx512`` for x86-64-v4).
   ``fastoptim/_dispatch.py`` picks one at import from the CPU's features (NumPy's
   dispatch idea, at module granularity). The default build is portable: no
-  ``-march=native`` anywhere.
+  flag that tunes for the build machine (``-march`` is only ever an x86-64 level).
 * OpenMP is detected by compiling a probe program. Without it the build still
   succeeds and the kernels run single-threaded (a warning says so here, and
   ``fastoptim.show_config()`` says so at run time).
