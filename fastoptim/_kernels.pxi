@@ -1,6 +1,6 @@
 # Compiled in-place update kernels for every rule in fastoptim.reference.
 #
-# Design, point by point (read with ../DESIGN notes and fastoptim/reference.py):
+# Design, point by point (read with the project design notes and fastoptim/reference.py):
 #
 # * This file is compiled several times, once per instruction-set level
 #   (_kernels_baseline.pyx, _kernels_avx2.pyx, _kernels_avx512.pyx each include it; see
