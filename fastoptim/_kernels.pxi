@@ -521,7 +521,6 @@ cdef class Step:
 
     def run(self, int n_threads=1):
         """Apply the update in place. Runs at most once."""
-        global _region_ns
         cdef int k = self.kind, d
         cdef Py_ssize_t threshold = _serial_threshold
         if self.done:
