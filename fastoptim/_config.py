@@ -14,7 +14,6 @@
 import numbers
 import os
 import platform
-import sys
 
 from . import _dispatch
 
@@ -90,9 +89,7 @@ def set_serial_threshold(n):
     if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral)
                           or n < 0):
         raise ValueError(f"n must be a non-negative int or None, got {n!r}")
-    for name in _dispatch.BUILT:
-        mod = __import__(f"{__package__}._kernels_{name}", fromlist=["x"])
-        mod.set_serial_threshold(None if n is None else min(int(n), sys.maxsize))
+    _dispatch.set_serial_threshold(None if n is None else int(n))
 
 
 def get_serial_threshold():
@@ -112,6 +109,7 @@ def config():
         "version": __version__,
         "kernel_path": _dispatch.ISA,
         "kernel_paths_built": list(_dispatch.BUILT),
+        "kernel_paths_runnable": list(_dispatch.RUNNABLE),
         "cpu_level": names.get(_dispatch.CPU_LEVEL, str(_dispatch.CPU_LEVEL)),
         "forced_by_FASTOPTIM_ISA": os.environ.get("FASTOPTIM_ISA") or None,
         "openmp": bool(_kernels.openmp_enabled()),

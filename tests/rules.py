@@ -1,9 +1,25 @@
 """What the tests need to know about each rule: its functions, its state arrays and
 the options it takes. Shared by the test modules."""
 import numpy as np
+import pytest
 
+from fastoptim import _dispatch
 from fastoptim import functional as F
 from fastoptim import reference as R
+
+#: every instruction-set level, widest first: tests that compare kernel paths are
+#: parametrized over all of them and run those this process may run (see kernel_module)
+ISAS = [name for name, _level in _dispatch.LEVELS]
+
+
+def kernel_module(isa):
+    """The kernel module of level ``isa``, or a skip saying why this process may not run
+    it (the CPU lacks the instructions, FASTOPTIM_ISA rules it out, or it was not built).
+    Never imports a module the CPU cannot execute."""
+    reason = _dispatch.why_not(isa)
+    if reason:
+        pytest.skip(reason)
+    return _dispatch.load(isa)
 
 # option name -> values worth testing (first is the default)
 RULES = {
