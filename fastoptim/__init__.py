@@ -15,10 +15,11 @@ from ._config import (config, get_num_threads, get_serial_threshold, set_num_thr
                       set_serial_threshold, show_config)
 from .hessian import hutchinson_diag
 from .optim import SGD, AdaHessian, Adagrad, Adam, AdamW, Newton, Optimizer, RMSprop
+from .reference import bfloat16_to_float32, float32_to_bfloat16
 
 __all__ = [
     "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "AdaHessian", "Newton", "Optimizer",
-    "hutchinson_diag",
+    "hutchinson_diag", "bfloat16_to_float32", "float32_to_bfloat16",
     "functional", "reference",
     "set_num_threads", "get_num_threads", "set_serial_threshold", "get_serial_threshold",
     "show_config", "config", "__version__",

@@ -14,10 +14,10 @@ updating any.
 import numpy as np
 
 from . import _config
-from .reference import bf16_to_f32, f32_to_bf16   # the bfloat16 storage format
+from .reference import bfloat16_to_float32, float32_to_bfloat16   # bfloat16 state format
 
 __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adahessian_", "newton_",
-           "bf16_to_f32", "f32_to_bf16"]
+           "bfloat16_to_float32", "float32_to_bfloat16"]
 
 _k = _config._kernels
 

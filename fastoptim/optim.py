@@ -18,15 +18,20 @@ parameter group and step; the formulas are in :mod:`fastoptim.reference`.
   groups) to its state; ``state_dict()`` / ``load_state_dict()`` use torch's layout
   (``{"state": {index: {...}}, "param_groups": [{..., "params": [indices]}]}``), with
   copies of the arrays, so a saved and reloaded optimizer continues bit-identically.
+  ``load_state_dict`` also takes ``torch.optim``'s state dicts of the same rule
+  (tensors included, e.g. from ``torch.load(path, weights_only=True)``); see there.
 * A refused call (bad gradient, bad hyperparameter, malformed state dict) raises
   before anything changes: every array and every step counter keep their values.
 """
 import copy
+import inspect
 import numbers
+import sys
 
 import numpy as np
 
 from . import _config, functional as F
+from .reference import bfloat16_to_float32, float32_to_bfloat16
 
 __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "AdaHessian", "Newton"]
 
@@ -310,8 +315,17 @@ class Optimizer:
                 out[idx] = entry
         return out
 
-    def state_dict(self):
-        """torch.optim's layout, with copies of the state arrays."""
+    def state_dict(self, *, bfloat16="bits"):
+        """torch.optim's layout, with copies of the state arrays.
+
+        ``bfloat16``: how bfloat16 state (``state_dtype="bfloat16"``) is given:
+        ``"bits"`` (the default) as kept, uint16 arrays of bfloat16 bits (half the
+        bytes); ``"float32"`` as float32 arrays of the same values (exact), e.g. to
+        read them or to load them into ``torch.optim`` (``torch.from_numpy``). Either
+        loads back to the same bits. Other state is given as kept.
+        """
+        if bfloat16 not in ("bits", "float32"):
+            raise ValueError(f"bfloat16 must be 'bits' or 'float32', got {bfloat16!r}")
         state = {}
         groups = []
         idx = 0
@@ -320,7 +334,11 @@ class Optimizer:
             saved["params"] = list(range(idx, idx + len(group["params"])))
             groups.append(saved)
             for i in range(len(group["params"])):
-                entry = self._entry_state(gstate, i, copy_arrays=True)
+                entry = self._entry_state(gstate, i, copy_arrays=bfloat16 == "bits")
+                if bfloat16 != "bits":
+                    entry = {k: (bfloat16_to_float32(v) if v.dtype == np.uint16
+                                 else v.copy(order="K"))
+                             if isinstance(v, np.ndarray) else v for k, v in entry.items()}
                 if entry:
                     state[idx + i] = entry
             idx += len(group["params"])
@@ -331,7 +349,35 @@ class Optimizer:
 
     def load_state_dict(self, state_dict):
         """Load a state dict made by :meth:`state_dict` (or pickled/np.savez'd and
-        rebuilt). Arrays are copied into the parameters' dtype and memory order."""
+        rebuilt), or by ``torch.optim``'s optimizer of the same rule.
+
+        * Group options (``lr``, ``betas``, ...) are taken from the state dict, as torch
+          does, except ``state_dtype``: the optimizer keeps its own (Adam, AdamW), and
+          ``rounding``/``seed``, which are taken only from a group saved with bfloat16
+          state (where they shaped the run).
+        * State arrays are copied into the optimizer's state dtype and the parameters'
+          memory order: floating-point values are cast to the parameter's dtype (as
+          torch does); uint16 arrays are bfloat16 bits, widened exactly. Into bfloat16
+          state (``state_dtype="bfloat16"``), values are rounded to nearest even
+          (float64 once, directly) and bfloat16 bits are copied as they are. So a
+          bfloat16 optimizer loading a float32 checkpoint keeps bfloat16 state, and a
+          float32 one loading a bfloat16 checkpoint keeps float32 state.
+        * torch tensors are read wherever arrays or numbers go (``step`` as a 0-d float
+          tensor, ``exp_avg``..., a tensor ``lr``; bfloat16 tensors as their bits),
+          through ``.detach().cpu()`` and ``.numpy()``; torch is never imported here.
+          torch's group keys that only choose its implementation or autograd and
+          device handling, not the numbers (``foreach``, ``fused``, ``capturable``,
+          ``differentiable``), and keys fastoptim does not know (a scheduler's
+          ``initial_lr``, ``param_names``, your own) are ignored. Adam refuses
+          ``decoupled_weight_decay=True`` (AdamW's rule: load it into AdamW); AdamW
+          ignores it (torch's AdamW always sets it).
+        * Refused, with ``TypeError``/``ValueError`` naming the entry: a malformed
+          dict, arrays of the wrong shape or of a non-floating dtype (integers other
+          than uint16 bfloat16 bits, bool, complex, ...), and another rule's state dict
+          (an option or a state name of another optimizer, here or in torch.optim; a
+          torch group lacking one of this rule's options). A refused load changes
+          nothing: state, step counters and param_groups stay as they were.
+        """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         for key in ("state", "param_groups"):
@@ -365,9 +411,7 @@ class Optimizer:
                                  "doesn't match the size of optimizer's group "
                                  f"(group {gi}: {len(ids)} vs {len(group['params'])})")
             new_group = dict(group)
-            for key in self.defaults:
-                if key in saved:
-                    new_group[key] = copy.deepcopy(saved[key])
+            new_group.update(self._options_to_load(saved, gi))
             self._check_hyperparameters(new_group)
             for i, saved_id in enumerate(ids):
                 if saved_id in index_of:
@@ -393,26 +437,54 @@ class Optimizer:
         self._gstate[:] = new_states
         self.skipped_steps = int(skipped)
 
+    #: options that are the optimizer's own choice of storage: a state dict does not
+    #: set them (see _options_to_load), and torch's groups need not have them
+    _storage_options: "tuple[str, ...]" = ()
+
+    def _options_to_load(self, saved, gi):
+        """The options a saved group sets: this rule's, read from torch tensors where
+        needed. Refuses a group of another rule."""
+        where = f"state_dict['param_groups'][{gi}]"
+        name = type(self).__name__
+        for key in saved:
+            if key in _OTHER_RULES_OPTIONS and key not in self.defaults:
+                raise ValueError(f"{where} has the option {key!r}, which {name} does not "
+                                 "have: is this another optimizer's state dict?")
+        if any(key in saved for key in _TORCH_IMPLEMENTATION_OPTIONS):
+            for key in self.defaults:        # a group saved by torch.optim.<name>
+                if key not in saved and key not in self._storage_options:
+                    raise ValueError(f"{where} has torch.optim's keys but not the option "
+                                     f"{key!r}, which torch.optim.{name}'s groups have: is "
+                                     "this another optimizer's state dict?")
+        return {key: copy.deepcopy(_option_from_tensor(saved[key], f"{where}[{key!r}]"))
+                for key in self.defaults if key in saved and key != "state_dtype"}
+
     def _load_entry(self, group, gstate, i, key, entry):
         if not isinstance(entry, dict):
             raise TypeError(f"state_dict['state'][{key!r}] must be a dict, got "
                             f"{type(entry).__name__}")
         p = group["params"][i]
         names = self._state_names(group)
+        for name in entry:
+            if name in _OTHER_RULES_STATE and name not in self._all_state_names:
+                raise ValueError(f"state_dict['state'][{key!r}] has {name!r}, which "
+                                 f"{type(self).__name__} does not keep: is this another "
+                                 "optimizer's state dict?")
         if self._has_step:
             if "step" not in entry:
                 raise ValueError(f"state_dict['state'][{key!r}] is missing 'step'")
-            gstate.steps[i] = _as_step(entry["step"], f"state_dict['state'][{key!r}]['step']")
+            where = f"state_dict['state'][{key!r}]['step']"
+            gstate.steps[i] = _as_step(_from_tensor(entry["step"], where), where)
+        present = {name for name in entry if name in self._all_state_names and not (
+            entry[name] is None and name in self._optional_state)}   # (torch: None)
         for name in names:
-            if name not in entry:
+            if name not in present:
                 if name in self._optional_state:
                     continue
                 raise ValueError(f"state_dict['state'][{key!r}] is missing {name!r}")
-        for name in set(names) | (set(entry) & set(self._all_state_names)):
-            if name not in entry:
-                continue
+        for name in sorted(present, key=self._all_state_names.index):
             where = f"state_dict['state'][{key!r}][{name!r}]"
-            value = entry[name]
+            value = _from_tensor(entry[name], where)
             if not isinstance(value, np.ndarray):
                 try:
                     value = np.asarray(value)
@@ -421,14 +493,17 @@ class Optimizer:
                                     f"{type(value).__name__}") from None
             if value.dtype.kind not in "fiu":
                 raise TypeError(f"{where} must hold real numbers, got dtype {value.dtype}")
+            if value.dtype.kind != "f" and value.dtype != np.uint16:
+                raise TypeError(f"{where} has dtype {value.dtype}: state arrays hold "
+                                "floating-point values, or bfloat16 bits as uint16")
             if value.shape != p.shape:
                 raise ValueError(f"{where} has shape {value.shape}, but the parameter has "
                                  f"shape {p.shape}")
-            if value.dtype == np.uint16:          # bfloat16 bits (bfloat16 state)
-                value = F.bf16_to_f32(value)
             arr = self._new_state_array(name, group, p)
-            if arr.dtype == np.uint16:
-                arr[...] = F.f32_to_bf16(np.asarray(value, np.float32))
+            if arr.dtype == np.uint16:            # bfloat16 state
+                arr[...] = value if value.dtype == np.uint16 else float32_to_bfloat16(value)
+            elif value.dtype == np.uint16:        # bfloat16 bits -> the parameter's dtype
+                arr[...] = bfloat16_to_float32(value)
             else:
                 arr[...] = value
             gstate.arrays.setdefault(name, [None] * len(group["params"]))[i] = arr
@@ -517,6 +592,66 @@ def _as_step(value, where):
 _STEP_LIMIT = 2 ** 63 - 1
 
 
+def _torch_tensor_type():
+    """torch.Tensor if torch has been imported (nothing else can make a tensor)."""
+    torch = sys.modules.get("torch")
+    tensor = getattr(torch, "Tensor", None)
+    return tensor if isinstance(tensor, type) else None
+
+
+def _from_tensor(value, where):
+    """A torch tensor (of a state dict) -> a NumPy array of its values on the CPU;
+    bfloat16 as uint16 bits (the bfloat16 state format). Anything else as it is."""
+    tensor = _torch_tensor_type()
+    if tensor is None or not isinstance(value, tensor):
+        return value
+    torch = sys.modules["torch"]
+    try:
+        t = value.detach().cpu().resolve_conj().resolve_neg()
+        if t.dtype == torch.bfloat16:
+            return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+        return t.numpy()
+    except Exception as e:
+        raise TypeError(f"{where} is a torch tensor that cannot be read as a NumPy array "
+                        f"({type(e).__name__}: {e})") from None
+
+
+def _option_from_tensor(value, where):
+    """A group option given as a one-element torch tensor (torch allows a tensor lr,
+    and betas of tensors) -> its Python number; anything else as it is."""
+    tensor = _torch_tensor_type()
+    if tensor is None:
+        return value
+    if isinstance(value, (tuple, list)) and any(isinstance(v, tensor) for v in value):
+        return type(value)(_option_from_tensor(v, f"{where}[{k}]")
+                           for k, v in enumerate(value))
+    if not isinstance(value, tensor):
+        return value
+    if value.numel() != 1:
+        raise ValueError(f"{where} must be a number or a one-element tensor, got a "
+                         f"tensor of shape {tuple(value.shape)}")
+    try:
+        return value.detach().cpu().item()
+    except Exception as e:
+        raise TypeError(f"{where} is a torch tensor that cannot be read as a number "
+                        f"({type(e).__name__}: {e})") from None
+
+
+#: torch.optim group keys that choose its implementation, or autograd and device
+#: handling, but not the numbers a step computes: ignored on load
+_TORCH_IMPLEMENTATION_OPTIONS = ("foreach", "fused", "capturable", "differentiable")
+#: options of torch.optim's other rules (NAdam, RAdam and Adam's decoupled_weight_decay,
+#: Adadelta, ASGD, Rprop, LBFGS, Adafactor), besides those of this module's classes
+_TORCH_OTHER_OPTIONS = ("decoupled_weight_decay", "momentum_decay", "rho", "lambd", "t0",
+                        "etas", "step_sizes", "max_iter", "max_eval", "tolerance_grad",
+                        "tolerance_change", "history_size", "line_search_fn",
+                        "beta2_decay")
+#: state names of torch.optim's other rules (Adamax, NAdam, Adadelta, ASGD, Rprop,
+#: Adafactor), besides those of this module's classes
+_TORCH_OTHER_STATE = ("exp_inf", "mu_product", "acc_delta", "eta", "mu", "ax", "prev",
+                      "step_size", "row_var", "col_var", "variance")
+
+
 class SGD(Optimizer):
     """Stochastic gradient descent with optional (Nesterov) momentum.
 
@@ -537,7 +672,7 @@ class SGD(Optimizer):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     def _step_from_state(self, entry):
-        return "momentum_buffer" in entry
+        return entry.get("momentum_buffer") is not None
 
     def _prepare(self, group, grads, arrays, steps):
         momentum = group["momentum"]
@@ -622,9 +757,14 @@ class Adam(Optimizer):
     ``state_dtype="bfloat16"`` keeps the moments in bfloat16 (uint16 arrays of bfloat16
     bits, half the bytes; float32 parameters only), rounded to nearest even or, with
     ``rounding="stochastic"``, stochastically from a counter-based hash of ``seed``,
-    the step and the element (reproducible, independent of the thread count)."""
+    the step and the element (reproducible, independent of the thread count). Read such
+    state as numbers with :func:`fastoptim.bfloat16_to_float32` or
+    ``state_dict(bfloat16="float32")``. ``load_state_dict`` keeps the optimizer's own
+    ``state_dtype`` and converts the loaded state to it (float32 -> bfloat16 rounded to
+    nearest even, bfloat16 -> float32 exactly)."""
     _decoupled = False
     _all_state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _storage_options = ("state_dtype", "rounding", "seed")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, maximize=False, state_dtype=None, rounding="nearest",
@@ -639,6 +779,22 @@ class Adam(Optimizer):
 
     def _state_bf16(self, group):
         return group["state_dtype"] == "bfloat16"
+
+    def _options_to_load(self, saved, gi):
+        decoupled = saved.get("decoupled_weight_decay", False)    # torch.optim's
+        where = f"state_dict['param_groups'][{gi}]['decoupled_weight_decay']"
+        if not isinstance(decoupled, (bool, np.bool_)):
+            raise TypeError(f"{where} must be a bool, got {type(decoupled).__name__}")
+        if decoupled and not self._decoupled:
+            raise ValueError(f"{where} is True (AdamW's rule), which Adam does not "
+                             "follow: load it into fastoptim.AdamW")
+        options = super()._options_to_load(
+            {k: v for k, v in saved.items() if k != "decoupled_weight_decay"}, gi)
+        if not (isinstance(saved.get("state_dtype"), str)
+                and saved["state_dtype"] == "bfloat16"):     # they shaped nothing there
+            options.pop("rounding", None)
+            options.pop("seed", None)
+        return options
 
     def _prepare(self, group, grads, arrays, steps):
         return F.prepare_adam(
@@ -766,3 +922,17 @@ class Newton(_CurvatureOptimizer):
                                 hessians if hessians is not None else [], steps,
                                 lr=group["lr"], damping=group["damping"],
                                 saddle_free=group["saddle_free"])
+
+
+def _rule_options(cls):
+    return set(inspect.signature(cls.__init__).parameters) - {"self", "params", "nonfinite"}
+
+
+#: every option and state name of the rules here and in torch.optim: a state dict that
+#: has one the loading optimizer does not is another rule's
+_OTHER_RULES_OPTIONS = frozenset().union(
+    _TORCH_OTHER_OPTIONS, *(_rule_options(c) for c in (SGD, Adagrad, RMSprop, Adam,
+                                                       AdaHessian, Newton)))
+_OTHER_RULES_STATE = frozenset().union(
+    _TORCH_OTHER_STATE, *(c._all_state_names for c in (SGD, Adagrad, RMSprop, Adam,
+                                                       AdaHessian, Newton)))

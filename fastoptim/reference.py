@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adahessian_", "newton_",
-           "bf16_to_f32", "f32_to_bf16"]
+           "bfloat16_to_float32", "float32_to_bfloat16"]
 
 
 def _as_list(x):
@@ -42,9 +42,28 @@ def _scalar(value, like):
 
 # --- bfloat16 state: the upper half of a float32, stored in uint16 arrays --------------
 
-def bf16_to_f32(bits):
-    """uint16 bfloat16 bits -> float32 values (exact)."""
-    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
+def bfloat16_to_float32(bits):
+    """bfloat16 values, stored as their bits in a uint16 array -> float32 (exact).
+
+    This is how bfloat16 optimizer state (``state_dtype="bfloat16"``) is kept: read it
+    as numbers with ``fastoptim.bfloat16_to_float32(opt.state[0]["exp_avg"])``. The
+    result is a new float32 array of the same shape and memory order. ``bits`` is
+    normally a uint16 array; an int16 array is read as the same 16 bits (PyTorch's
+    ``t.view(torch.int16).numpy()`` of a bfloat16 tensor ``t``), other integers must
+    lie in [0, 65535]. Floating-point input is refused (``TypeError``): it holds
+    values, not bits (round values with :func:`float32_to_bfloat16`).
+    """
+    bits = np.asarray(bits)
+    if bits.dtype == np.int16:
+        bits = bits.view(np.uint16)
+    elif bits.dtype != np.uint16:
+        if bits.dtype.kind not in "iu":
+            raise TypeError("bits must hold bfloat16 bits (a uint16 array), got dtype "
+                            f"{bits.dtype}; float32_to_bfloat16 rounds values to bfloat16")
+        if bits.size and (bits.min() < 0 or bits.max() > 0xFFFF):
+            raise ValueError("bits must hold bfloat16 bits, integers in [0, 65535]; got "
+                             f"values in [{bits.min()}, {bits.max()}]")
+    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def hash32(x):
@@ -65,9 +84,20 @@ def hash32(x):
     return x ^ (x >> 16)
 
 
-def f32_to_bf16(x, random_bits=None):
-    """float32 -> bfloat16 bits: round to nearest even, or stochastically (round up with
-    probability dropped/2^16) from 16 random bits per element. NaN stays NaN."""
+def float32_to_bfloat16(x, random_bits=None):
+    """float32 values -> bfloat16, as their bits in a new uint16 array.
+
+    Rounds to nearest, ties to even (the optimizers' ``rounding="nearest"``), or, given
+    ``random_bits`` (uint32, one per element, the low 16 used), stochastically: up with
+    probability dropped/2^16. NaN stays NaN (quiet), ±Inf stays ±Inf, and values
+    beyond bfloat16's range round to ±Inf. float64 input is rounded once, directly (not
+    through float32, which could round twice); other input is converted to float32.
+    ``float32_to_bfloat16(bfloat16_to_float32(b))`` gives ``b`` back for every non-NaN
+    ``b``.
+    """
+    x = np.asarray(x)
+    if x.dtype.kind == "f" and x.dtype.itemsize > 4:
+        x = _f64_to_f32_round_to_odd(x)
     u = np.asarray(x, np.float32).view(np.uint32)
     if random_bits is None:
         rounded = (u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16
@@ -75,6 +105,21 @@ def f32_to_bf16(x, random_bits=None):
         rounded = (u + (random_bits & np.uint32(0xFFFF))) >> 16
     nan = (u >> 16) | np.uint32(0x40)
     return np.where(np.isnan(x), nan, rounded).astype(np.uint16)
+
+
+def _f64_to_f32_round_to_odd(x):
+    """float64 -> float32 rounded toward zero, with the last bit set when inexact
+    ("round to odd"): rounding that to bfloat16 (16 bits shorter) equals rounding
+    the float64 value to bfloat16 directly."""
+    x = np.asarray(x, np.float64)
+    with np.errstate(over="ignore"):
+        y = x.astype(np.float32)              # nearest; an overflow gives ±Inf
+    back = y.astype(np.float64)
+    inexact = (back != x) & np.isfinite(back)
+    u = y.view(np.uint32)                     # (y is a new array)
+    u -= (inexact & (np.abs(back) > np.abs(x))).astype(np.uint32)   # toward zero
+    u |= inexact.astype(np.uint32)
+    return u.view(np.float32).reshape(x.shape)
 
 
 def _memory_index(p):
@@ -250,20 +295,20 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, steps=None
 def _adam_bf16_moments(p, g, m16, v16, vmax16, betas, amsgrad, rounding, seed, step, i):
     """Adam's moment updates on bfloat16 state; returns this step's float32 m and v."""
     beta1, beta2 = betas
-    m = _lerp(bf16_to_f32(m16), g, _scalar(1 - beta1, p))
-    v = bf16_to_f32(v16) * _scalar(beta2, p) + (_scalar(1 - beta2, p) * g) * g
+    m = _lerp(bfloat16_to_float32(m16), g, _scalar(1 - beta1, p))
+    v = bfloat16_to_float32(v16) * _scalar(beta2, p) + (_scalar(1 - beta2, p) * g) * g
     bits = {}
     if rounding == "stochastic":
         key = hash32(hash32(hash32(seed) ^ (step & 0xFFFFFFFF)) ^ i)
         h = _memory_index(p)
         h *= np.uint32(0x9E3779B9)
         bits = {role: hash32(h ^ np.uint32(hash32(key ^ role))) for role in (1, 2, 3)}
-    m16[...] = f32_to_bf16(m, bits.get(1))
-    v16[...] = f32_to_bf16(v, bits.get(2))
+    m16[...] = float32_to_bfloat16(m, bits.get(1))
+    v16[...] = float32_to_bfloat16(v, bits.get(2))
     if amsgrad:
-        vmax = bf16_to_f32(vmax16)
+        vmax = bfloat16_to_float32(vmax16)
         v = np.where((vmax > v) | np.isnan(vmax), vmax, v)
-        vmax16[...] = f32_to_bf16(v, bits.get(3))
+        vmax16[...] = float32_to_bfloat16(v, bits.get(3))
     return m, v
 
 

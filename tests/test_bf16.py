@@ -60,23 +60,24 @@ def test_round_to_nearest_even_and_nan_inf():
     # 1 + 2^-8 is a tie between bf16 1.0 and 1.0078125: ties go to even (1.0)
     x = np.array([1.0, 1 + 2**-8, 1 + 3 * 2**-8, np.inf, -np.inf, np.nan, -0.0, 3e38],
                  np.float32)
-    bits = R.f32_to_bf16(x)
-    back = R.bf16_to_f32(bits)
+    bits = R.float32_to_bfloat16(x)
+    back = R.bfloat16_to_float32(bits)
     assert back[0] == 1.0 and back[1] == 1.0 and back[2] == 1 + 4 * 2**-8
     assert back[3] == np.inf and back[4] == -np.inf and np.isnan(back[5])
     assert back[6] == 0 and np.signbit(back[6])
     assert np.isfinite(back[7])
     # a signalling-looking NaN whose payload sits in the dropped bits stays a NaN
     snan = np.array([0x7F800001], np.uint32).view(np.float32)
-    assert np.isnan(R.bf16_to_f32(R.f32_to_bf16(snan)))[0]
-    assert np.isnan(R.bf16_to_f32(R.f32_to_bf16(snan, np.array([0xFFFF], np.uint32))))[0]
+    assert np.isnan(R.bfloat16_to_float32(R.float32_to_bfloat16(snan)))[0]
+    rounded_up = R.float32_to_bfloat16(snan, np.array([0xFFFF], np.uint32))
+    assert np.isnan(R.bfloat16_to_float32(rounded_up))[0]
 
 
 def test_kernel_keeps_nan_state_nan():
     p = np.ones(32, np.float32); g = np.ones(32, np.float32); g[5] = np.nan
     m, v = np.zeros(32, np.uint16), np.zeros(32, np.uint16)
     F.adam_(p, g, m, v, None, np.zeros(1, np.int64), state_dtype="bfloat16")
-    assert np.isnan(R.bf16_to_f32(m)[5]) and np.isnan(p[5])
+    assert np.isnan(R.bfloat16_to_float32(m)[5]) and np.isnan(p[5])
     assert np.all(np.isfinite(np.delete(p, 5)))
 
 
@@ -84,9 +85,9 @@ def test_stochastic_rounding_is_unbiased():
     x = np.full(200_000, 1 + 2**-10, np.float32)     # a quarter of the way to the next bf16
     rng = np.random.default_rng(0)
     bits = rng.integers(0, 2**32, x.size, dtype=np.uint32)
-    mean = R.bf16_to_f32(R.f32_to_bf16(x, bits)).astype(np.float64).mean()
+    mean = R.bfloat16_to_float32(R.float32_to_bfloat16(x, bits)).astype(np.float64).mean()
     assert abs(mean - (1 + 2**-10)) < 2e-5           # nearest would give exactly 1.0
-    assert R.bf16_to_f32(R.f32_to_bf16(x[:1]))[0] == 1.0
+    assert R.bfloat16_to_float32(R.float32_to_bfloat16(x[:1]))[0] == 1.0
 
 
 def test_bfloat16_state_refuses_bad_input():
@@ -136,7 +137,7 @@ def test_optimizer_checkpoint_round_trip_and_conversion(rounding):
     wide.load_state_dict(sd)
     assert wide.state[0]["exp_avg"].dtype == np.float32
     np.testing.assert_array_equal(wide.state[0]["exp_avg"],
-                                  R.bf16_to_f32(opt.state[0]["exp_avg"]))
+                                  R.bfloat16_to_float32(opt.state[0]["exp_avg"]))
 
 
 def test_bfloat16_state_converges_like_float32():
