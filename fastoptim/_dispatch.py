@@ -134,6 +134,11 @@ def _apply(mod):
     mod.set_serial_threshold(None if n is None else min(int(n), sys.maxsize))
 
 
+def serial_threshold():
+    """The serial threshold the user set (None: each rule calibrates its own)."""
+    return _settings["serial_threshold"]
+
+
 def set_serial_threshold(n):
     """Record the serial threshold (None: calibrate) and apply it to every loaded
     kernel module (arguments are checked by ``fastoptim.set_serial_threshold``)."""
