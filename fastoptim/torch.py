@@ -68,11 +68,16 @@ How a step runs, point by point:
   ``libgomp.so.1``; the dynamic linker loads it once, so both share one OpenMP runtime
   and thread pool (no oversubscription).
 """
+import functools
 import math
+import operator
 import re
+from collections import defaultdict
+from itertools import compress, repeat
 
 import numpy as np
 import torch
+from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import Optimizer as _TorchOptimizer
 
 from . import _config
@@ -222,7 +227,7 @@ class _GroupPlan:
     """One parameter group's prepared step: everything is checked and allocated; run()
     only moves data and cannot fail."""
     __slots__ = ("kernel", "fills", "backs", "step_views", "steps", "new_state",
-                 "written")
+                 "written", "used", "grads", "reusable")
 
     def __init__(self):
         self.kernel = None       # fastoptim Step (None: no parameter has a gradient)
@@ -232,6 +237,9 @@ class _GroupPlan:
         self.steps = None        # int64 counters the kernel reads and increments
         self.new_state = []      # (state dict, param, entries) created by this step
         self.written = []        # tensors whose version counter is bumped
+        self.used = []           # the parameters with a gradient (the kernel's order)
+        self.grads = []          # their gradients
+        self.reusable = True     # whether a _Reuse can be made of this plan
 
     def run(self, n_threads):
         for dst, src in self.fills:
@@ -244,6 +252,97 @@ class _GroupPlan:
                 view[()] = count
         for state, p, entries in self.new_state:
             state.setdefault(p, {}).update(entries)
+        torch.autograd.graph.increment_version(self.written)
+
+
+_GRAD = operator.attrgetter("grad")
+_SHAPE = operator.attrgetter("shape")
+_DATA_PTR = torch.Tensor.data_ptr
+_STRIDE = torch.Tensor.stride
+
+
+def _by_value(group):
+    """Whether an option of the group can change without being replaced: a tensor
+    (a scheduler may change a tensor ``lr`` in place) or a list (``betas``)."""
+    return any(isinstance(v, (torch.Tensor, list, dict)) or (isinstance(v, tuple) and any(
+        isinstance(x, (torch.Tensor, list)) for x in v))
+        for k, v in group.items() if k != "params")
+
+
+def _snapshot(group, by_value):
+    """A group's options (its values, ``params`` included), to see whether any changed
+    since the last step; ``by_value`` (see _by_value): tensors and lists by value."""
+    if not by_value:
+        return list(group.values())
+    return [v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else
+            tuple(x.item() if isinstance(x, torch.Tensor) and x.numel() == 1 else x
+                  for x in v)
+            if isinstance(v, (tuple, list)) else v
+            for k, v in group.items() if k != "params"]
+
+
+def _step_hooks(step):
+    """``step`` wrapped as torch wraps every optimizer's step (pre- and post-hooks, a
+    profiler range), but with torch's wrapper entered only when a hook is registered or
+    the profiler runs: entering it costs ~20 us a step, more than a whole small step.
+    Marked ``hooked`` so that torch's Optimizer.__init__ does not wrap it again."""
+    wrapped = _TorchOptimizer.profile_hook_step(step)
+
+    @functools.wraps(step)
+    def wrapper(self, *args, **kwargs):
+        if (_torch_optimizer._global_optimizer_pre_hooks
+                or _torch_optimizer._global_optimizer_post_hooks
+                or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
+                or torch.autograd._profiler_enabled()):
+            return wrapped(self, *args, **kwargs)
+        out = step(self, *args, **kwargs)
+        self._optimizer_step_code()
+        return out
+    wrapper.hooked = True
+    return wrapper
+
+
+class _State(defaultdict):
+    """``optimizer.state`` as torch makes it (a ``defaultdict(dict)`` keyed by parameter),
+    counting the changes of its entries in ``version``: a kept step (_Reuse) checks
+    that one number instead of looking every parameter up (a tensor's hash is a Python
+    call). The per-parameter dicts inside are plain dicts, checked entry by entry."""
+
+    def __init__(self, default_factory=dict, *args, **kwargs):
+        super().__init__(default_factory, *args, **kwargs)
+        self.version = 0
+
+    def _changed(name):
+        method = getattr(defaultdict, name)
+
+        def changed(self, *args, **kwargs):
+            self.version += 1
+            return method(self, *args, **kwargs)
+        changed.__name__ = name
+        return changed
+
+    for _name in ("__setitem__", "__delitem__", "__ior__", "clear", "pop", "popitem",
+                  "setdefault", "update"):
+        locals()[_name] = _changed(_name)
+    del _name, _changed
+
+
+class _Reuse:
+    """A group's prepared kernel call, kept from one step to the next (the per-step
+    cost is then a few attribute reads per parameter). Valid while the group has the
+    same parameters, the same ones have gradients, each parameter and gradient keeps its
+    address, shape and strides (grads: their address may change), ``self.state`` and
+    each parameter's state dict and state tensors are the same objects, and no option
+    that adds or removes a state array changed. Whatever else changed is caught by
+    :meth:`_Optimizer._reused`, which then plans the group afresh."""
+    __slots__ = ("params", "mask", "used", "pptrs", "shapes", "pstrides", "gstrides", "state",
+                 "state_version", "dicts", "by_value", "dicts_rep", "keys", "flat", "names", "options", "kernel",
+                 "counts", "step_addrs", "step_doubles", "written")
+
+    def run(self, n_threads):
+        self.kernel.run(n_threads)
+        if self.step_addrs is not None:
+            _config._kernels.scatter_counts(self.step_addrs, self.step_doubles, self.counts)
         torch.autograd.graph.increment_version(self.written)
 
 
@@ -264,6 +363,7 @@ class _Optimizer(_TorchOptimizer):
         """End of each subclass __init__, after torch's own argument checks."""
         for gi, group in enumerate(self.param_groups):
             self._check_group(gi, group)
+        self.state = _State(dict, self.state)
         self._fastoptim_ready = True
 
     def add_param_group(self, param_group):
@@ -277,8 +377,11 @@ class _Optimizer(_TorchOptimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        if not isinstance(self.state, _State):
+            self.state = _State(dict, self.state)
         self._fastoptim_ready = True
         self._views = {}
+        self._reuses = {}
 
     def _check_group(self, gi, group):
         """Refuse options and parameters the kernels cannot honour."""
@@ -335,6 +438,7 @@ class _Optimizer(_TorchOptimizer):
 
     # --- the step ----------------------------------------------------------------------
 
+    @_step_hooks
     def step(self, closure=None):
         """Perform a single optimization step (one compiled call per parameter group).
 
@@ -348,12 +452,118 @@ class _Optimizer(_TorchOptimizer):
                 loss = closure()
         with torch.no_grad():
             # Plan every group before running any: a refused step changes nothing.
-            plans = [self._plan(gi, group) for gi, group in enumerate(self.param_groups)]
+            plans = [self._reused(gi, group) or self._plan(gi, group)
+                     for gi, group in enumerate(self.param_groups)]
             n_threads = _threads()
-            for plan in plans:
+            for gi, plan in enumerate(plans):
                 if plan.kernel is not None:
                     plan.run(n_threads)
+                if isinstance(plan, _GroupPlan):
+                    self._keep(gi, self.param_groups[gi], plan)
         return loss
+
+    def _reused(self, gi, group):
+        """The group's kept kernel call, pointed at this step's gradients, if nothing it
+        depends on changed (see _Reuse); else None (the group is planned afresh, which
+        also raises the errors a bad step deserves). Changes no tensor."""
+        r = self.__dict__.get("_reuses", {}).get(gi)
+        if r is None:
+            return None
+        params = group["params"]
+        if len(params) != len(r.params) or not all(map(operator.is_, params, r.params)):
+            return None
+        grads = list(map(_GRAD, params))
+        if list(map(operator.is_not, grads, repeat(None))) != r.mask:
+            return None
+        used = r.used
+        grads = list(compress(grads, r.mask))
+        try:
+            if (list(map(_DATA_PTR, used)) != r.pptrs or list(map(_SHAPE, used)) != r.shapes
+                    or list(map(_SHAPE, grads)) != r.shapes
+                    or list(map(_STRIDE, used)) != r.pstrides
+                    or list(map(_STRIDE, grads)) != r.gstrides):
+                return None
+        except RuntimeError:                     # a sparse gradient has no strides
+            return None
+        state = self.state
+        if state is not r.state or state.version != r.state_version:
+            return None
+        flat = r.flat
+        if (not all(map(operator.is_, map(dict.get, r.dicts_rep, r.keys), flat[0]))
+                or list(map(_DATA_PTR, flat[0])) != flat[1]):
+            return None
+        options = _snapshot(group, r.by_value)
+        if options != r.options:
+            r.by_value = _by_value(group)
+            options = _snapshot(group, r.by_value)
+            if (group.get("differentiable", False) or group.get("capturable", False)
+                    or self._state_names(group) != r.names):
+                return None
+            fresh = self._prepare(group, [], [], [[] for _ in r.names],
+                                  np.zeros(0, dtype=np.int64))
+            if not r.kernel.take_hyperparameters(fresh):
+                return None
+            r.options = options
+        if r.step_addrs is not None and _config._kernels.gather_counts(
+                r.step_addrs, r.step_doubles, r.counts) >= 0:
+            return None                          # (the fresh plan names the bad count)
+        try:
+            r.kernel.set_grads(list(map(_DATA_PTR, grads)))
+        except ValueError:
+            return None                          # (the fresh plan names the overlap)
+        return r
+
+    def _keep(self, gi, group, plan):
+        """After ``plan`` ran: keep its kernel call for the next steps (a _Reuse), when
+        it has no buffer copies (strided or complex parameters, a gradient or state in
+        another memory order) and made no new state tensors -- those steps are planned
+        afresh each time."""
+        reuses = self.__dict__.get("_reuses")
+        if reuses is None:
+            reuses = self._reuses = {}
+        reuses.pop(gi, None)
+        if not plan.reusable or plan.kernel is None or plan.fills or plan.new_state:
+            return
+        r = _Reuse()
+        r.params = list(group["params"])
+        r.mask = [p.grad is not None for p in r.params]
+        r.used = plan.used
+        if [p for p, m in zip(r.params, r.mask) if m] != r.used or any(
+                g is not p.grad for p, g in zip(r.used, plan.grads)):
+            return                               # (a hook changed the gradients)
+        grads = plan.grads
+        r.pptrs = list(map(_DATA_PTR, r.used))
+        r.shapes = list(map(_SHAPE, r.used))
+        r.pstrides = list(map(_STRIDE, r.used))
+        if list(map(_SHAPE, grads)) != r.shapes:
+            return
+        r.gstrides = list(map(_STRIDE, grads))
+        if not isinstance(self.state, _State):
+            return
+        r.state = self.state
+        r.state_version = self.state.version
+        r.dicts = [self.state.get(p) for p in r.used]
+        r.names = self._state_names(group)
+        keys = r.names + (("step",) if self._has_step else ())
+        r.keys = list(keys) * len(r.used)
+        r.dicts_rep = [d for d in r.dicts for _ in keys]
+        tensors = [d.get(k) for d in r.dicts for k in keys]
+        if not all(isinstance(t, torch.Tensor) for t in tensors):
+            return
+        r.flat = (tensors, list(map(_DATA_PTR, tensors)))
+        r.by_value = _by_value(group)
+        r.options = _snapshot(group, r.by_value)
+        r.kernel = plan.kernel
+        r.kernel.make_reusable()
+        r.counts = plan.steps
+        if self._has_step:
+            steps = [d["step"] for d in r.dicts]
+            r.step_addrs = np.array(list(map(_DATA_PTR, steps)), dtype=np.int64)
+            r.step_doubles = np.array([t.dtype == torch.float64 for t in steps], np.int8)
+        else:
+            r.step_addrs = r.step_doubles = None
+        r.written = plan.written
+        reuses[gi] = r
 
     def _plan(self, gi, group):
         """Check one group and prepare its kernel call; change nothing."""
@@ -390,14 +600,21 @@ class _Optimizer(_TorchOptimizer):
                     ga = g.numpy()
                 except RuntimeError:          # negative bit set
                     ga = self._grad_array(g)
+                    plan.reusable = False
             else:
                 ga = self._grad_array(g)
+                # a reused step reads the gradient's own memory: not through a copy
+                if g.dtype not in _FLOAT_DTYPES or g.is_neg():
+                    plan.reusable = False
             if (v.c_order and ga.flags.c_contiguous) or _same_order(ga, v.layout):
                 kgrads.append(ga.ravel("K"))
             else:
                 buf, view = _like(v.layout)
                 np.copyto(view, ga)
                 kgrads.append(buf)
+                plan.reusable = False
+            plan.used.append(p)
+            plan.grads.append(g)
             # the state tensors, viewed in the parameter's memory order
             state = self.state.get(p)
             is_new = not state or (self._partial_state and not self._has_state(state, group))
