@@ -80,7 +80,7 @@ import torch
 from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import Optimizer as _TorchOptimizer
 
-from . import _config
+from . import _config, _placement
 from . import functional as F
 
 __all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
@@ -183,8 +183,45 @@ def _shares_memory(a, b):
         return True
 
 
-def _zeros(p):
-    return torch.zeros_like(p, memory_format=torch.preserve_format)
+_NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _dense_strides(shape, strides):
+    """Whether a tensor of this shape and strides fills its memory span exactly (in
+    any axis order)."""
+    expected = 1
+    for stride, n in sorted((s, n) for s, n in zip(strides, shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= n
+    return True
+
+
+def _placeable(p):
+    """Whether state shaped like ``p`` is placed (see _state_like)."""
+    return (p.dtype in _NUMPY_DTYPE and p.is_cpu
+            and p.numel() * p.element_size() >= _placement.MIN_BYTES
+            and _dense_strides(p.shape, p.stride()))
+
+
+def _state_like(p, slot, fill=0):
+    """``torch.full_like(p, fill, memory_format=torch.preserve_format)`` for state
+    ``slot`` (1, 2, 3: its place in the rule's state), placed as the NumPy classes
+    place theirs (:mod:`fastoptim._placement`) when it is large: a dense real tensor
+    with ``p``'s shape and strides whose storage holds exactly its elements (so
+    ``torch.save`` writes no more), in NumPy-allocated memory. Otherwise torch's own
+    allocation, as torch.optim makes it."""
+    if not _placeable(p):
+        return torch.full_like(p, fill, memory_format=torch.preserve_format)
+    nbytes = p.numel() * p.element_size()
+    flat = torch.from_numpy(_placement.placed_buffer(p.data_ptr(), nbytes, slot)
+                            .view(_NUMPY_DTYPE[p.dtype]))
+    t = torch.empty(0, dtype=p.dtype).set_(flat.untyped_storage(), 0, p.shape, p.stride())
+    if fill != 0:
+        t.fill_(fill)
+    return t
+
+
 
 
 def _new_step(group, p):
@@ -761,6 +798,33 @@ class _Optimizer(_TorchOptimizer):
         v.step = (t, t.data_ptr(), t.detach().numpy())
         return v.step
 
+    # --- state memory ------------------------------------------------------------------
+
+    #: every state tensor the rule may keep, in one order: its place (1, 2, 3) decides
+    #: where a large one goes in memory (fastoptim._placement)
+    _state_order = ()
+
+    def _state_tensor(self, p, name, fill=0):
+        """A new state tensor ``name`` of ``p``, as torch makes it, placed when large."""
+        return _state_like(p, self._state_order.index(name) + 1, fill)
+
+    def load_state_dict(self, state_dict):
+        """torch's ``load_state_dict``; then each large state tensor is copied into
+        placed memory (as a new state tensor would be): the loaded ones are torch's
+        allocations, or the very tensors of ``state_dict``."""
+        super().load_state_dict(state_dict)
+        for p, st in self.state.items():
+            if not isinstance(p, torch.Tensor) or not isinstance(st, dict) \
+                    or not _placeable(p):
+                continue
+            for name in self._state_order:
+                t = st.get(name)
+                if (isinstance(t, torch.Tensor) and t.shape == p.shape
+                        and t.dtype == p.dtype and t.is_cpu):
+                    placed = self._state_tensor(p, name)
+                    placed.copy_(t)
+                    st[name] = placed
+
     # --- class hooks -------------------------------------------------------------------
 
     #: whether a non-empty state may still lack what a step needs (SGD's buffer)
@@ -788,6 +852,7 @@ class SGD(_Optimizer):
     ``momentum_buffer`` (momentum != 0), set to the gradient on a parameter's first
     step. See :func:`fastoptim.reference.sgd_` for the update.
     """
+    _state_order = ("momentum_buffer",)
     _has_step = False
     _partial_state = True          # torch 1.x checkpoints hold momentum_buffer=None
 
@@ -839,7 +904,7 @@ class SGD(_Optimizer):
     def _new_state(self, group, p):
         if not self._state_names(group):
             return {}
-        return {"momentum_buffer": _zeros(p)}
+        return {"momentum_buffer": self._state_tensor(p, "momentum_buffer")}
 
     def _prepare(self, group, params, grads, states, steps):
         momentum = _value("momentum", group["momentum"])
@@ -861,6 +926,7 @@ class Adagrad(_Optimizer):
     ``initial_accumulator_value``). Sparse gradients are refused. See
     :func:`fastoptim.reference.adagrad_` for the update.
     """
+    _state_order = ("sum",)
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0,
                  initial_accumulator_value=0, eps=1e-10, foreach=None, *, maximize=False,
@@ -908,8 +974,7 @@ class Adagrad(_Optimizer):
                 init_value = (
                     complex(initial_accumulator_value, initial_accumulator_value)
                     if torch.is_complex(p) else initial_accumulator_value)
-                state["sum"] = torch.full_like(p, init_value,
-                                               memory_format=torch.preserve_format)
+                state["sum"] = self._state_tensor(p, "sum", init_value)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -946,7 +1011,7 @@ class Adagrad(_Optimizer):
         iav = self.defaults["initial_accumulator_value"]
         init_value = complex(iav, iav) if torch.is_complex(p) else iav
         return {"step": _new_step({"fused": group["fused"]}, p),
-                "sum": torch.full_like(p, init_value, memory_format=torch.preserve_format)}
+                "sum": self._state_tensor(p, "sum", init_value)}
 
     def _prepare(self, group, params, grads, states, steps):
         return F.prepare_adagrad(
@@ -963,6 +1028,7 @@ class RMSprop(_Optimizer):
     ``square_avg``, ``momentum_buffer`` (momentum > 0) and ``grad_avg`` (centered).
     See :func:`fastoptim.reference.rmsprop_` for the update.
     """
+    _state_order = ("square_avg", "momentum_buffer", "grad_avg")
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
                  centered=False, capturable=False, foreach=None, maximize=False,
@@ -1019,11 +1085,11 @@ class RMSprop(_Optimizer):
         return names
 
     def _new_state(self, group, p):
-        state = {"step": torch.zeros((), dtype=_scalar_dtype()), "square_avg": _zeros(p)}
+        state = {"step": torch.zeros((), dtype=_scalar_dtype()), "square_avg": self._state_tensor(p, "square_avg")}
         if _value("momentum", group["momentum"]) > 0:
-            state["momentum_buffer"] = _zeros(p)
+            state["momentum_buffer"] = self._state_tensor(p, "momentum_buffer")
         if group["centered"]:
-            state["grad_avg"] = _zeros(p)
+            state["grad_avg"] = self._state_tensor(p, "grad_avg")
         return state
 
     def _prepare(self, group, params, grads, states, steps):
@@ -1047,6 +1113,7 @@ class Adam(_Optimizer):
     ``max_exp_avg_sq`` (amsgrad). ``lr`` and ``betas`` may be 1-element tensors. See
     :func:`fastoptim.reference.adam_` for the update.
     """
+    _state_order = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
@@ -1126,10 +1193,10 @@ class Adam(_Optimizer):
         return ("exp_avg", "exp_avg_sq")
 
     def _new_state(self, group, p):
-        state = {"step": _new_step(group, p), "exp_avg": _zeros(p),
-                 "exp_avg_sq": _zeros(p)}
+        state = {"step": _new_step(group, p), "exp_avg": self._state_tensor(p, "exp_avg"),
+                 "exp_avg_sq": self._state_tensor(p, "exp_avg_sq")}
         if group["amsgrad"]:
-            state["max_exp_avg_sq"] = _zeros(p)
+            state["max_exp_avg_sq"] = self._state_tensor(p, "max_exp_avg_sq")
         return state
 
     def _prepare(self, group, params, grads, states, steps):
