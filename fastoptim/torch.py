@@ -185,6 +185,19 @@ def _shares_memory(a, b):
 
 _NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
+try:                                     # FSDP2's sharded parameters and state
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:                      # torch built without distributed
+    _DTensor = None
+
+
+def _local(t):
+    """A DTensor's local shard (what the kernels update: each rank steps its own
+    shard, as torch.optim does on FSDP2's parameters); any other tensor as it is."""
+    if _DTensor is not None and isinstance(t, _DTensor):
+        return t.to_local()
+    return t
+
 
 def _dense_strides(shape, strides):
     """Whether a tensor of this shape and strides fills its memory span exactly (in
@@ -198,8 +211,9 @@ def _dense_strides(shape, strides):
 
 
 def _placeable(p):
-    """Whether state shaped like ``p`` is placed (see _state_like)."""
-    return (p.dtype in _NUMPY_DTYPE and p.is_cpu
+    """Whether state shaped like ``p`` is placed (see _state_like): not a DTensor,
+    whose state is a DTensor sharded like it, as torch makes it."""
+    return (p.dtype in _NUMPY_DTYPE and p.is_cpu and _local(p) is p
             and p.numel() * p.element_size() >= _placement.MIN_BYTES
             and _dense_strides(p.shape, p.stride()))
 
@@ -619,9 +633,13 @@ class _Optimizer(_TorchOptimizer):
             if g is None:
                 continue
             # the parameter: a flat view of its memory, or a buffer copied in and out
+            pl = _local(p)
+            if pl is not p:                   # a DTensor: its local shard, and the grad's
+                g = self._local_grad(gi, group, i, p, g)
+                plan.reusable = False
             v = cache.get(id(p))
-            if v is None or v.p is not p or v.meta != (p.data_ptr(), p.shape, p.stride(),
-                                                       p.dtype):
+            if v is None or v.p is not p or v.meta != (pl.data_ptr(), pl.shape, pl.stride(),
+                                                       pl.dtype):
                 v = self._param_views(gi, group, i, p, cache)
             if v.strided is not None:
                 self._check_strided(gi, group, i, v, strided)
@@ -630,8 +648,8 @@ class _Optimizer(_TorchOptimizer):
             kparams.append(v.array)
             # the gradient, read in the parameter's memory order (never written)
             if not (g.is_cpu and g.layout is _STRIDED and g.dtype is p.dtype
-                    and g.shape == p.shape):
-                self._check_grad(gi, group, i, p, g)
+                    and g.shape == pl.shape):
+                self._check_grad(gi, group, i, pl, g)
             if g.dtype in _FLOAT_DTYPES and not g.requires_grad:
                 try:
                     ga = g.numpy()
@@ -715,9 +733,23 @@ class _Optimizer(_TorchOptimizer):
             raise type(e)(msg) from None
         return plan
 
+    def _local_grad(self, gi, group, i, p, g):
+        """The local shard of a DTensor parameter's gradient, which must be sharded as
+        the parameter is (FSDP2 reduce-scatters it so)."""
+        if (not isinstance(g, _DTensor) or g.device_mesh != p.device_mesh
+                or g.placements != p.placements or g.shape != p.shape):
+            what = (f"a DTensor with placements {g.placements} of shape {tuple(g.shape)}"
+                    if isinstance(g, _DTensor) else f"a {type(g).__name__}")
+            raise ValueError(f"the gradient of {self._param_name(gi, group, i)} is {what}, "
+                             f"but the parameter is a DTensor with placements "
+                             f"{p.placements} of shape {tuple(p.shape)}: fastoptim.torch "
+                             f"steps each rank's shard and needs the gradient sharded alike")
+        return g.to_local()
+
     def _numpy(self, gi, group, i, t, what=""):
-        """Zero-copy NumPy view of a CPU tensor's memory (complex: view_as_real)."""
-        t = t.detach()
+        """Zero-copy NumPy view of a CPU tensor's memory (complex: view_as_real; a
+        DTensor: its local shard)."""
+        t = _local(t).detach()
         try:
             if t.dtype in _COMPLEX_DTYPES:
                 t = torch.view_as_real(t)
@@ -728,12 +760,12 @@ class _Optimizer(_TorchOptimizer):
 
     def _param_views(self, gi, group, i, p, cache):
         self._check_param(gi, group, i, p)
-        meta = _meta(p)
+        meta = _meta(_local(p))
         pa = self._numpy(gi, group, i, p)
         if _dense(pa):
             v = _Views(p, meta, pa.ravel("K"), pa, None)
         else:
-            if torch._debug_has_internal_overlap(p) == 1:
+            if torch._debug_has_internal_overlap(_local(p)) == 1:
                 raise ValueError(f"{self._param_name(gi, group, i)} has elements that "
                                  f"share memory; an in-place update of it is not defined")
             # A strided parameter: a contiguous buffer, filled right before its group
@@ -779,6 +811,11 @@ class _Optimizer(_TorchOptimizer):
             raise ValueError(f"state[{sname!r}] of {label} is a {t.dtype} tensor of shape "
                              f"{tuple(t.shape)} on {t.device}, but the parameter is "
                              f"{p.dtype} of shape {tuple(p.shape)} on {p.device}")
+        if _local(p) is not p and (not isinstance(t, _DTensor)
+                                   or t.placements != p.placements):
+            raise ValueError(f"state[{sname!r}] of {label} must be a DTensor sharded as "
+                             f"the parameter ({p.placements}), got "
+                             f"{getattr(t, 'placements', type(t).__name__)}")
         sa = self._numpy(gi, group, i, t, what=f"state[{sname!r}] of ")
         if _same_order(sa, v.layout):
             c = (t, t.data_ptr(), sa.ravel("K"), None)
