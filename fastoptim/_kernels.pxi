@@ -351,6 +351,56 @@ def check_array(obj, str name, Py_ssize_t index, bint written=True):
     return _check_array(obj, name, index, written, None, None)
 
 
+#: role names for messages of a reused step (the prepare_* functions name their lists)
+_ROLE_NAMES = ("params", "grads", "state", "state", "state")
+
+
+def gather_counts(cnp.ndarray addresses, cnp.ndarray doubles, cnp.ndarray out):
+    """For the torch drop-in's ``state["step"]`` tensors: ``out[i]`` = the step count
+    stored at ``addresses[i]`` (int64 array of addresses of live 0-d tensors the caller
+    holds; a float64 there if ``doubles[i]`` else a float32). Returns -1, or the first i
+    whose value is not a whole number in [0, 2**63 - 1) (``out`` is then partly
+    written)."""
+    cdef Py_ssize_t i, n = cnp.PyArray_SIZE(out)
+    cdef int64_t *a = <int64_t *> cnp.PyArray_DATA(addresses)
+    cdef char *dbl = <char *> cnp.PyArray_DATA(doubles)
+    cdef int64_t *o = <int64_t *> cnp.PyArray_DATA(out)
+    cdef double x
+    if (cnp.PyArray_TYPE(addresses) != cnp.NPY_INT64 or cnp.PyArray_SIZE(addresses) != n
+            or cnp.PyArray_ITEMSIZE(doubles) != 1 or cnp.PyArray_SIZE(doubles) != n
+            or cnp.PyArray_TYPE(out) != cnp.NPY_INT64
+            or not (cnp.PyArray_IS_C_CONTIGUOUS(addresses) and
+                    cnp.PyArray_IS_C_CONTIGUOUS(doubles) and cnp.PyArray_IS_C_CONTIGUOUS(out))):
+        raise TypeError("gather_counts takes contiguous int64 addresses, 1-byte flags and "
+                        "an int64 output of one length")
+    for i in range(n):
+        x = (<double *> <uintptr_t> a[i])[0] if dbl[i] else (<float *> <uintptr_t> a[i])[0]
+        if not (x >= 0 and x < 9.2233720368547748e18 and x == <double> <int64_t> x):
+            return i
+        o[i] = <int64_t> x
+    return -1
+
+
+def scatter_counts(cnp.ndarray addresses, cnp.ndarray doubles, cnp.ndarray counts):
+    """The reverse of :func:`gather_counts`: store ``counts[i]`` at ``addresses[i]``."""
+    cdef Py_ssize_t i, n = cnp.PyArray_SIZE(counts)
+    cdef int64_t *a = <int64_t *> cnp.PyArray_DATA(addresses)
+    cdef char *dbl = <char *> cnp.PyArray_DATA(doubles)
+    cdef int64_t *c = <int64_t *> cnp.PyArray_DATA(counts)
+    if (cnp.PyArray_TYPE(addresses) != cnp.NPY_INT64 or cnp.PyArray_SIZE(addresses) != n
+            or cnp.PyArray_ITEMSIZE(doubles) != 1 or cnp.PyArray_SIZE(doubles) != n
+            or cnp.PyArray_TYPE(counts) != cnp.NPY_INT64
+            or not (cnp.PyArray_IS_C_CONTIGUOUS(addresses) and
+                    cnp.PyArray_IS_C_CONTIGUOUS(doubles) and cnp.PyArray_IS_C_CONTIGUOUS(counts))):
+        raise TypeError("scatter_counts takes contiguous int64 addresses, 1-byte flags and "
+                        "int64 counts of one length")
+    for i in range(n):
+        if dbl[i]:
+            (<double *> <uintptr_t> a[i])[0] = <double> c[i]
+        else:
+            (<float *> <uintptr_t> a[i])[0] = <float> c[i]
+
+
 cdef class Step:
     """A checked, ready-to-run update of a list of arrays. ``run()`` cannot fail."""
     cdef Batch b
@@ -361,9 +411,15 @@ cdef class Step:
     cdef Py_ssize_t total
     cdef bint done
     cdef int kind                  # KIND_*: which rule, for the serial-size calibration
+    cdef bint reusable             # run() may be called again (see make_reusable)
+    cdef Interval *wiv             # reusable: written arrays' byte intervals, by start
+    cdef Py_ssize_t nwiv
 
     def __cinit__(self):
         memset(&self.b, 0, sizeof(Batch))
+        self.wiv = NULL
+        self.nwiv = 0
+        self.reusable = False
         self.keep = []
         self.done = False
 
@@ -377,6 +433,7 @@ cdef class Step:
         PyMem_Free(self.b.ts0)
         PyMem_Free(self.b.ts1)
         PyMem_Free(self.b.tkey)
+        PyMem_Free(self.wiv)
 
     @property
     def size(self):
@@ -519,11 +576,135 @@ cdef class Step:
         raise ValueError(f"{x} overlaps {y} in memory; arrays that are updated in place "
                          f"must not share memory with any other argument")
 
+    # --- reuse: the torch drop-in keeps a prepared step for as long as its parameters,
+    # state and options stay the same, and per step only points it at the new gradients
+
+    cdef Py_ssize_t _itemsize(self, Py_ssize_t t, int role) noexcept nogil:
+        if role >= 2 and self.b.bf16:
+            return 2
+        return 8 if self.b.is_double[t] else 4
+
+    def make_reusable(self):
+        """Let ``run()`` be called any number of times; between runs, ``set_grads()`` may
+        point the gradients at new memory. The arrays, hyperparameters and step
+        counters array stay those of ``prepare_*`` (the caller keeps them alive and
+        unchanged in layout: the step holds only their addresses)."""
+        cdef Py_ssize_t t, n = 0, nbytes, a, b
+        cdef int r
+        if self.reusable:
+            return
+        for t in range(self.b.n):
+            if self.b.offsets[t + 1] == self.b.offsets[t]:
+                continue
+            for r in range(self.b.nroles):
+                if r == ROLE_GRAD or self.b.ptr[r][t] == NULL:
+                    continue
+                n += 1
+        self.wiv = <Interval *> PyMem_Malloc((n + 1) * sizeof(Interval))
+        if self.wiv == NULL:
+            raise MemoryError()
+        n = 0
+        for t in range(self.b.n):
+            if self.b.offsets[t + 1] == self.b.offsets[t]:
+                continue
+            for r in range(self.b.nroles):
+                if r == ROLE_GRAD or self.b.ptr[r][t] == NULL:
+                    continue
+                nbytes = (self.b.offsets[t + 1] - self.b.offsets[t]) * self._itemsize(t, r)
+                self.wiv[n].start = <uintptr_t> self.b.ptr[r][t]
+                self.wiv[n].end = self.wiv[n].start + <uintptr_t> nbytes
+                self.wiv[n].written = 1
+                self.wiv[n].role = r
+                self.wiv[n].index = self.b.index[t]
+                n += 1
+        if self.steps_arr is not None and cnp.PyArray_NBYTES(self.steps_arr) > 0:
+            self.wiv[n].start = <uintptr_t> cnp.PyArray_DATA(self.steps_arr)
+            self.wiv[n].end = self.wiv[n].start + <uintptr_t> cnp.PyArray_NBYTES(self.steps_arr)
+            self.wiv[n].written = 1
+            self.wiv[n].role = -1
+            self.wiv[n].index = 0
+            n += 1
+        # written arrays never overlap one another (checked by _gather): sorted by start,
+        # they are sorted by end too
+        qsort(self.wiv, n, sizeof(Interval), _cmp_interval)
+        self.nwiv = n
+        self.reusable = True
+
+    def set_grads(self, list addresses):
+        """Point the gradient of each updated array (in this step's order: the arrays
+        whose gradient was not None) at a new address, given as an int: memory laid out
+        exactly as the gradient given to ``prepare_*`` (dtype, shape, dense in the
+        parameter's memory order), which the caller guarantees and keeps alive until
+        the next ``run()``. Checked here: alignment, and no overlap with any array the
+        step writes. A refused call raises ValueError naming ``grads[i]`` and changes
+        nothing."""
+        cdef Py_ssize_t n = self.b.n, t, lo, hi, mid, itemsize, nbytes
+        cdef uintptr_t addr, end
+        cdef void **tmp
+        cdef Interval g
+        if not self.reusable:
+            raise RuntimeError("set_grads() needs make_reusable() first")
+        if len(addresses) != n:
+            raise ValueError(f"addresses has {len(addresses)} entries, expected {n}")
+        tmp = <void **> PyMem_Malloc(max(n, 1) * sizeof(void *))
+        if tmp == NULL:
+            raise MemoryError()
+        try:
+            for t in range(n):
+                try:
+                    addr = <uintptr_t> (<unsigned long long> addresses[t])
+                except (TypeError, OverflowError):
+                    raise ValueError(f"grads[{self.b.index[t]}]: the address must be an "
+                                     f"int in [0, 2**64), got {addresses[t]!r}") from None
+                itemsize = self._itemsize(t, ROLE_GRAD)
+                nbytes = (self.b.offsets[t + 1] - self.b.offsets[t]) * itemsize
+                tmp[t] = <void *> addr
+                if nbytes == 0:
+                    continue
+                if addr == 0 or addr % itemsize != 0:
+                    raise ValueError(f"grads[{self.b.index[t]}] is not aligned to its dtype")
+                end = addr + <uintptr_t> nbytes
+                # the last written interval that starts before this one ends
+                lo, hi = 0, self.nwiv
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if self.wiv[mid].start < end:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                if lo > 0 and self.wiv[lo - 1].end > addr:
+                    g.start, g.end, g.written, g.role = addr, end, 0, ROLE_GRAD
+                    g.index = self.b.index[t]
+                    self._overlap_error(_ROLE_NAMES, g, self.wiv[lo - 1])
+            for t in range(n):
+                self.b.ptr[ROLE_GRAD][t] = tmp[t]
+        finally:
+            PyMem_Free(tmp)
+
+    def take_hyperparameters(self, Step other):
+        """Copy the hyperparameters of ``other`` -- a step of the same rule prepared for
+        no arrays, which checked them -- into this reusable step (a scheduler changed
+        ``lr``, ...). False, and nothing copied, when ``other`` runs another loop or
+        another storage format; the caller also keeps the state arrays the same (an
+        option that adds or removes one needs a new step)."""
+        if (other.segment != self.segment or other.scalars != self.scalars
+                or other.kind != self.kind or other.b.nroles != self.b.nroles
+                or other.b.bf16 != self.b.bf16 or other.b.stochastic != self.b.stochastic
+                or other.b.amsgrad != self.b.amsgrad or other.b.centered != self.b.centered):
+            return False
+        self.b.lr, self.b.momentum, self.b.dampening = other.b.lr, other.b.momentum, other.b.dampening
+        self.b.weight_decay, self.b.eps, self.b.alpha = other.b.weight_decay, other.b.eps, other.b.alpha
+        self.b.lr_decay, self.b.beta1, self.b.beta2 = other.b.lr_decay, other.b.beta1, other.b.beta2
+        self.b.hessian_power, self.b.seed = other.b.hessian_power, other.b.seed
+        self.b.maximize, self.b.nesterov = other.b.maximize, other.b.nesterov
+        self.b.decoupled = other.b.decoupled
+        return True
+
     def run(self, int n_threads=1):
-        """Apply the update in place. Runs at most once."""
+        """Apply the update in place. Runs at most once (unless made reusable)."""
         cdef int k = self.kind, d
         cdef Py_ssize_t threshold = _serial_threshold
-        if self.done:
+        if self.done and not self.reusable:
             raise RuntimeError("this step has already run")
         self.done = True
         d = 1 if (self.b.n > 0 and self.b.is_double[0]) else 0

@@ -30,7 +30,7 @@ import sys
 
 import numpy as np
 
-from . import _config, functional as F
+from . import _config, _placement, functional as F
 from .reference import bfloat16_to_float32, float32_to_bfloat16
 
 __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "AdaHessian", "Newton"]
@@ -548,31 +548,17 @@ def _f_order(p):
     return p.flags.f_contiguous and not p.flags.c_contiguous
 
 
-#: state arrays smaller than this are allocated plainly
-_PLACE_MIN_BYTES = 1 << 16
-
-
 def _placed_zeros(p, slot, dtype):
-    """A zeroed state array shaped like ``p``, placed so that its address differs from
-    ``p``'s by ``slot * 1088`` bytes modulo 4096.
-
-    A step streams the parameter and its state arrays together. glibc maps each large
-    array just below the previous one, so arrays allocated back to back sit a large
-    power of two (plus a page) apart: their elements then share the low 12 address
-    bits (4K aliasing of loads against earlier stores) and the same cache sets, and a
-    step runs measurably slower. Here every state array (slot 1, 2, 3) of a large
-    parameter starts 1 KiB + one cache line further round the 4 KiB page than the
-    parameter, whatever addresses the allocator hands out.
-    """
+    """A zeroed state array shaped like ``p`` (in its memory order), placed as
+    :mod:`fastoptim._placement` says: ``slot * 1088`` bytes further round the 4 KiB
+    page than ``p``, when it is large."""
     dtype = np.dtype(dtype)
     order = "F" if _f_order(p) else "C"
     nbytes = p.size * dtype.itemsize
-    if nbytes < _PLACE_MIN_BYTES:
+    if nbytes < _placement.MIN_BYTES:
         return np.zeros(p.shape, dtype, order=order)
-    buf = np.zeros(nbytes + 4096, np.uint8)
-    target = (p.__array_interface__["data"][0] + slot * 1088) % 4096
-    offset = (target - buf.__array_interface__["data"][0]) % 4096
-    return buf[offset:offset + nbytes].view(dtype).reshape(p.shape, order=order)
+    buf = _placement.placed_buffer(p.__array_interface__["data"][0], nbytes, slot)
+    return buf.view(dtype).reshape(p.shape, order=order)
 
 
 def _as_step(value, where):

@@ -68,14 +68,19 @@ How a step runs, point by point:
   ``libgomp.so.1``; the dynamic linker loads it once, so both share one OpenMP runtime
   and thread pool (no oversubscription).
 """
+import functools
 import math
+import operator
 import re
+from collections import defaultdict
+from itertools import compress, repeat
 
 import numpy as np
 import torch
+from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import Optimizer as _TorchOptimizer
 
-from . import _config
+from . import _config, _placement
 from . import functional as F
 
 __all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
@@ -178,8 +183,59 @@ def _shares_memory(a, b):
         return True
 
 
-def _zeros(p):
-    return torch.zeros_like(p, memory_format=torch.preserve_format)
+_NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+
+try:                                     # FSDP2's sharded parameters and state
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:                      # torch built without distributed
+    _DTensor = None
+
+
+def _local(t):
+    """A DTensor's local shard (what the kernels update: each rank steps its own
+    shard, as torch.optim does on FSDP2's parameters); any other tensor as it is."""
+    if _DTensor is not None and isinstance(t, _DTensor):
+        return t.to_local()
+    return t
+
+
+def _dense_strides(shape, strides):
+    """Whether a tensor of this shape and strides fills its memory span exactly (in
+    any axis order)."""
+    expected = 1
+    for stride, n in sorted((s, n) for s, n in zip(strides, shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= n
+    return True
+
+
+def _placeable(p):
+    """Whether state shaped like ``p`` is placed (see _state_like): not a DTensor,
+    whose state is a DTensor sharded like it, as torch makes it."""
+    return (p.dtype in _NUMPY_DTYPE and p.is_cpu and _local(p) is p
+            and p.numel() * p.element_size() >= _placement.MIN_BYTES
+            and _dense_strides(p.shape, p.stride()))
+
+
+def _state_like(p, slot, fill=0):
+    """``torch.full_like(p, fill, memory_format=torch.preserve_format)`` for state
+    ``slot`` (1, 2, 3: its place in the rule's state), placed as the NumPy classes
+    place theirs (:mod:`fastoptim._placement`) when it is large: a dense real tensor
+    with ``p``'s shape and strides whose storage holds exactly its elements (so
+    ``torch.save`` writes no more), in NumPy-allocated memory. Otherwise torch's own
+    allocation, as torch.optim makes it."""
+    if not _placeable(p):
+        return torch.full_like(p, fill, memory_format=torch.preserve_format)
+    nbytes = p.numel() * p.element_size()
+    flat = torch.from_numpy(_placement.placed_buffer(p.data_ptr(), nbytes, slot)
+                            .view(_NUMPY_DTYPE[p.dtype]))
+    t = torch.empty(0, dtype=p.dtype).set_(flat.untyped_storage(), 0, p.shape, p.stride())
+    if fill != 0:
+        t.fill_(fill)
+    return t
+
+
 
 
 def _new_step(group, p):
@@ -222,7 +278,7 @@ class _GroupPlan:
     """One parameter group's prepared step: everything is checked and allocated; run()
     only moves data and cannot fail."""
     __slots__ = ("kernel", "fills", "backs", "step_views", "steps", "new_state",
-                 "written")
+                 "written", "used", "grads", "reusable")
 
     def __init__(self):
         self.kernel = None       # fastoptim Step (None: no parameter has a gradient)
@@ -232,6 +288,9 @@ class _GroupPlan:
         self.steps = None        # int64 counters the kernel reads and increments
         self.new_state = []      # (state dict, param, entries) created by this step
         self.written = []        # tensors whose version counter is bumped
+        self.used = []           # the parameters with a gradient (the kernel's order)
+        self.grads = []          # their gradients
+        self.reusable = True     # whether a _Reuse can be made of this plan
 
     def run(self, n_threads):
         for dst, src in self.fills:
@@ -244,6 +303,97 @@ class _GroupPlan:
                 view[()] = count
         for state, p, entries in self.new_state:
             state.setdefault(p, {}).update(entries)
+        torch.autograd.graph.increment_version(self.written)
+
+
+_GRAD = operator.attrgetter("grad")
+_SHAPE = operator.attrgetter("shape")
+_DATA_PTR = torch.Tensor.data_ptr
+_STRIDE = torch.Tensor.stride
+
+
+def _by_value(group):
+    """Whether an option of the group can change without being replaced: a tensor
+    (a scheduler may change a tensor ``lr`` in place) or a list (``betas``)."""
+    return any(isinstance(v, (torch.Tensor, list, dict)) or (isinstance(v, tuple) and any(
+        isinstance(x, (torch.Tensor, list)) for x in v))
+        for k, v in group.items() if k != "params")
+
+
+def _snapshot(group, by_value):
+    """A group's options (its values, ``params`` included), to see whether any changed
+    since the last step; ``by_value`` (see _by_value): tensors and lists by value."""
+    if not by_value:
+        return list(group.values())
+    return [v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else
+            tuple(x.item() if isinstance(x, torch.Tensor) and x.numel() == 1 else x
+                  for x in v)
+            if isinstance(v, (tuple, list)) else v
+            for k, v in group.items() if k != "params"]
+
+
+def _step_hooks(step):
+    """``step`` wrapped as torch wraps every optimizer's step (pre- and post-hooks, a
+    profiler range), but with torch's wrapper entered only when a hook is registered or
+    the profiler runs: entering it costs ~20 us a step, more than a whole small step.
+    Marked ``hooked`` so that torch's Optimizer.__init__ does not wrap it again."""
+    wrapped = _TorchOptimizer.profile_hook_step(step)
+
+    @functools.wraps(step)
+    def wrapper(self, *args, **kwargs):
+        if (_torch_optimizer._global_optimizer_pre_hooks
+                or _torch_optimizer._global_optimizer_post_hooks
+                or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
+                or torch.autograd._profiler_enabled()):
+            return wrapped(self, *args, **kwargs)
+        out = step(self, *args, **kwargs)
+        self._optimizer_step_code()
+        return out
+    wrapper.hooked = True
+    return wrapper
+
+
+class _State(defaultdict):
+    """``optimizer.state`` as torch makes it (a ``defaultdict(dict)`` keyed by parameter),
+    counting the changes of its entries in ``version``: a kept step (_Reuse) checks
+    that one number instead of looking every parameter up (a tensor's hash is a Python
+    call). The per-parameter dicts inside are plain dicts, checked entry by entry."""
+
+    def __init__(self, default_factory=dict, *args, **kwargs):
+        super().__init__(default_factory, *args, **kwargs)
+        self.version = 0
+
+    def _changed(name):
+        method = getattr(defaultdict, name)
+
+        def changed(self, *args, **kwargs):
+            self.version += 1
+            return method(self, *args, **kwargs)
+        changed.__name__ = name
+        return changed
+
+    for _name in ("__setitem__", "__delitem__", "__ior__", "clear", "pop", "popitem",
+                  "setdefault", "update"):
+        locals()[_name] = _changed(_name)
+    del _name, _changed
+
+
+class _Reuse:
+    """A group's prepared kernel call, kept from one step to the next (the per-step
+    cost is then a few attribute reads per parameter). Valid while the group has the
+    same parameters, the same ones have gradients, each parameter and gradient keeps its
+    address, shape and strides (grads: their address may change), ``self.state`` and
+    each parameter's state dict and state tensors are the same objects, and no option
+    that adds or removes a state array changed. Whatever else changed is caught by
+    :meth:`_Optimizer._reused`, which then plans the group afresh."""
+    __slots__ = ("params", "mask", "used", "pptrs", "shapes", "pstrides", "gstrides", "state",
+                 "state_version", "dicts", "by_value", "dicts_rep", "keys", "flat", "names", "options", "kernel",
+                 "counts", "step_addrs", "step_doubles", "written")
+
+    def run(self, n_threads):
+        self.kernel.run(n_threads)
+        if self.step_addrs is not None:
+            _config._kernels.scatter_counts(self.step_addrs, self.step_doubles, self.counts)
         torch.autograd.graph.increment_version(self.written)
 
 
@@ -264,6 +414,7 @@ class _Optimizer(_TorchOptimizer):
         """End of each subclass __init__, after torch's own argument checks."""
         for gi, group in enumerate(self.param_groups):
             self._check_group(gi, group)
+        self.state = _State(dict, self.state)
         self._fastoptim_ready = True
 
     def add_param_group(self, param_group):
@@ -277,8 +428,11 @@ class _Optimizer(_TorchOptimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        if not isinstance(self.state, _State):
+            self.state = _State(dict, self.state)
         self._fastoptim_ready = True
         self._views = {}
+        self._reuses = {}
 
     def _check_group(self, gi, group):
         """Refuse options and parameters the kernels cannot honour."""
@@ -335,6 +489,7 @@ class _Optimizer(_TorchOptimizer):
 
     # --- the step ----------------------------------------------------------------------
 
+    @_step_hooks
     def step(self, closure=None):
         """Perform a single optimization step (one compiled call per parameter group).
 
@@ -348,12 +503,118 @@ class _Optimizer(_TorchOptimizer):
                 loss = closure()
         with torch.no_grad():
             # Plan every group before running any: a refused step changes nothing.
-            plans = [self._plan(gi, group) for gi, group in enumerate(self.param_groups)]
+            plans = [self._reused(gi, group) or self._plan(gi, group)
+                     for gi, group in enumerate(self.param_groups)]
             n_threads = _threads()
-            for plan in plans:
+            for gi, plan in enumerate(plans):
                 if plan.kernel is not None:
                     plan.run(n_threads)
+                if isinstance(plan, _GroupPlan):
+                    self._keep(gi, self.param_groups[gi], plan)
         return loss
+
+    def _reused(self, gi, group):
+        """The group's kept kernel call, pointed at this step's gradients, if nothing it
+        depends on changed (see _Reuse); else None (the group is planned afresh, which
+        also raises the errors a bad step deserves). Changes no tensor."""
+        r = self.__dict__.get("_reuses", {}).get(gi)
+        if r is None:
+            return None
+        params = group["params"]
+        if len(params) != len(r.params) or not all(map(operator.is_, params, r.params)):
+            return None
+        grads = list(map(_GRAD, params))
+        if list(map(operator.is_not, grads, repeat(None))) != r.mask:
+            return None
+        used = r.used
+        grads = list(compress(grads, r.mask))
+        try:
+            if (list(map(_DATA_PTR, used)) != r.pptrs or list(map(_SHAPE, used)) != r.shapes
+                    or list(map(_SHAPE, grads)) != r.shapes
+                    or list(map(_STRIDE, used)) != r.pstrides
+                    or list(map(_STRIDE, grads)) != r.gstrides):
+                return None
+        except RuntimeError:                     # a sparse gradient has no strides
+            return None
+        state = self.state
+        if state is not r.state or state.version != r.state_version:
+            return None
+        flat = r.flat
+        if (not all(map(operator.is_, map(dict.get, r.dicts_rep, r.keys), flat[0]))
+                or list(map(_DATA_PTR, flat[0])) != flat[1]):
+            return None
+        options = _snapshot(group, r.by_value)
+        if options != r.options:
+            r.by_value = _by_value(group)
+            options = _snapshot(group, r.by_value)
+            if (group.get("differentiable", False) or group.get("capturable", False)
+                    or self._state_names(group) != r.names):
+                return None
+            fresh = self._prepare(group, [], [], [[] for _ in r.names],
+                                  np.zeros(0, dtype=np.int64))
+            if not r.kernel.take_hyperparameters(fresh):
+                return None
+            r.options = options
+        if r.step_addrs is not None and _config._kernels.gather_counts(
+                r.step_addrs, r.step_doubles, r.counts) >= 0:
+            return None                          # (the fresh plan names the bad count)
+        try:
+            r.kernel.set_grads(list(map(_DATA_PTR, grads)))
+        except ValueError:
+            return None                          # (the fresh plan names the overlap)
+        return r
+
+    def _keep(self, gi, group, plan):
+        """After ``plan`` ran: keep its kernel call for the next steps (a _Reuse), when
+        it has no buffer copies (strided or complex parameters, a gradient or state in
+        another memory order) and made no new state tensors -- those steps are planned
+        afresh each time."""
+        reuses = self.__dict__.get("_reuses")
+        if reuses is None:
+            reuses = self._reuses = {}
+        reuses.pop(gi, None)
+        if not plan.reusable or plan.kernel is None or plan.fills or plan.new_state:
+            return
+        r = _Reuse()
+        r.params = list(group["params"])
+        r.mask = [p.grad is not None for p in r.params]
+        r.used = plan.used
+        if [p for p, m in zip(r.params, r.mask) if m] != r.used or any(
+                g is not p.grad for p, g in zip(r.used, plan.grads)):
+            return                               # (a hook changed the gradients)
+        grads = plan.grads
+        r.pptrs = list(map(_DATA_PTR, r.used))
+        r.shapes = list(map(_SHAPE, r.used))
+        r.pstrides = list(map(_STRIDE, r.used))
+        if list(map(_SHAPE, grads)) != r.shapes:
+            return
+        r.gstrides = list(map(_STRIDE, grads))
+        if not isinstance(self.state, _State):
+            return
+        r.state = self.state
+        r.state_version = self.state.version
+        r.dicts = [self.state.get(p) for p in r.used]
+        r.names = self._state_names(group)
+        keys = r.names + (("step",) if self._has_step else ())
+        r.keys = list(keys) * len(r.used)
+        r.dicts_rep = [d for d in r.dicts for _ in keys]
+        tensors = [d.get(k) for d in r.dicts for k in keys]
+        if not all(isinstance(t, torch.Tensor) for t in tensors):
+            return
+        r.flat = (tensors, list(map(_DATA_PTR, tensors)))
+        r.by_value = _by_value(group)
+        r.options = _snapshot(group, r.by_value)
+        r.kernel = plan.kernel
+        r.kernel.make_reusable()
+        r.counts = plan.steps
+        if self._has_step:
+            steps = [d["step"] for d in r.dicts]
+            r.step_addrs = np.array(list(map(_DATA_PTR, steps)), dtype=np.int64)
+            r.step_doubles = np.array([t.dtype == torch.float64 for t in steps], np.int8)
+        else:
+            r.step_addrs = r.step_doubles = None
+        r.written = plan.written
+        reuses[gi] = r
 
     def _plan(self, gi, group):
         """Check one group and prepare its kernel call; change nothing."""
@@ -372,9 +633,13 @@ class _Optimizer(_TorchOptimizer):
             if g is None:
                 continue
             # the parameter: a flat view of its memory, or a buffer copied in and out
+            pl = _local(p)
+            if pl is not p:                   # a DTensor: its local shard, and the grad's
+                g = self._local_grad(gi, group, i, p, g)
+                plan.reusable = False
             v = cache.get(id(p))
-            if v is None or v.p is not p or v.meta != (p.data_ptr(), p.shape, p.stride(),
-                                                       p.dtype):
+            if v is None or v.p is not p or v.meta != (pl.data_ptr(), pl.shape, pl.stride(),
+                                                       pl.dtype):
                 v = self._param_views(gi, group, i, p, cache)
             if v.strided is not None:
                 self._check_strided(gi, group, i, v, strided)
@@ -383,21 +648,28 @@ class _Optimizer(_TorchOptimizer):
             kparams.append(v.array)
             # the gradient, read in the parameter's memory order (never written)
             if not (g.is_cpu and g.layout is _STRIDED and g.dtype is p.dtype
-                    and g.shape == p.shape):
-                self._check_grad(gi, group, i, p, g)
+                    and g.shape == pl.shape):
+                self._check_grad(gi, group, i, pl, g)
             if g.dtype in _FLOAT_DTYPES and not g.requires_grad:
                 try:
                     ga = g.numpy()
                 except RuntimeError:          # negative bit set
                     ga = self._grad_array(g)
+                    plan.reusable = False
             else:
                 ga = self._grad_array(g)
+                # a reused step reads the gradient's own memory: not through a copy
+                if g.dtype not in _FLOAT_DTYPES or g.is_neg():
+                    plan.reusable = False
             if (v.c_order and ga.flags.c_contiguous) or _same_order(ga, v.layout):
                 kgrads.append(ga.ravel("K"))
             else:
                 buf, view = _like(v.layout)
                 np.copyto(view, ga)
                 kgrads.append(buf)
+                plan.reusable = False
+            plan.used.append(p)
+            plan.grads.append(g)
             # the state tensors, viewed in the parameter's memory order
             state = self.state.get(p)
             is_new = not state or (self._partial_state and not self._has_state(state, group))
@@ -461,9 +733,23 @@ class _Optimizer(_TorchOptimizer):
             raise type(e)(msg) from None
         return plan
 
+    def _local_grad(self, gi, group, i, p, g):
+        """The local shard of a DTensor parameter's gradient, which must be sharded as
+        the parameter is (FSDP2 reduce-scatters it so)."""
+        if (not isinstance(g, _DTensor) or g.device_mesh != p.device_mesh
+                or g.placements != p.placements or g.shape != p.shape):
+            what = (f"a DTensor with placements {g.placements} of shape {tuple(g.shape)}"
+                    if isinstance(g, _DTensor) else f"a {type(g).__name__}")
+            raise ValueError(f"the gradient of {self._param_name(gi, group, i)} is {what}, "
+                             f"but the parameter is a DTensor with placements "
+                             f"{p.placements} of shape {tuple(p.shape)}: fastoptim.torch "
+                             f"steps each rank's shard and needs the gradient sharded alike")
+        return g.to_local()
+
     def _numpy(self, gi, group, i, t, what=""):
-        """Zero-copy NumPy view of a CPU tensor's memory (complex: view_as_real)."""
-        t = t.detach()
+        """Zero-copy NumPy view of a CPU tensor's memory (complex: view_as_real; a
+        DTensor: its local shard)."""
+        t = _local(t).detach()
         try:
             if t.dtype in _COMPLEX_DTYPES:
                 t = torch.view_as_real(t)
@@ -474,12 +760,12 @@ class _Optimizer(_TorchOptimizer):
 
     def _param_views(self, gi, group, i, p, cache):
         self._check_param(gi, group, i, p)
-        meta = _meta(p)
+        meta = _meta(_local(p))
         pa = self._numpy(gi, group, i, p)
         if _dense(pa):
             v = _Views(p, meta, pa.ravel("K"), pa, None)
         else:
-            if torch._debug_has_internal_overlap(p) == 1:
+            if torch._debug_has_internal_overlap(_local(p)) == 1:
                 raise ValueError(f"{self._param_name(gi, group, i)} has elements that "
                                  f"share memory; an in-place update of it is not defined")
             # A strided parameter: a contiguous buffer, filled right before its group
@@ -525,6 +811,11 @@ class _Optimizer(_TorchOptimizer):
             raise ValueError(f"state[{sname!r}] of {label} is a {t.dtype} tensor of shape "
                              f"{tuple(t.shape)} on {t.device}, but the parameter is "
                              f"{p.dtype} of shape {tuple(p.shape)} on {p.device}")
+        if _local(p) is not p and (not isinstance(t, _DTensor)
+                                   or t.placements != p.placements):
+            raise ValueError(f"state[{sname!r}] of {label} must be a DTensor sharded as "
+                             f"the parameter ({p.placements}), got "
+                             f"{getattr(t, 'placements', type(t).__name__)}")
         sa = self._numpy(gi, group, i, t, what=f"state[{sname!r}] of ")
         if _same_order(sa, v.layout):
             c = (t, t.data_ptr(), sa.ravel("K"), None)
@@ -543,6 +834,33 @@ class _Optimizer(_TorchOptimizer):
                             f"0-d float32 or float64 CPU tensor, got {t!r}")
         v.step = (t, t.data_ptr(), t.detach().numpy())
         return v.step
+
+    # --- state memory ------------------------------------------------------------------
+
+    #: every state tensor the rule may keep, in one order: its place (1, 2, 3) decides
+    #: where a large one goes in memory (fastoptim._placement)
+    _state_order = ()
+
+    def _state_tensor(self, p, name, fill=0):
+        """A new state tensor ``name`` of ``p``, as torch makes it, placed when large."""
+        return _state_like(p, self._state_order.index(name) + 1, fill)
+
+    def load_state_dict(self, state_dict):
+        """torch's ``load_state_dict``; then each large state tensor is copied into
+        placed memory (as a new state tensor would be): the loaded ones are torch's
+        allocations, or the very tensors of ``state_dict``."""
+        super().load_state_dict(state_dict)
+        for p, st in self.state.items():
+            if not isinstance(p, torch.Tensor) or not isinstance(st, dict) \
+                    or not _placeable(p):
+                continue
+            for name in self._state_order:
+                t = st.get(name)
+                if (isinstance(t, torch.Tensor) and t.shape == p.shape
+                        and t.dtype == p.dtype and t.is_cpu):
+                    placed = self._state_tensor(p, name)
+                    placed.copy_(t)
+                    st[name] = placed
 
     # --- class hooks -------------------------------------------------------------------
 
@@ -571,6 +889,7 @@ class SGD(_Optimizer):
     ``momentum_buffer`` (momentum != 0), set to the gradient on a parameter's first
     step. See :func:`fastoptim.reference.sgd_` for the update.
     """
+    _state_order = ("momentum_buffer",)
     _has_step = False
     _partial_state = True          # torch 1.x checkpoints hold momentum_buffer=None
 
@@ -622,7 +941,7 @@ class SGD(_Optimizer):
     def _new_state(self, group, p):
         if not self._state_names(group):
             return {}
-        return {"momentum_buffer": _zeros(p)}
+        return {"momentum_buffer": self._state_tensor(p, "momentum_buffer")}
 
     def _prepare(self, group, params, grads, states, steps):
         momentum = _value("momentum", group["momentum"])
@@ -644,6 +963,7 @@ class Adagrad(_Optimizer):
     ``initial_accumulator_value``). Sparse gradients are refused. See
     :func:`fastoptim.reference.adagrad_` for the update.
     """
+    _state_order = ("sum",)
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0,
                  initial_accumulator_value=0, eps=1e-10, foreach=None, *, maximize=False,
@@ -691,8 +1011,7 @@ class Adagrad(_Optimizer):
                 init_value = (
                     complex(initial_accumulator_value, initial_accumulator_value)
                     if torch.is_complex(p) else initial_accumulator_value)
-                state["sum"] = torch.full_like(p, init_value,
-                                               memory_format=torch.preserve_format)
+                state["sum"] = self._state_tensor(p, "sum", init_value)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -729,7 +1048,7 @@ class Adagrad(_Optimizer):
         iav = self.defaults["initial_accumulator_value"]
         init_value = complex(iav, iav) if torch.is_complex(p) else iav
         return {"step": _new_step({"fused": group["fused"]}, p),
-                "sum": torch.full_like(p, init_value, memory_format=torch.preserve_format)}
+                "sum": self._state_tensor(p, "sum", init_value)}
 
     def _prepare(self, group, params, grads, states, steps):
         return F.prepare_adagrad(
@@ -746,6 +1065,7 @@ class RMSprop(_Optimizer):
     ``square_avg``, ``momentum_buffer`` (momentum > 0) and ``grad_avg`` (centered).
     See :func:`fastoptim.reference.rmsprop_` for the update.
     """
+    _state_order = ("square_avg", "momentum_buffer", "grad_avg")
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
                  centered=False, capturable=False, foreach=None, maximize=False,
@@ -802,11 +1122,11 @@ class RMSprop(_Optimizer):
         return names
 
     def _new_state(self, group, p):
-        state = {"step": torch.zeros((), dtype=_scalar_dtype()), "square_avg": _zeros(p)}
+        state = {"step": torch.zeros((), dtype=_scalar_dtype()), "square_avg": self._state_tensor(p, "square_avg")}
         if _value("momentum", group["momentum"]) > 0:
-            state["momentum_buffer"] = _zeros(p)
+            state["momentum_buffer"] = self._state_tensor(p, "momentum_buffer")
         if group["centered"]:
-            state["grad_avg"] = _zeros(p)
+            state["grad_avg"] = self._state_tensor(p, "grad_avg")
         return state
 
     def _prepare(self, group, params, grads, states, steps):
@@ -830,6 +1150,7 @@ class Adam(_Optimizer):
     ``max_exp_avg_sq`` (amsgrad). ``lr`` and ``betas`` may be 1-element tensors. See
     :func:`fastoptim.reference.adam_` for the update.
     """
+    _state_order = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
@@ -909,10 +1230,10 @@ class Adam(_Optimizer):
         return ("exp_avg", "exp_avg_sq")
 
     def _new_state(self, group, p):
-        state = {"step": _new_step(group, p), "exp_avg": _zeros(p),
-                 "exp_avg_sq": _zeros(p)}
+        state = {"step": _new_step(group, p), "exp_avg": self._state_tensor(p, "exp_avg"),
+                 "exp_avg_sq": self._state_tensor(p, "exp_avg_sq")}
         if group["amsgrad"]:
-            state["max_exp_avg_sq"] = _zeros(p)
+            state["max_exp_avg_sq"] = self._state_tensor(p, "max_exp_avg_sq")
         return state
 
     def _prepare(self, group, params, grads, states, steps):

@@ -1,0 +1,311 @@
+"""fastoptim.torch keeps each group's prepared kernel call between steps and only points
+it at the new gradients: every change it depends on must be seen, never a stale
+pointer. Each test runs torch.optim (default path) and fastoptim.torch side by side,
+applies the same change to both between steps, and compares every parameter and state
+tensor after each step."""
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fastoptim.torch as fot  # noqa: E402
+
+from test_torch_dropin import NAMES, RICH, assert_close  # noqa: E402
+
+
+def _model(dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype))
+            for s in [(7, 5), (5,), (3, 4, 2), (33,)]]
+
+
+class Twins:
+    """torch.optim.<name> and fastoptim.torch.<name> on equal copies of a model."""
+
+    def __init__(self, name, opts=None, dtype=torch.float32, groups=None):
+        self.name = name
+        self.opts = dict(RICH[name] if opts is None else opts)
+        self.ref = _model(dtype)
+        self.got = [torch.nn.Parameter(p.detach().clone()) for p in self.ref]
+        self.gen = torch.Generator().manual_seed(1)
+        split = groups or (lambda ps: ps)
+        self.ref_opt = getattr(torch.optim, name)(split(self.ref), **self.opts)
+        self.got_opt = getattr(fot, name)(split(self.got), **self.opts)
+
+    def grads(self, skip=()):
+        for i, (a, b) in enumerate(zip(self.ref, self.got)):
+            if i in skip:
+                a.grad = b.grad = None
+                continue
+            g = torch.randn(a.shape, generator=self.gen, dtype=a.dtype)
+            a.grad, b.grad = g.clone(), g.clone()
+
+    def step(self, n=1, skip=()):
+        for _ in range(n):
+            self.grads(skip)
+            self.ref_opt.step()
+            self.got_opt.step()
+            self.check()
+
+    def both(self, fn):
+        fn(self.ref, self.ref_opt)
+        fn(self.got, self.got_opt)
+
+    def check(self):
+        for i, (a, b) in enumerate(zip(self.ref, self.got)):
+            assert_close(b, a, f"{self.name} param {i}")
+            sa, sb = self.ref_opt.state.get(a, {}), self.got_opt.state.get(b, {})
+            assert sorted(sa) == sorted(sb), (sa.keys(), sb.keys())
+            for key in sa:
+                if isinstance(sa[key], torch.Tensor):
+                    assert_close(sb[key].to(sa[key].dtype), sa[key], f"param {i} {key}")
+
+
+def test_the_group_is_kept_and_reused():
+    """The second step onwards runs the kept call (this is what the other tests change)."""
+    t = Twins("Adam")
+    t.step(2)
+    kept = t.got_opt._reuses[0]
+    t.step(3)
+    assert t.got_opt._reuses[0] is kept
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_parameter_data_replaced_between_steps(name):
+    t = Twins(name)
+    t.step(3)
+
+    def swap(params, opt):
+        params[0].data = params[0].data.clone()         # same values, new memory
+        params[2].data = params[2].data * 1.5
+    t.both(swap)
+    t.step(3)
+
+
+def test_parameter_data_transposed_in_place_of_itself():
+    """Same address and shape, other strides: the update must follow the new layout."""
+    t = Twins("Adam")
+    square = [torch.nn.Parameter(torch.randn(6, 6, generator=torch.Generator().manual_seed(3)))
+              for _ in range(2)]
+    t.ref.append(square[0])
+    t.got.append(square[1])
+    square[1].data.copy_(square[0].data)
+    t.ref_opt.add_param_group({"params": [square[0]]})
+    t.got_opt.add_param_group({"params": [square[1]]})
+    t.step(2)
+    t.both(lambda ps, opt: setattr(ps[-1], "data", ps[-1].data.t()))
+    t.step(3)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dtype_changed_between_steps(name):
+    """float64 -> float32 (the other way the float32 rounding differences would be
+    compared at float64's tolerance)."""
+    t = Twins(name, dtype=torch.float64)
+    t.step(2)
+
+    def to_float(params, opt):
+        for p in params:
+            p.data = p.data.float()
+        for st in opt.state.values():
+            for k, v in list(st.items()):
+                if isinstance(v, torch.Tensor) and k != "step":
+                    st[k] = v.float()
+    t.both(to_float)
+    t.step(3)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_param_group_added_between_steps(name):
+    t = Twins(name)
+    t.step(2)
+    extra = _model(seed=5)[:2]
+    t.ref.extend(extra)
+    t.got.extend(torch.nn.Parameter(p.detach().clone()) for p in extra)
+    t.ref_opt.add_param_group({"params": extra, "lr": 0.003})
+    t.got_opt.add_param_group({"params": t.got[-2:], "lr": 0.003})
+    t.step(3)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_loaded_between_steps(name):
+    t = Twins(name)
+    t.step(3)
+    saved = copy.deepcopy(t.ref_opt.state_dict())
+    t.step(2)
+    t.ref_opt.load_state_dict(copy.deepcopy(saved))   # (load_state_dict keeps the
+    t.got_opt.load_state_dict(copy.deepcopy(saved))   # given tensors: one copy each)
+    t.step(3)
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_grad_either_way(name, set_to_none):
+    t = Twins(name)
+    for _ in range(4):
+        t.ref_opt.zero_grad(set_to_none=set_to_none)
+        t.got_opt.zero_grad(set_to_none=set_to_none)
+        for a, b in zip(t.ref, t.got):                 # accumulate into .grad, as backward
+            g = torch.randn(a.shape, generator=t.gen)
+            if a.grad is None:
+                a.grad, b.grad = g.clone(), g.clone()
+            else:
+                a.grad.add_(g)
+                b.grad.add_(g)
+        t.ref_opt.step()
+        t.got_opt.step()
+        t.check()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_parameter_without_gradient_then_with_one(name):
+    t = Twins(name)
+    t.step(2, skip={1})
+    t.step(2)
+    t.step(2, skip={0, 3})
+
+
+@pytest.mark.parametrize("name", ["SGD", "RMSprop", "Adam"])
+def test_state_tensor_replaced_between_steps(name):
+    t = Twins(name)
+    t.step(2)
+
+    def replace(params, opt):
+        st = opt.state[params[0]]
+        key = next(k for k in st if k != "step")
+        st[key] = st[key].clone()                      # another tensor object
+    t.both(replace)
+    t.step(3)
+
+
+@pytest.mark.parametrize("what", ["state", "step"])
+@pytest.mark.parametrize("name", ["SGD", "RMSprop", "Adam"])
+def test_state_tensor_moved_between_steps(name, what):
+    """The same tensor object, its memory moved (share_memory_, set_)."""
+    if name == "SGD" and what == "step":
+        pytest.skip("SGD keeps no step")
+    t = Twins(name)
+    t.step(2)
+
+    def move(params, opt):
+        st = opt.state[params[1]]
+        for k in st:
+            if (k == "step") == (what == "step"):
+                st[k].share_memory_()
+        opt.state[params[2]]["step" if what == "step" else next(iter(
+            k for k in st if k != "step"))].set_(
+            opt.state[params[2]]["step" if what == "step" else next(iter(
+                k for k in st if k != "step"))].clone())
+    t.both(move)
+    t.step(3)
+
+
+def test_state_cleared_between_steps():
+    t = Twins("Adam")
+    t.step(2)
+    t.both(lambda ps, opt: opt.state.clear())
+    t.step(2)
+
+
+@pytest.mark.parametrize("name", ["Adagrad", "Adam", "AdamW"])
+def test_step_counter_edited_in_place(name):
+    t = Twins(name)
+    t.step(2)
+
+    def edit(params, opt):
+        opt.state[params[0]]["step"].fill_(100.0)
+    t.both(edit)
+    t.step(2)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_options_changed_between_steps(name):
+    t = Twins(name)
+    t.step(2)
+
+    def change(params, opt):
+        g = opt.param_groups[0]
+        g["lr"] *= 0.3
+        g["weight_decay"] = 0.02
+        g["maximize"] = True
+        if "betas" in g:
+            g["betas"] = (0.5, 0.9)
+        if name in ("SGD", "RMSprop"):
+            g["momentum"] = 0.3
+    t.both(change)
+    t.step(3)
+
+
+def test_tensor_lr_changed_in_place_between_steps():
+    t = Twins("Adam", dict(lr=torch.tensor(0.01)))
+    t.step(2)
+    t.both(lambda ps, opt: opt.param_groups[0]["lr"].fill_(0.002))
+    t.step(2)
+
+
+def test_option_that_adds_state_between_steps():
+    """momentum 0 -> 0.5 adds a momentum buffer: a new kernel call, not the kept one."""
+    t = Twins("SGD", dict(lr=0.05))
+    t.step(2)
+    t.both(lambda ps, opt: opt.param_groups[0].update(momentum=0.5))
+    t.step(3)
+
+
+def test_gradient_in_another_layout_between_steps():
+    t = Twins("Adam")
+    t.step(2)
+    g = torch.randn(5, 7, generator=t.gen).t()                # (7, 5), Fortran order
+    t.ref[0].grad, t.got[0].grad = g.clone(), g.clone()
+    for a, b in zip(t.ref[1:], t.got[1:]):
+        x = torch.randn(a.shape, generator=t.gen)
+        a.grad, b.grad = x.clone(), x.clone()
+    t.ref_opt.step()
+    t.got_opt.step()
+    t.check()
+    t.step(2)
+
+
+def test_a_refused_step_after_reuse_changes_nothing_and_names_the_parameter():
+    t = Twins("Adam")
+    t.step(3)
+    before = [p.detach().clone() for p in t.got]
+    state = copy.deepcopy(t.got_opt.state_dict())
+    t.grads()
+    t.got[2].grad = t.got[2].grad.to_sparse()    # the kernels take dense gradients only
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[2\] has a "
+                                        r"sparse gradient"):
+        t.got_opt.step()
+    for a, b in zip(before, t.got):
+        assert torch.equal(a, b)
+    after = t.got_opt.state_dict()
+    for k, entry in state["state"].items():
+        for key, v in entry.items():
+            assert torch.equal(v, after["state"][k][key])
+    t.ref_opt.zero_grad()
+    t.step(2)                                    # and the next good steps go on as torch
+
+
+def test_a_gradient_overlapping_a_state_tensor_is_refused_after_reuse():
+    t = Twins("Adam")
+    t.step(2)
+    t.grads()
+    t.got[1].grad = t.got_opt.state[t.got[1]]["exp_avg"]
+    with pytest.raises(ValueError, match="overlaps"):
+        t.got_opt.step()
+
+
+def test_hooks_still_run_with_the_light_step_wrapper():
+    t = Twins("Adam")
+    calls = []
+    h1 = t.got_opt.register_step_pre_hook(lambda opt, a, k: calls.append("pre"))
+    h2 = t.got_opt.register_step_post_hook(lambda opt, a, k: calls.append("post"))
+    t.step(2)
+    assert calls == ["pre", "post"] * 2
+    h1.remove()
+    h2.remove()
+    t.step(1)
+    assert calls == ["pre", "post"] * 2
+    with torch.autograd.profiler.profile() as prof:
+        t.step(1)
+    assert any("Optimizer.step#Adam.step" in e.name for e in prof.function_events)
