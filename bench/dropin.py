@@ -144,7 +144,7 @@ def main(argv=None):
             f, o, c = t["torch fused"], t["fastoptim.torch"], t["NumPy class"]
             print(f"  {label:<30} {f * 1e6:>10.1f}us {o * 1e6:>14.1f}us {c * 1e6:>10.1f}us"
                   f"  {f / o:>7.2f}x {o / c:>14.2f}x")
-        t, n, k = train_case(max(5, args.reps // 3))
+        t, n, k = train_case(max(20, args.reps))
         f, o = t["torch fused"], t["fastoptim.torch"]
         print(f"  whole training step, TransformerEncoder LM ({n / 1e6:.1f} M values in {k} "
               f"tensors): torch fused {f * 1e3:.1f} ms, fastoptim.torch {o * 1e3:.1f} ms "
