@@ -15,6 +15,7 @@ Why it is built this way:
   is never used (it would allow approximate rsqrt and may enable flush-to-zero for the
   whole process).
 """
+import glob
 import os
 import platform
 import shlex
@@ -167,7 +168,9 @@ def _extensions():
             f"fastoptim._kernels_{v}",
             sources=[f"fastoptim/_kernels_{v}.pyx"],
             include_dirs=[np.get_include(), os.path.join(HERE, "src_c")],
-            depends=["fastoptim/_kernels.pxi", "fastoptim/_kernels_hessian.pxi"] + [
+            depends=["fastoptim/_kernels.pxi"] + sorted(
+                glob.glob(os.path.join("fastoptim", "_kernels", "**", "*.pxi"),
+                          recursive=True)) + [
                 os.path.join("src_c", f) for f in os.listdir(os.path.join(HERE, "src_c"))],
         ))
     return exts

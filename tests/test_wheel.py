@@ -87,7 +87,9 @@ def test_sdist_holds_what_the_build_and_the_tests_need(artifacts):
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     for needed in ("setup.py", "pyproject.toml", "README.md", "CHANGELOG.md", "MANIFEST.in",
                    "src_c/fo_runtime.h", "src_c/fo_bf16.h", "fastoptim/_kernels.pxi",
-                   "fastoptim/_kernels_hessian.pxi", "fastoptim/_kernels_baseline.pyx",
+                   "fastoptim/_kernels/step.pxi", "fastoptim/_kernels/rules/adam.pxi",
+                   "fastoptim/_kernels/rules/adahessian.pxi",
+                   "fastoptim/_kernels_baseline.pyx",
                    "fastoptim/_kernels_baseline.pyi", "fastoptim/py.typed",
                    "tests/test_hostile.py", "scripts/sanitize.sh", "PKG-INFO"):
         assert needed in names, needed

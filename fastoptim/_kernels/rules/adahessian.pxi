@@ -1,7 +1,7 @@
 # Second-order rules: the per-element AdaHessian update.
 #
-# Included at the end of _kernels.pxi, so it is compiled into every per-ISA module and
-# reuses that file's machinery unchanged: ``Step`` and ``Batch`` (the prepared,
+# Included by _kernels.pxi, so it is compiled into every per-ISA module and reuses the
+# shared machinery (_kernels/runtime.pxi, step.pxi, checks.pxi) unchanged: ``Step`` and ``Batch`` (the prepared,
 # checked multi-tensor step), ``Step._gather`` (every array check, the overlap check,
 # the pointer tables) and ``_run_batch`` (one parallel region over the concatenation
 # of all arrays). Only the element loop and the per-array scalars are new here.

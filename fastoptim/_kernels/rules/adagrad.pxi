@@ -1,0 +1,56 @@
+# Part of the kernel module (included by fastoptim/_kernels.pxi): Adagrad.
+# The element loop (as fastoptim/reference.py, with types), the segment that
+# runs it on one array's piece, the per-array scalars, and prepare_adagrad:
+# every check, then a Step.
+
+cdef inline void _adagrad_loop(floating *p, const floating *g, floating *acc, Py_ssize_t n,
+                               floating clr, floating wd, floating eps, bint has_wd,
+                               bint maximize) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating gi, s
+    cdef floating neg_clr = -clr
+    cdef floating sign = -1 if maximize else 1   # maximize: exact, branch-free
+    for i in range(n):
+        gi = g[i] * sign
+        if has_wd:
+            gi = gi + wd * p[i]
+        s = acc[i] + gi * gi
+        acc[i] = s
+        p[i] = p[i] + (neg_clr * gi) / (_sqrt(s) + eps)
+
+
+cdef void _adagrad_segment(const Batch *b, Py_ssize_t t, Py_ssize_t lo,
+                           Py_ssize_t hi) noexcept nogil:
+    if b.is_double[t]:
+        _adagrad_loop(<double *> b.ptr[0][t] + lo, <const double *> b.ptr[1][t] + lo,
+                      <double *> b.ptr[2][t] + lo, hi - lo, b.ts0[t], b.weight_decay,
+                      b.eps, b.weight_decay != 0.0, b.maximize)
+    else:
+        _adagrad_loop(<float *> b.ptr[0][t] + lo, <const float *> b.ptr[1][t] + lo,
+                      <float *> b.ptr[2][t] + lo, hi - lo, <float> b.ts0[t],
+                      <float> b.weight_decay, <float> b.eps, b.weight_decay != 0.0,
+                      b.maximize)
+
+
+cdef void _adagrad_scalars(Batch *b, Py_ssize_t t) noexcept nogil:
+    cdef double step = <double> b.steps[b.index[t]]
+    b.ts0[t] = b.lr / (1.0 + (step - 1.0) * b.lr_decay)
+
+
+def prepare_adagrad(params, grads, state_sums, steps, lr, lr_decay, weight_decay, eps,
+                    maximize):
+    cdef Step s = Step()
+    s.b.lr = _nonneg("learning rate", lr)
+    s.b.lr_decay = _nonneg("lr_decay value", lr_decay)
+    s.b.weight_decay = _nonneg("weight_decay value", weight_decay)
+    s.b.eps = _nonneg("epsilon value", eps)
+    s.b.maximize = _flag("maximize", maximize)
+    if steps is None:
+        raise ValueError("steps is required")
+    s._gather(("params", "grads", "state_sums"),
+              (_arrays("params", params), _arrays("grads", grads),
+               _arrays("state_sums", state_sums)), (True, False, True), steps)
+    s.segment = _adagrad_segment
+    s.kind = KIND_ADAGRAD
+    s.scalars = _adagrad_scalars
+    return s

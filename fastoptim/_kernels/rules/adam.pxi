@@ -1,0 +1,202 @@
+# Part of the kernel module (included by fastoptim/_kernels.pxi): Adam and AdamW (AMSGrad; float32 or bfloat16 state).
+# The element loop (as fastoptim/reference.py, with types), the segment that
+# runs it on one array's piece, the per-array scalars, and prepare_adam:
+# every check, then a Step.
+
+cdef inline void _adam_loop(floating *p, const floating *g, floating *m, floating *v,
+                            floating *vmax, Py_ssize_t n, floating step_size,
+                            floating inv_bc2_sqrt, floating one_minus_b1, floating beta2,
+                            floating one_minus_b2, floating eps, floating wd,
+                            floating decay, bint l2, bint amsgrad,
+                            bint maximize) noexcept nogil:
+    # decay is 1 - lr*weight_decay for AdamW and exactly 1 otherwise (x*1 == x).
+    cdef Py_ssize_t i
+    cdef floating gi, pi, mi, vi, vm, x, denom
+    cdef floating neg_step = -step_size
+    cdef floating sign = -1 if maximize else 1   # maximize: exact, branch-free
+    for i in range(n):
+        gi = g[i] * sign
+        pi = p[i]
+        if l2:
+            gi = gi + wd * pi
+        pi = pi * decay
+        mi = _lerp(m[i], gi, one_minus_b1)
+        m[i] = mi
+        vi = v[i] * beta2 + (one_minus_b2 * gi) * gi
+        v[i] = vi
+        if amsgrad:
+            vm = vmax[i]
+            # torch.maximum: NaN in either operand propagates (two selects, no
+            # short-circuit `or`, which would put branches in the vector loop)
+            x = vm if vi <= vm else vi
+            vm = vm if vm != vm else x
+            vmax[i] = vm
+            vi = vm
+        denom = _sqrt(vi) * inv_bc2_sqrt + eps
+        p[i] = pi + (neg_step * mi) / denom
+
+
+cdef inline void _adam_typed(const Batch *b, Py_ssize_t t, Py_ssize_t lo, Py_ssize_t hi,
+                             floating *p, const floating *g, floating *m, floating *v,
+                             floating *vmax) noexcept nogil:
+    cdef bint has_wd = b.weight_decay != 0.0
+    cdef bint l2 = has_wd and not b.decoupled
+    cdef floating decay = <floating> (1.0 - b.lr * b.weight_decay) if (has_wd and b.decoupled) else 1
+    cdef floating step_size = <floating> b.ts0[t], inv_bc2_sqrt = <floating> b.ts1[t]
+    cdef floating omb1 = <floating> (1.0 - b.beta1), b2 = <floating> b.beta2
+    cdef floating omb2 = <floating> (1.0 - b.beta2)
+    cdef floating eps = <floating> b.eps, wd = <floating> b.weight_decay
+    cdef Py_ssize_t n = hi - lo
+    p += lo
+    g += lo
+    m += lo
+    v += lo
+    if b.amsgrad:
+        vmax += lo
+        _adam_loop(p, g, m, v, vmax, n, step_size, inv_bc2_sqrt, omb1, b2, omb2, eps, wd,
+                   decay, l2, True, b.maximize)
+    else:
+        _adam_loop(p, g, m, v, vmax, n, step_size, inv_bc2_sqrt, omb1, b2, omb2, eps, wd,
+                   decay, l2, False, b.maximize)
+
+
+cdef inline uint16_t _to_bf16(float x, bint stochastic, uint32_t h, uint32_t key) noexcept nogil:
+    if stochastic:
+        return fo_f32_to_bf16_sr(x, fo_hash32(h ^ key))
+    return fo_f32_to_bf16_rne(x)
+
+
+cdef inline void _adam_bf16_loop(float *p, const float *g, uint16_t *m, uint16_t *v,
+                                 uint16_t *vmax, Py_ssize_t n, Py_ssize_t base,
+                                 float step_size, float inv_bc2_sqrt, float one_minus_b1,
+                                 float beta2, float one_minus_b2, float eps, float wd,
+                                 float decay, bint l2, bint amsgrad, bint maximize,
+                                 bint stochastic, uint32_t km, uint32_t kv,
+                                 uint32_t kx) noexcept nogil:
+    # As _adam_loop, with m, v (and vmax) stored as bfloat16: read and widened to
+    # float32, updated in float32, rounded once when stored. The parameter update uses
+    # the float32 values of this step. Element i's random bits hash (base + i) with a
+    # per-array, per-step key.
+    cdef Py_ssize_t i
+    cdef float gi, pi, mi, vi, vm, x, denom
+    cdef float neg_step = -step_size
+    cdef float sign = -1 if maximize else 1      # maximize: exact, branch-free
+    cdef uint32_t h
+    for i in range(n):
+        gi = g[i] * sign
+        pi = p[i]
+        if l2:
+            gi = gi + wd * pi
+        pi = pi * decay
+        h = (<uint32_t> (base + i)) * (<uint32_t> 2654435769u)
+        mi = _lerp(fo_bf16_to_f32(m[i]), gi, one_minus_b1)
+        m[i] = _to_bf16(mi, stochastic, h, km)
+        vi = fo_bf16_to_f32(v[i]) * beta2 + (one_minus_b2 * gi) * gi
+        v[i] = _to_bf16(vi, stochastic, h, kv)
+        if amsgrad:
+            vm = fo_bf16_to_f32(vmax[i])
+            x = vm if vi <= vm else vi
+            vm = vm if vm != vm else x
+            vmax[i] = _to_bf16(vm, stochastic, h, kx)
+            vi = vm
+        denom = _sqrt(vi) * inv_bc2_sqrt + eps
+        p[i] = pi + (neg_step * mi) / denom
+
+
+cdef void _adam_bf16_typed(const Batch *b, Py_ssize_t t, Py_ssize_t lo,
+                           Py_ssize_t hi) noexcept nogil:
+    cdef bint has_wd = b.weight_decay != 0.0
+    cdef bint l2 = has_wd and not b.decoupled
+    cdef float decay = <float> (1.0 - b.lr * b.weight_decay) if (has_wd and b.decoupled) else 1
+    cdef float step_size = <float> b.ts0[t], inv_bc2_sqrt = <float> b.ts1[t]
+    cdef float omb1 = <float> (1.0 - b.beta1), b2 = <float> b.beta2
+    cdef float omb2 = <float> (1.0 - b.beta2)
+    cdef float eps = <float> b.eps, wd = <float> b.weight_decay
+    cdef uint32_t key = b.tkey[t]
+    cdef uint32_t km = fo_hash32(key ^ 1u), kv = fo_hash32(key ^ 2u), kx = fo_hash32(key ^ 3u)
+    cdef float *p = <float *> b.ptr[0][t] + lo
+    cdef const float *g = <const float *> b.ptr[1][t] + lo
+    cdef uint16_t *m = <uint16_t *> b.ptr[2][t] + lo
+    cdef uint16_t *v = <uint16_t *> b.ptr[3][t] + lo
+    cdef uint16_t *vmax = (<uint16_t *> b.ptr[4][t] + lo) if b.amsgrad else NULL
+    cdef Py_ssize_t n = hi - lo
+    if b.stochastic:
+        if b.amsgrad:
+            _adam_bf16_loop(p, g, m, v, vmax, n, lo, step_size, inv_bc2_sqrt, omb1, b2, omb2,
+                            eps, wd, decay, l2, True, b.maximize, True, km, kv, kx)
+        else:
+            _adam_bf16_loop(p, g, m, v, vmax, n, lo, step_size, inv_bc2_sqrt, omb1, b2, omb2,
+                            eps, wd, decay, l2, False, b.maximize, True, km, kv, kx)
+    else:
+        if b.amsgrad:
+            _adam_bf16_loop(p, g, m, v, vmax, n, lo, step_size, inv_bc2_sqrt, omb1, b2, omb2,
+                            eps, wd, decay, l2, True, b.maximize, False, km, kv, kx)
+        else:
+            _adam_bf16_loop(p, g, m, v, vmax, n, lo, step_size, inv_bc2_sqrt, omb1, b2, omb2,
+                            eps, wd, decay, l2, False, b.maximize, False, km, kv, kx)
+
+
+cdef void _adam_segment(const Batch *b, Py_ssize_t t, Py_ssize_t lo,
+                        Py_ssize_t hi) noexcept nogil:
+    if b.bf16:
+        _adam_bf16_typed(b, t, lo, hi)
+    elif b.is_double[t]:
+        _adam_typed(b, t, lo, hi, <double *> b.ptr[0][t], <const double *> b.ptr[1][t],
+                    <double *> b.ptr[2][t], <double *> b.ptr[3][t], <double *> b.ptr[4][t])
+    else:
+        _adam_typed(b, t, lo, hi, <float *> b.ptr[0][t], <const float *> b.ptr[1][t],
+                    <float *> b.ptr[2][t], <float *> b.ptr[3][t], <float *> b.ptr[4][t])
+
+
+cdef void _adam_scalars(Batch *b, Py_ssize_t t) noexcept nogil:
+    cdef double step = <double> b.steps[b.index[t]]
+    cdef double bc1 = 1.0 - pow(b.beta1, step)
+    cdef double bc2 = 1.0 - pow(b.beta2, step)
+    b.ts0[t] = b.lr / bc1            # step size
+    b.ts1[t] = 1.0 / pow(bc2, 0.5)   # 1/sqrt of the second bias correction: one divide
+                                     # per element fewer than torch's sqrt(v)/sqrt(bc2)
+    # stochastic rounding key: a pure function of seed, step and the array's position
+    b.tkey[t] = fo_hash32(fo_hash32(fo_hash32(b.seed) ^ <uint32_t> b.steps[b.index[t]])
+                          ^ <uint32_t> b.index[t])
+
+
+def prepare_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, betas,
+                 eps, weight_decay, amsgrad, maximize, decoupled, state_dtype=None,
+                 rounding="nearest", seed=0):
+    cdef Step s = Step()
+    if state_dtype is None or state_dtype == "float":
+        s.b.bf16 = False
+    elif state_dtype == "bfloat16":
+        s.b.bf16 = True
+    else:
+        raise ValueError(f"state_dtype must be None (the parameters' dtype) or "
+                         f"'bfloat16', got {state_dtype!r}")
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+    s.b.stochastic = rounding == "stochastic"
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise TypeError(f"seed must be a non-negative int, got {seed!r}")
+    s.b.seed = <uint32_t> (int(seed) & 0xFFFFFFFF)
+    s.b.lr = _nonneg("learning rate", lr)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    s.b.beta1 = _real("beta parameter at index 0", betas[0], 0.0, False, 1.0, True)
+    s.b.beta2 = _real("beta parameter at index 1", betas[1], 0.0, False, 1.0, True)
+    s.b.eps = _nonneg("epsilon value", eps)
+    s.b.weight_decay = _nonneg("weight_decay value", weight_decay)
+    s.b.amsgrad = _flag("amsgrad", amsgrad)
+    s.b.maximize = _flag("maximize", maximize)
+    s.b.decoupled = _flag("decoupled_weight_decay", decoupled)
+    if steps is None:
+        raise ValueError("steps is required")
+    if s.b.amsgrad and max_exp_avg_sqs is None:
+        raise ValueError("max_exp_avg_sqs is required when amsgrad=True")
+    s._gather(("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+              (_arrays("params", params), _arrays("grads", grads),
+               _arrays("exp_avgs", exp_avgs), _arrays("exp_avg_sqs", exp_avg_sqs),
+               _arrays("max_exp_avg_sqs", max_exp_avg_sqs) if s.b.amsgrad else None),
+              (True, False, True, True, True), steps)
+    s.segment = _adam_segment
+    s.kind = KIND_ADAM_BF16 if s.b.bf16 else KIND_ADAM
+    s.scalars = _adam_scalars
+    return s

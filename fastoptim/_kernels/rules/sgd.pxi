@@ -1,0 +1,81 @@
+# Part of the kernel module (included by fastoptim/_kernels.pxi): SGD (momentum, dampening, Nesterov).
+# The element loop (as fastoptim/reference.py, with types), the segment that
+# runs it on one array's piece, the per-array scalars, and prepare_sgd:
+# every check, then a Step.
+
+cdef inline void _sgd_loop(floating *p, const floating *g, floating *buf, Py_ssize_t n,
+                           floating lr, floating wd, floating mom, floating damp1,
+                           bint has_wd, bint has_mom, bint first, bint nesterov,
+                           bint maximize) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating gi, bi
+    cdef floating neg_lr = -lr
+    cdef floating sign = -1 if maximize else 1   # maximize: exact, branch-free
+    for i in range(n):
+        gi = g[i] * sign
+        if has_wd:
+            gi = gi + wd * p[i]
+        if has_mom:
+            bi = buf[i] * mom + damp1 * gi
+            bi = gi if first else bi
+            buf[i] = bi
+            gi = gi + mom * bi if nesterov else bi
+        p[i] = p[i] + neg_lr * gi
+
+
+cdef void _sgd_segment(const Batch *b, Py_ssize_t t, Py_ssize_t lo,
+                       Py_ssize_t hi) noexcept nogil:
+    cdef bint first = b.ts0[t] != 0.0
+    cdef bint has_wd = b.weight_decay != 0.0
+    if b.is_double[t]:
+        if b.momentum != 0.0:
+            _sgd_loop(<double *> b.ptr[0][t] + lo, <const double *> b.ptr[1][t] + lo,
+                      <double *> b.ptr[2][t] + lo, hi - lo, b.lr, b.weight_decay,
+                      b.momentum, 1.0 - b.dampening, has_wd, True, first, b.nesterov,
+                      b.maximize)
+        else:
+            _sgd_loop(<double *> b.ptr[0][t] + lo, <const double *> b.ptr[1][t] + lo,
+                      NULL, hi - lo, b.lr, b.weight_decay, 0.0, 1.0, has_wd, False,
+                      False, False, b.maximize)
+    else:
+        if b.momentum != 0.0:
+            _sgd_loop(<float *> b.ptr[0][t] + lo, <const float *> b.ptr[1][t] + lo,
+                      <float *> b.ptr[2][t] + lo, hi - lo, <float> b.lr,
+                      <float> b.weight_decay, <float> b.momentum,
+                      <float> (1.0 - b.dampening), has_wd, True, first, b.nesterov,
+                      b.maximize)
+        else:
+            _sgd_loop(<float *> b.ptr[0][t] + lo, <const float *> b.ptr[1][t] + lo,
+                      NULL, hi - lo, <float> b.lr, <float> b.weight_decay, 0.0, 1.0,
+                      has_wd, False, False, False, b.maximize)
+
+
+cdef void _sgd_scalars(Batch *b, Py_ssize_t t) noexcept nogil:
+    # The momentum buffer is set to the gradient on a parameter's first step.
+    b.ts0[t] = 1.0 if (b.steps != NULL and b.steps[b.index[t]] == 1) else 0.0
+
+
+def prepare_sgd(params, grads, momentum_buffers, steps, lr, momentum, dampening,
+                nesterov, weight_decay, maximize):
+    cdef Step s = Step()
+    s.b.lr = _nonneg("learning rate", lr)
+    s.b.momentum = _nonneg("momentum value", momentum)
+    s.b.dampening = _real("dampening", dampening, -INFINITY, False, INFINITY, False)
+    s.b.weight_decay = _nonneg("weight_decay value", weight_decay)
+    s.b.nesterov = _flag("nesterov", nesterov)
+    s.b.maximize = _flag("maximize", maximize)
+    if s.b.nesterov and (s.b.momentum <= 0.0 or s.b.dampening != 0.0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    if s.b.momentum != 0.0:
+        if momentum_buffers is None or steps is None:
+            raise ValueError("momentum_buffers and steps are required when momentum != 0")
+        s._gather(("params", "grads", "momentum_buffers"),
+                  (_arrays("params", params), _arrays("grads", grads),
+                   _arrays("momentum_buffers", momentum_buffers)), (True, False, True), steps)
+    else:
+        s._gather(("params", "grads"), (_arrays("params", params), _arrays("grads", grads)),
+                  (True, False), steps)
+    s.segment = _sgd_segment
+    s.kind = KIND_SGD
+    s.scalars = _sgd_scalars
+    return s

@@ -1,0 +1,452 @@
+# Part of the kernel module (included by fastoptim/_kernels.pxi): the prepared step
+# (Step: gather and check the arrays, run once or, made reusable, again and again),
+# the step counters at tensor addresses for the torch drop-in, and the run: one
+# parallel region over the concatenated element range, split on cache lines.
+
+#: role names for messages of a reused step (the prepare_* functions name their lists)
+_ROLE_NAMES = ("params", "grads", "state", "state", "state")
+
+
+def gather_counts(cnp.ndarray addresses, cnp.ndarray doubles, cnp.ndarray out):
+    """For the torch drop-in's ``state["step"]`` tensors: ``out[i]`` = the step count
+    stored at ``addresses[i]`` (int64 array of addresses of live 0-d tensors the caller
+    holds; a float64 there if ``doubles[i]`` else a float32). Returns -1, or the first i
+    whose value is not a whole number in [0, 2**63 - 1) (``out`` is then partly
+    written)."""
+    cdef Py_ssize_t i, n = cnp.PyArray_SIZE(out)
+    cdef int64_t *a = <int64_t *> cnp.PyArray_DATA(addresses)
+    cdef char *dbl = <char *> cnp.PyArray_DATA(doubles)
+    cdef int64_t *o = <int64_t *> cnp.PyArray_DATA(out)
+    cdef double x
+    if (cnp.PyArray_TYPE(addresses) != cnp.NPY_INT64 or cnp.PyArray_SIZE(addresses) != n
+            or cnp.PyArray_ITEMSIZE(doubles) != 1 or cnp.PyArray_SIZE(doubles) != n
+            or cnp.PyArray_TYPE(out) != cnp.NPY_INT64
+            or not (cnp.PyArray_IS_C_CONTIGUOUS(addresses) and
+                    cnp.PyArray_IS_C_CONTIGUOUS(doubles) and cnp.PyArray_IS_C_CONTIGUOUS(out))):
+        raise TypeError("gather_counts takes contiguous int64 addresses, 1-byte flags and "
+                        "an int64 output of one length")
+    for i in range(n):
+        x = (<double *> <uintptr_t> a[i])[0] if dbl[i] else (<float *> <uintptr_t> a[i])[0]
+        if not (x >= 0 and x < 9.2233720368547748e18 and x == <double> <int64_t> x):
+            return i
+        o[i] = <int64_t> x
+    return -1
+
+
+def scatter_counts(cnp.ndarray addresses, cnp.ndarray doubles, cnp.ndarray counts):
+    """The reverse of :func:`gather_counts`: store ``counts[i]`` at ``addresses[i]``."""
+    cdef Py_ssize_t i, n = cnp.PyArray_SIZE(counts)
+    cdef int64_t *a = <int64_t *> cnp.PyArray_DATA(addresses)
+    cdef char *dbl = <char *> cnp.PyArray_DATA(doubles)
+    cdef int64_t *c = <int64_t *> cnp.PyArray_DATA(counts)
+    if (cnp.PyArray_TYPE(addresses) != cnp.NPY_INT64 or cnp.PyArray_SIZE(addresses) != n
+            or cnp.PyArray_ITEMSIZE(doubles) != 1 or cnp.PyArray_SIZE(doubles) != n
+            or cnp.PyArray_TYPE(counts) != cnp.NPY_INT64
+            or not (cnp.PyArray_IS_C_CONTIGUOUS(addresses) and
+                    cnp.PyArray_IS_C_CONTIGUOUS(doubles) and cnp.PyArray_IS_C_CONTIGUOUS(counts))):
+        raise TypeError("scatter_counts takes contiguous int64 addresses, 1-byte flags and "
+                        "int64 counts of one length")
+    for i in range(n):
+        if dbl[i]:
+            (<double *> <uintptr_t> a[i])[0] = <double> c[i]
+        else:
+            (<float *> <uintptr_t> a[i])[0] = <float> c[i]
+
+
+cdef class Step:
+    """A checked, ready-to-run update of a list of arrays. ``run()`` cannot fail."""
+    cdef Batch b
+    cdef list keep                 # arrays (and grad copies) kept alive until run()
+    cdef cnp.ndarray steps_arr
+    cdef segment_fn segment
+    cdef scalars_fn scalars
+    cdef Py_ssize_t total
+    cdef bint done
+    cdef int kind                  # KIND_*: which rule, for the serial-size calibration
+    cdef bint reusable             # run() may be called again (see make_reusable)
+    cdef Interval *wiv             # reusable: written arrays' byte intervals, by start
+    cdef Py_ssize_t nwiv
+
+    def __cinit__(self):
+        memset(&self.b, 0, sizeof(Batch))
+        self.wiv = NULL
+        self.nwiv = 0
+        self.reusable = False
+        self.keep = []
+        self.done = False
+
+    def __dealloc__(self):
+        cdef int r
+        for r in range(MAX_ROLES):
+            PyMem_Free(self.b.ptr[r])
+        PyMem_Free(self.b.is_double)
+        PyMem_Free(self.b.offsets)
+        PyMem_Free(self.b.index)
+        PyMem_Free(self.b.ts0)
+        PyMem_Free(self.b.ts1)
+        PyMem_Free(self.b.tkey)
+        PyMem_Free(self.wiv)
+
+    @property
+    def size(self):
+        """Number of elements this step updates (summed over arrays)."""
+        return self.total
+
+    @property
+    def count(self):
+        """Number of arrays this step updates."""
+        return self.b.n
+
+    cdef _gather(self, tuple names, tuple lists, tuple written, object steps):
+        """Check every array, copy grads whose layout differs from their parameter's,
+        check that no updated array overlaps another array, and record pointers."""
+        cdef list params = lists[0]
+        cdef list grads = lists[1]
+        cdef Py_ssize_t n = len(params), i, t, k, r, nint = 0
+        cdef int nroles = len(lists)
+        cdef cnp.ndarray p, a
+        cdef Interval *iv = NULL
+        cdef Py_ssize_t who = 0
+        cdef Py_ssize_t nbytes
+        cdef object obj, lst
+
+        for r in range(1, nroles):
+            lst = lists[r]
+            if lst is not None and len(lst) != n:
+                raise ValueError(f"{names[r]} has {len(lst)} entries, expected {n} "
+                                 f"(one per parameter)")
+        if steps is not None:
+            if not cnp.PyArray_Check(steps):
+                raise TypeError(f"steps must be a numpy.ndarray of int64, got "
+                                f"{type(steps).__name__}")
+            a = <cnp.ndarray> steps
+            if cnp.PyArray_TYPE(a) != cnp.NPY_INT64 or not cnp.PyArray_ISNOTSWAPPED(a):
+                raise TypeError(f"steps must have dtype int64, got {a.dtype}")
+            if a.ndim != 1 or a.shape[0] != n:
+                raise ValueError(f"steps must have shape ({n},), got {(<object>a).shape}")
+            if not cnp.PyArray_ISWRITEABLE(a) or not cnp.PyArray_IS_C_CONTIGUOUS(a):
+                raise ValueError("steps must be a writeable contiguous array "
+                                 "(it is incremented in place)")
+            for i in range(n):
+                # < INT64_MAX: the counter is incremented in place (no signed overflow)
+                if not 0 <= (<int64_t *> cnp.PyArray_DATA(a))[i] < INT64_MAX:
+                    raise ValueError(f"steps[{i}] is {(<object>a)[i]}; steps must be >= 0 "
+                                     f"and < 2**63 - 1")
+            self.steps_arr = a
+
+        self.b.nroles = nroles
+        for r in range(nroles):
+            self.b.ptr[r] = <void **> PyMem_Malloc(max(n, 1) * sizeof(void *))
+        self.b.is_double = <char *> PyMem_Malloc(max(n, 1) * sizeof(char))
+        self.b.offsets = <Py_ssize_t *> PyMem_Malloc((n + 1) * sizeof(Py_ssize_t))
+        self.b.index = <Py_ssize_t *> PyMem_Malloc(max(n, 1) * sizeof(Py_ssize_t))
+        self.b.ts0 = <double *> PyMem_Malloc(max(n, 1) * sizeof(double))
+        self.b.ts1 = <double *> PyMem_Malloc(max(n, 1) * sizeof(double))
+        self.b.tkey = <uint32_t *> PyMem_Malloc(max(n, 1) * sizeof(uint32_t))
+        if (self.b.is_double == NULL or self.b.offsets == NULL or self.b.index == NULL
+                or self.b.ts0 == NULL or self.b.ts1 == NULL or self.b.tkey == NULL):
+            raise MemoryError()
+        for r in range(nroles):
+            if self.b.ptr[r] == NULL:
+                raise MemoryError()
+
+        iv = <Interval *> PyMem_Malloc((n * nroles + 1) * sizeof(Interval))   # + steps
+        if iv == NULL:
+            raise MemoryError()
+        try:
+            t = 0
+            self.b.offsets[0] = 0
+            for i in range(n):
+                obj = grads[i]
+                if obj is None:
+                    continue
+                p = _check_array(params[i], names[0], i, True, None, None)
+                if self.b.bf16 and cnp.PyArray_TYPE(p) != cnp.NPY_FLOAT:
+                    raise TypeError(f"{names[0]}[{i}] has dtype {p.dtype}; bfloat16 state "
+                                    f"is for float32 parameters")
+                self.b.is_double[t] = cnp.PyArray_TYPE(p) == cnp.NPY_DOUBLE
+                self.b.index[t] = i
+                nbytes = cnp.PyArray_NBYTES(p)
+                for r in range(nroles):
+                    lst = lists[r]
+                    if r == ROLE_PARAM:
+                        a = p
+                    elif lst is None:
+                        self.b.ptr[r][t] = NULL
+                        continue
+                    elif r == ROLE_GRAD:
+                        a = _check_array(obj, names[r], i, False, p, names[0])
+                        if _layout(a) not in ("A", _layout(p)) or not cnp.PyArray_ISALIGNED(a):
+                            # Read-only input in another memory order: a copy in the
+                            # parameter's order keeps the element-wise walk correct.
+                            a = np.array(a, order="F" if _layout(p) == "F" else "C")
+                            self.keep.append(a)
+                    else:
+                        obj = lst[i]
+                        if obj is None:
+                            raise ValueError(f"{names[r]}[{i}] is None but grads[{i}] "
+                                             f"is not; state is needed for every updated "
+                                             f"parameter")
+                        a = _check_array(obj, names[r], i, True, p, names[0],
+                                         self.b.bf16)
+                        obj = grads[i]
+                    self.b.ptr[r][t] = cnp.PyArray_DATA(a)
+                    if nbytes > 0:
+                        iv[nint].start = <uintptr_t> cnp.PyArray_DATA(a)
+                        iv[nint].end = iv[nint].start + <uintptr_t> cnp.PyArray_NBYTES(a)
+                        iv[nint].written = r != ROLE_GRAD
+                        iv[nint].role = r
+                        iv[nint].index = i
+                        nint += 1
+                self.b.offsets[t + 1] = self.b.offsets[t] + cnp.PyArray_SIZE(p)
+                t += 1
+            self.b.n = t
+            self.total = self.b.offsets[t]
+            if self.steps_arr is not None and cnp.PyArray_NBYTES(self.steps_arr) > 0:
+                # the step counters are written too: they may not overlap any array
+                iv[nint].start = <uintptr_t> cnp.PyArray_DATA(self.steps_arr)
+                iv[nint].end = iv[nint].start + <uintptr_t> cnp.PyArray_NBYTES(self.steps_arr)
+                iv[nint].written = 1
+                iv[nint].role = -1
+                iv[nint].index = 0
+                nint += 1
+
+            # No updated array may overlap any other array of the call.
+            if _first_conflict(iv, nint, &k, &who):
+                self._overlap_error(names, iv[k], iv[who])
+        finally:
+            PyMem_Free(iv)
+        self.keep.append(lists)
+        if self.steps_arr is not None:
+            self.b.steps = <int64_t *> cnp.PyArray_DATA(self.steps_arr)
+
+    cdef _overlap_error(self, tuple names, Interval a, Interval b):
+        x = "steps" if a.role < 0 else f"{names[a.role]}[{a.index}]"
+        y = "steps" if b.role < 0 else f"{names[b.role]}[{b.index}]"
+        if a.role == b.role and a.index == b.index:
+            raise ValueError(f"{x} appears twice")
+        raise ValueError(f"{x} overlaps {y} in memory; arrays that are updated in place "
+                         f"must not share memory with any other argument")
+
+    # --- reuse: the torch drop-in keeps a prepared step for as long as its parameters,
+    # state and options stay the same, and per step only points it at the new gradients
+
+    cdef Py_ssize_t _itemsize(self, Py_ssize_t t, int role) noexcept nogil:
+        if role >= 2 and self.b.bf16:
+            return 2
+        return 8 if self.b.is_double[t] else 4
+
+    def make_reusable(self):
+        """Let ``run()`` be called any number of times; between runs, ``set_grads()`` may
+        point the gradients at new memory. The arrays, hyperparameters and step
+        counters array stay those of ``prepare_*`` (the caller keeps them alive and
+        unchanged in layout: the step holds only their addresses)."""
+        cdef Py_ssize_t t, n = 0, nbytes, a, b
+        cdef int r
+        if self.reusable:
+            return
+        for t in range(self.b.n):
+            if self.b.offsets[t + 1] == self.b.offsets[t]:
+                continue
+            for r in range(self.b.nroles):
+                if r == ROLE_GRAD or self.b.ptr[r][t] == NULL:
+                    continue
+                n += 1
+        self.wiv = <Interval *> PyMem_Malloc((n + 1) * sizeof(Interval))
+        if self.wiv == NULL:
+            raise MemoryError()
+        n = 0
+        for t in range(self.b.n):
+            if self.b.offsets[t + 1] == self.b.offsets[t]:
+                continue
+            for r in range(self.b.nroles):
+                if r == ROLE_GRAD or self.b.ptr[r][t] == NULL:
+                    continue
+                nbytes = (self.b.offsets[t + 1] - self.b.offsets[t]) * self._itemsize(t, r)
+                self.wiv[n].start = <uintptr_t> self.b.ptr[r][t]
+                self.wiv[n].end = self.wiv[n].start + <uintptr_t> nbytes
+                self.wiv[n].written = 1
+                self.wiv[n].role = r
+                self.wiv[n].index = self.b.index[t]
+                n += 1
+        if self.steps_arr is not None and cnp.PyArray_NBYTES(self.steps_arr) > 0:
+            self.wiv[n].start = <uintptr_t> cnp.PyArray_DATA(self.steps_arr)
+            self.wiv[n].end = self.wiv[n].start + <uintptr_t> cnp.PyArray_NBYTES(self.steps_arr)
+            self.wiv[n].written = 1
+            self.wiv[n].role = -1
+            self.wiv[n].index = 0
+            n += 1
+        # written arrays never overlap one another (checked by _gather): sorted by start,
+        # they are sorted by end too
+        qsort(self.wiv, n, sizeof(Interval), _cmp_interval)
+        self.nwiv = n
+        self.reusable = True
+
+    def set_grads(self, list addresses):
+        """Point the gradient of each updated array (in this step's order: the arrays
+        whose gradient was not None) at a new address, given as an int: memory laid out
+        exactly as the gradient given to ``prepare_*`` (dtype, shape, dense in the
+        parameter's memory order), which the caller guarantees and keeps alive until
+        the next ``run()``. Checked here: alignment, and no overlap with any array the
+        step writes. A refused call raises ValueError naming ``grads[i]`` and changes
+        nothing."""
+        cdef Py_ssize_t n = self.b.n, t, lo, hi, mid, itemsize, nbytes
+        cdef uintptr_t addr, end
+        cdef void **tmp
+        cdef Interval g
+        if not self.reusable:
+            raise RuntimeError("set_grads() needs make_reusable() first")
+        if len(addresses) != n:
+            raise ValueError(f"addresses has {len(addresses)} entries, expected {n}")
+        tmp = <void **> PyMem_Malloc(max(n, 1) * sizeof(void *))
+        if tmp == NULL:
+            raise MemoryError()
+        try:
+            for t in range(n):
+                try:
+                    addr = <uintptr_t> (<unsigned long long> addresses[t])
+                except (TypeError, OverflowError):
+                    raise ValueError(f"grads[{self.b.index[t]}]: the address must be an "
+                                     f"int in [0, 2**64), got {addresses[t]!r}") from None
+                itemsize = self._itemsize(t, ROLE_GRAD)
+                nbytes = (self.b.offsets[t + 1] - self.b.offsets[t]) * itemsize
+                tmp[t] = <void *> addr
+                if nbytes == 0:
+                    continue
+                if addr == 0 or addr % itemsize != 0:
+                    raise ValueError(f"grads[{self.b.index[t]}] is not aligned to its dtype")
+                end = addr + <uintptr_t> nbytes
+                # the last written interval that starts before this one ends
+                lo, hi = 0, self.nwiv
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if self.wiv[mid].start < end:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                if lo > 0 and self.wiv[lo - 1].end > addr:
+                    g.start, g.end, g.written, g.role = addr, end, 0, ROLE_GRAD
+                    g.index = self.b.index[t]
+                    self._overlap_error(_ROLE_NAMES, g, self.wiv[lo - 1])
+            for t in range(n):
+                self.b.ptr[ROLE_GRAD][t] = tmp[t]
+        finally:
+            PyMem_Free(tmp)
+
+    def take_hyperparameters(self, Step other):
+        """Copy the hyperparameters of ``other`` -- a step of the same rule prepared for
+        no arrays, which checked them -- into this reusable step (a scheduler changed
+        ``lr``, ...). False, and nothing copied, when ``other`` runs another loop or
+        another storage format; the caller also keeps the state arrays the same (an
+        option that adds or removes one needs a new step)."""
+        if (other.segment != self.segment or other.scalars != self.scalars
+                or other.kind != self.kind or other.b.nroles != self.b.nroles
+                or other.b.bf16 != self.b.bf16 or other.b.stochastic != self.b.stochastic
+                or other.b.amsgrad != self.b.amsgrad or other.b.centered != self.b.centered):
+            return False
+        self.b.lr, self.b.momentum, self.b.dampening = other.b.lr, other.b.momentum, other.b.dampening
+        self.b.weight_decay, self.b.eps, self.b.alpha = other.b.weight_decay, other.b.eps, other.b.alpha
+        self.b.lr_decay, self.b.beta1, self.b.beta2 = other.b.lr_decay, other.b.beta1, other.b.beta2
+        self.b.hessian_power, self.b.seed = other.b.hessian_power, other.b.seed
+        self.b.maximize, self.b.nesterov = other.b.maximize, other.b.nesterov
+        self.b.decoupled = other.b.decoupled
+        return True
+
+    def run(self, int n_threads=1):
+        """Apply the update in place. Runs at most once (unless made reusable)."""
+        cdef int k = self.kind, d
+        cdef Py_ssize_t threshold = _serial_threshold
+        if self.done and not self.reusable:
+            raise RuntimeError("this step has already run")
+        self.done = True
+        d = 1 if (self.b.n > 0 and self.b.is_double[0]) else 0
+        if n_threads > 1 and not _user_threshold and fo_openmp_enabled():
+            if _calib_runs[k][d] >= CALIBRATION_RUNS:
+                threshold = _thresholds[k][d]
+            elif CALIBRATION_MIN <= self.total <= CALIBRATION_MAX:
+                self._calibration_run(k, d, n_threads)
+                return
+        with nogil:
+            _run_batch(&self.b, self.segment, self.scalars, n_threads, threshold)
+
+    cdef _calibration_run(self, int k, int d, int n_threads):
+        """Run serially, timed; after CALIBRATION_RUNS of them set the threshold."""
+        global _region_ns
+        from time import perf_counter_ns
+        t0 = perf_counter_ns()
+        with nogil:
+            _run_batch(&self.b, self.segment, self.scalars, 1, 0)
+        cdef double ns = <double> (perf_counter_ns() - t0) / self.total
+        if _calib_runs[k][d] == 0 or ns < _calib_ns_per_elem[k][d]:
+            _calib_ns_per_elem[k][d] = ns
+        _calib_runs[k][d] += 1
+        if _calib_runs[k][d] == CALIBRATION_RUNS:
+            if _region_ns < 0:
+                _region_ns = _measure_region(n_threads)
+            _thresholds[k][d] = <Py_ssize_t> min(max(
+                2.0 * _region_ns / max(_calib_ns_per_elem[k][d], 1e-3), 2048.0), 1 << 20)
+
+
+cdef void _run_batch(Batch *b, segment_fn seg, scalars_fn scal, int n_threads,
+                     Py_ssize_t threshold) noexcept nogil:
+    cdef Py_ssize_t t, c, nchunks, total = b.offsets[b.n]
+    for t in range(b.n):
+        if b.steps != NULL:
+            b.steps[b.index[t]] += 1
+        if scal != NULL:
+            scal(b, t)
+    if total == 0:
+        return
+    if n_threads <= 1 or total < threshold or not fo_openmp_enabled():
+        for t in range(b.n):
+            if b.offsets[t + 1] > b.offsets[t]:
+                seg(b, t, 0, b.offsets[t + 1] - b.offsets[t])
+        return
+    nchunks = n_threads
+    for c in prange(nchunks, num_threads=n_threads, schedule="static", chunksize=1):
+        _run_piece(b, seg, c, nchunks)
+
+
+cdef Py_ssize_t _find(const Batch *b, Py_ssize_t pos) noexcept nogil:
+    """The array t with offsets[t] <= pos < offsets[t+1] (pos < total)."""
+    cdef Py_ssize_t lo = 0, hi = b.n, mid
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if b.offsets[mid] <= pos:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+cdef Py_ssize_t _boundary(const Batch *b, Py_ssize_t c, Py_ssize_t nchunks) noexcept nogil:
+    """Start of piece c: an even split, moved down to a cache-line boundary of the
+    parameter array it falls in. Depends only on (b, c, nchunks), so neighbours agree."""
+    cdef Py_ssize_t total = b.offsets[b.n], pos, t, local, itemsize, mis
+    if c <= 0:
+        return 0
+    if c >= nchunks:
+        return total
+    pos = <Py_ssize_t> ((<double> total) * c / nchunks)
+    t = _find(b, pos)
+    local = pos - b.offsets[t]
+    itemsize = 8 if b.is_double[t] else 4
+    mis = <Py_ssize_t> ((<uintptr_t> b.ptr[ROLE_PARAM][t] + local * itemsize) % ALIGN_BYTES)
+    if mis % itemsize == 0:
+        local -= min(local, mis // itemsize)
+    return b.offsets[t] + local
+
+
+cdef void _run_piece(const Batch *b, segment_fn seg, Py_ssize_t c,
+                     Py_ssize_t nchunks) noexcept nogil:
+    cdef Py_ssize_t lo = _boundary(b, c, nchunks), hi = _boundary(b, c + 1, nchunks)
+    cdef Py_ssize_t t, end
+    if lo >= hi:
+        return
+    t = _find(b, lo)
+    while lo < hi:
+        end = min(hi, b.offsets[t + 1])
+        if end > lo:
+            seg(b, t, lo - b.offsets[t], end - b.offsets[t])
+        lo = end
+        t += 1
