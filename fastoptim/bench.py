@@ -150,7 +150,7 @@ def bytes_per_element(rule, itemsize):
 # ----------------------------------------------------------------------------------
 
 #: the kernels calibrate a rule's serial threshold on its first steps of this many
-#: elements at most (CALIBRATION_MAX in _kernels.pxi); larger steps never calibrate
+#: elements at most (CALIBRATION_MAX in _kernels/runtime.pxi); larger steps never calibrate
 _CALIBRATION_MAX = 1 << 18
 
 
