@@ -77,6 +77,7 @@ import time
 import numpy as np
 
 from . import _config, _dispatch, functional, reference
+from .rules import spec
 
 __all__ = ["main", "run", "carve_arrays", "RULES", "bytes_per_element", "parse_size",
            "parse_options", "plan_cases", "measure", "summarize"]
@@ -89,24 +90,26 @@ _kernels = _config._kernels
 # ----------------------------------------------------------------------------------
 
 class Rule:
-    """One update rule as the benchmark runs it.
+    """One update rule as the benchmark runs it: a registry entry (fastoptim.rules) and
+    the options it is run with.
 
     ``call(module, params, grads, states, steps)`` runs one step through
     :mod:`fastoptim.functional` or :mod:`fastoptim.reference` (same signatures);
-    ``states`` is a list of ``n_state`` lists of arrays. ``torch_state`` names torch's
-    state entries in the same order as ``states``. ``kernel`` is the kernel family that
-    runs it (the name its serial threshold is calibrated under, ``_kernels.calibration``).
+    ``states`` is a list of ``n_state`` lists of arrays, the state the registry says
+    ``options`` keep, in its order (``torch_state``: torch's names for them). ``kernel``
+    is the kernel family that runs it (the name its serial threshold is calibrated
+    under, ``_kernels.calibration``).
     """
 
-    def __init__(self, key, title, n_state, call, torch_name, torch_kwargs,
-                 torch_state, torch_fused, kernel):
+    def __init__(self, key, title, call, name, options, torch_fused, kernel):
+        entry = spec(name)
         self.key = key
         self.title = title
-        self.n_state = n_state
         self.call = call
-        self.torch_name = torch_name
-        self.torch_kwargs = torch_kwargs
-        self.torch_state = torch_state
+        self.torch_name = entry.title
+        self.torch_kwargs = options
+        self.torch_state = entry.state_names(dict(entry.defaults, **options))
+        self.n_state = len(self.torch_state)
         self.torch_fused = torch_fused
         self.kernel = kernel
 
@@ -115,26 +118,25 @@ class Rule:
 
 
 RULES = {r.key: r for r in (
-    Rule("sgd", "SGD", 0,
+    Rule("sgd", "SGD",
          lambda m, P, G, S, st: m.sgd_(P, G, None, None, lr=1e-3),
-         "SGD", dict(lr=1e-3), (), True, "sgd"),
-    Rule("sgd_momentum", "SGD-momentum", 1,
+         "sgd", dict(lr=1e-3), True, "sgd"),
+    Rule("sgd_momentum", "SGD-momentum",
          lambda m, P, G, S, st: m.sgd_(P, G, S[0], st, lr=1e-3, momentum=0.9),
-         "SGD", dict(lr=1e-3, momentum=0.9), ("momentum_buffer",), True, "sgd"),
-    Rule("adagrad", "Adagrad", 1,
+         "sgd", dict(lr=1e-3, momentum=0.9), True, "sgd"),
+    Rule("adagrad", "Adagrad",
          lambda m, P, G, S, st: m.adagrad_(P, G, S[0], st, lr=1e-2),
-         "Adagrad", dict(lr=1e-2), ("sum",), True, "adagrad"),
-    Rule("rmsprop", "RMSprop", 1,
+         "adagrad", dict(lr=1e-2), True, "adagrad"),
+    Rule("rmsprop", "RMSprop",
          lambda m, P, G, S, st: m.rmsprop_(P, G, S[0], None, None, st, lr=1e-2),
-         "RMSprop", dict(lr=1e-2), ("square_avg",), False, "rmsprop"),
-    Rule("adam", "Adam", 2,
+         "rmsprop", dict(lr=1e-2), False, "rmsprop"),
+    Rule("adam", "Adam",
          lambda m, P, G, S, st: m.adam_(P, G, S[0], S[1], None, st, lr=1e-3),
-         "Adam", dict(lr=1e-3), ("exp_avg", "exp_avg_sq"), True, "adam"),
-    Rule("adamw", "AdamW", 2,
+         "adam", dict(lr=1e-3), True, "adam"),
+    Rule("adamw", "AdamW",
          lambda m, P, G, S, st: m.adamw_(P, G, S[0], S[1], None, st, lr=1e-3,
                                          weight_decay=1e-2),
-         "AdamW", dict(lr=1e-3, weight_decay=1e-2), ("exp_avg", "exp_avg_sq"), True,
-         "adam"),
+         "adamw", dict(lr=1e-3, weight_decay=1e-2), True, "adam"),
 )}
 
 

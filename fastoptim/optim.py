@@ -32,6 +32,7 @@ import numpy as np
 
 from . import _config, _placement, functional as F
 from .reference import bfloat16_to_float32, float32_to_bfloat16
+from .rules import spec
 
 __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "AdaHessian", "Newton"]
 
@@ -58,6 +59,15 @@ class Optimizer:
 
     #: whether ``state[i]`` carries a ``"step"`` entry (torch's SGD has none)
     _has_step = True
+    #: the rule's entry in fastoptim.rules (state names, whether it counts steps); None
+    #: for a rule without per-element state (Newton)
+    _rule = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("_rule") is not None:
+            cls._all_state_names = cls._rule.state
+            cls._has_step = cls._rule.counts_steps
 
     def __init__(self, params, defaults, nonfinite="propagate"):
         if nonfinite not in ("propagate", "skip", "raise"):
@@ -145,7 +155,8 @@ class Optimizer:
     # --- subclass hooks --------------------------------------------------------------
 
     def _state_names(self, group):
-        raise NotImplementedError
+        """The state arrays this group keeps, in the rule's order (fastoptim.rules)."""
+        return self._rule.state_names(group) if self._rule is not None else ()
 
     def _prepare(self, group, grads, arrays, steps):
         raise NotImplementedError
@@ -644,18 +655,14 @@ class SGD(Optimizer):
     Same options and defaults as ``torch.optim.SGD``; formulas in
     :func:`fastoptim.reference.sgd_`. State: ``momentum_buffer`` (momentum != 0 only).
     """
-    _has_step = False
+    _rule = spec("sgd")
     _optional_state = ("momentum_buffer",)
-    _all_state_names = ("momentum_buffer",)
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, nonfinite="propagate"):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov,
                                       maximize=maximize), nonfinite)
-
-    def _state_names(self, group):
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     def _step_from_state(self, entry):
         return entry.get("momentum_buffer") is not None
@@ -672,7 +679,7 @@ class SGD(Optimizer):
 class Adagrad(Optimizer):
     """AdaGrad. Same options and defaults as ``torch.optim.Adagrad``; formulas in
     :func:`fastoptim.reference.adagrad_`. State: ``step``, ``sum``."""
-    _all_state_names = ("sum",)
+    _rule = spec("adagrad")
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
                  initial_accumulator_value=0.0, eps=1e-10, *, maximize=False,
@@ -689,9 +696,6 @@ class Adagrad(Optimizer):
         if not 0.0 <= value < float("inf"):
             raise ValueError(f"Invalid initial_accumulator_value value: {value}")
         super()._check_hyperparameters(group)
-
-    def _state_names(self, group):
-        return ("sum",)
 
     def _new_state_array(self, name, group, p):
         arr = super()._new_state_array(name, group, p)
@@ -714,17 +718,13 @@ class RMSprop(Optimizer):
     """RMSProp. Same options and defaults as ``torch.optim.RMSprop``; formulas in
     :func:`fastoptim.reference.rmsprop_`. State: ``step``, ``square_avg``,
     ``momentum_buffer`` (momentum > 0), ``grad_avg`` (centered)."""
-    _all_state_names = ("square_avg", "momentum_buffer", "grad_avg")
+    _rule = spec("rmsprop")
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
                  momentum=0.0, centered=False, *, maximize=False, nonfinite="propagate"):
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps,
                                       weight_decay=weight_decay, momentum=momentum,
                                       centered=centered, maximize=maximize), nonfinite)
-
-    def _state_names(self, group):
-        return (("square_avg",) + (("momentum_buffer",) if group["momentum"] > 0 else ())
-                + (("grad_avg",) if group["centered"] else ()))
 
     def _prepare(self, group, grads, arrays, steps):
         return F.prepare_rmsprop(
@@ -748,8 +748,8 @@ class Adam(Optimizer):
     ``state_dict(bfloat16="float32")``. ``load_state_dict`` keeps the optimizer's own
     ``state_dtype`` and converts the loaded state to it (float32 -> bfloat16 rounded to
     nearest even, bfloat16 -> float32 exactly)."""
+    _rule = spec("adam")
     _decoupled = False
-    _all_state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _storage_options = ("state_dtype", "rounding", "seed")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
@@ -759,9 +759,6 @@ class Adam(Optimizer):
                                       weight_decay=weight_decay, amsgrad=amsgrad,
                                       maximize=maximize, state_dtype=state_dtype,
                                       rounding=rounding, seed=seed), nonfinite)
-
-    def _state_names(self, group):
-        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
 
     def _state_bf16(self, group):
         return group["state_dtype"] == "bfloat16"
@@ -796,6 +793,7 @@ class AdamW(Adam):
     """AdamW (decoupled weight decay, default 1e-2). Same options and defaults as
     ``torch.optim.AdamW``; formulas in :func:`fastoptim.reference.adamw_`. Takes
     Adam's ``state_dtype``, ``rounding`` and ``seed`` too."""
+    _rule = spec("adamw")
     _decoupled = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
@@ -844,7 +842,7 @@ class AdaHessian(_CurvatureOptimizer):
     (with PyTorch: :func:`fastoptim.torch_hessian.hutchinson_diag` from autograd).
     """
     _curvature_name = "hessian_diags"
-    _all_state_names = ("exp_avg", "exp_hessian_diag_sq")
+    _rule = spec("adahessian")
 
     def __init__(self, params, lr=0.15, betas=(0.9, 0.999), eps=1e-4, weight_decay=0.0,
                  hessian_power=1.0, *, maximize=False, nonfinite="propagate"):
@@ -858,9 +856,6 @@ class AdaHessian(_CurvatureOptimizer):
         estimate (same shape as the parameter). ``grads[i] is None`` skips parameter
         i (``hessian_diags[i]`` is then ignored and may be None)."""
         return self._step_with(grads, hessian_diags)
-
-    def _state_names(self, group):
-        return ("exp_avg", "exp_hessian_diag_sq")
 
     def _prepare(self, group, grads, arrays, steps, hessian_diags=None):
         return F.prepare_adahessian(
@@ -899,9 +894,6 @@ class Newton(_CurvatureOptimizer):
         callable ``h(p)`` returning one; ``grads[i] is None`` skips parameter i. A
         singular system raises ``numpy.linalg.LinAlgError`` before any change."""
         return self._step_with(grads, hessians)
-
-    def _state_names(self, group):
-        return ()
 
     def _prepare(self, group, grads, arrays, steps, hessians=None):
         return F.prepare_newton(group["params"], grads,

@@ -82,6 +82,7 @@ from torch.optim.optimizer import Optimizer as _TorchOptimizer
 
 from . import _config, _placement
 from . import functional as F
+from .rules import spec
 
 __all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
 
@@ -837,13 +838,13 @@ class _Optimizer(_TorchOptimizer):
 
     # --- state memory ------------------------------------------------------------------
 
-    #: every state tensor the rule may keep, in one order: its place (1, 2, 3) decides
-    #: where a large one goes in memory (fastoptim._placement)
-    _state_order = ()
+    #: the rule's entry in fastoptim.rules: its state tensors, in one order (a tensor's
+    #: place, 1, 2, 3, decides where a large one goes in memory: fastoptim._placement)
+    _rule = None
 
     def _state_tensor(self, p, name, fill=0):
         """A new state tensor ``name`` of ``p``, as torch makes it, placed when large."""
-        return _state_like(p, self._state_order.index(name) + 1, fill)
+        return _state_like(p, self._rule.state.index(name) + 1, fill)
 
     def load_state_dict(self, state_dict):
         """torch's ``load_state_dict``; then each large state tensor is copied into
@@ -854,7 +855,7 @@ class _Optimizer(_TorchOptimizer):
             if not isinstance(p, torch.Tensor) or not isinstance(st, dict) \
                     or not _placeable(p):
                 continue
-            for name in self._state_order:
+            for name in self._rule.state:
                 t = st.get(name)
                 if (isinstance(t, torch.Tensor) and t.shape == p.shape
                         and t.dtype == p.dtype and t.is_cpu):
@@ -871,7 +872,8 @@ class _Optimizer(_TorchOptimizer):
         return True
 
     def _state_names(self, group):
-        raise NotImplementedError
+        """The state tensors the kernel updates for this group, in the rule's order."""
+        return self._rule.state_names(group, _value)
 
     def _new_state(self, group, p):
         raise NotImplementedError
@@ -889,7 +891,7 @@ class SGD(_Optimizer):
     ``momentum_buffer`` (momentum != 0), set to the gradient on a parameter's first
     step. See :func:`fastoptim.reference.sgd_` for the update.
     """
-    _state_order = ("momentum_buffer",)
+    _rule = spec("sgd")
     _has_step = False
     _partial_state = True          # torch 1.x checkpoints hold momentum_buffer=None
 
@@ -932,9 +934,6 @@ class SGD(_Optimizer):
             group.setdefault("differentiable", False)
             group.setdefault("fused", False)
 
-    def _state_names(self, group):
-        return ("momentum_buffer",) if _value("momentum", group["momentum"]) != 0 else ()
-
     def _has_state(self, state, group):
         return state.get("momentum_buffer") is not None or not self._state_names(group)
 
@@ -963,7 +962,7 @@ class Adagrad(_Optimizer):
     ``initial_accumulator_value``). Sparse gradients are refused. See
     :func:`fastoptim.reference.adagrad_` for the update.
     """
-    _state_order = ("sum",)
+    _rule = spec("adagrad")
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0,
                  initial_accumulator_value=0, eps=1e-10, foreach=None, *, maximize=False,
@@ -1039,9 +1038,6 @@ class Adagrad(_Optimizer):
                 state = self.state[p]
                 state["sum"].share_memory_()
 
-    def _state_names(self, group):
-        return ("sum",)
-
     def _new_state(self, group, p):
         # parameters added after construction: torch uses the optimizer's default
         # initial_accumulator_value (not the group's)
@@ -1065,7 +1061,7 @@ class RMSprop(_Optimizer):
     ``square_avg``, ``momentum_buffer`` (momentum > 0) and ``grad_avg`` (centered).
     See :func:`fastoptim.reference.rmsprop_` for the update.
     """
-    _state_order = ("square_avg", "momentum_buffer", "grad_avg")
+    _rule = spec("rmsprop")
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
                  centered=False, capturable=False, foreach=None, maximize=False,
@@ -1113,14 +1109,6 @@ class RMSprop(_Optimizer):
                     p_state["step"] = torch.tensor(float(p_state["step"]),
                                                    dtype=_scalar_dtype())
 
-    def _state_names(self, group):
-        names = ("square_avg",)
-        if _value("momentum", group["momentum"]) > 0:
-            names += ("momentum_buffer",)
-        if group["centered"]:
-            names += ("grad_avg",)
-        return names
-
     def _new_state(self, group, p):
         state = {"step": torch.zeros((), dtype=_scalar_dtype()), "square_avg": self._state_tensor(p, "square_avg")}
         if _value("momentum", group["momentum"]) > 0:
@@ -1150,7 +1138,7 @@ class Adam(_Optimizer):
     ``max_exp_avg_sq`` (amsgrad). ``lr`` and ``betas`` may be 1-element tensors. See
     :func:`fastoptim.reference.adam_` for the update.
     """
-    _state_order = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _rule = spec("adam")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
@@ -1224,11 +1212,6 @@ class Adam(_Optimizer):
                 p_state = self.state.get(p, [])
                 _step_to_tensor(group, p, p_state, fused)
 
-    def _state_names(self, group):
-        if group["amsgrad"]:
-            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-        return ("exp_avg", "exp_avg_sq")
-
     def _new_state(self, group, p):
         state = {"step": _new_step(group, p), "exp_avg": self._state_tensor(p, "exp_avg"),
                  "exp_avg_sq": self._state_tensor(p, "exp_avg_sq")}
@@ -1253,6 +1236,7 @@ class AdamW(Adam):
     """``torch.optim.AdamW`` on fastoptim's kernel: Adam with decoupled weight decay
     (default 1e-2). Same signature, defaults, checks and state as torch 2.13's AdamW;
     loading a state dict keeps ``decoupled_weight_decay=True``."""
+    _rule = spec("adamw")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,

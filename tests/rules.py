@@ -6,6 +6,7 @@ import pytest
 from fastoptim import _dispatch
 from fastoptim import functional as F
 from fastoptim import reference as R
+from fastoptim.rules import spec
 
 #: every instruction-set level, widest first: tests that compare kernel paths are
 #: parametrized over all of them and run those this process may run (see kernel_module)
@@ -21,32 +22,23 @@ def kernel_module(isa):
         pytest.skip(reason)
     return _dispatch.load(isa)
 
-# option name -> values worth testing (first is the default)
+def _grid(rule, **others):
+    """option name -> values worth testing: the registry's default first, then others."""
+    return dict(options={k: [spec(rule).defaults[k]] + v for k, v in others.items()})
+
+
+# option name -> values worth testing (first is the default, from fastoptim.rules)
 RULES = {
-    "sgd": dict(
-        options=dict(lr=[1e-3, 0.05], momentum=[0.0, 0.9], dampening=[0.0, 0.3],
-                     nesterov=[False, True], weight_decay=[0.0, 0.01],
-                     maximize=[False, True]),
-    ),
-    "adagrad": dict(
-        options=dict(lr=[1e-2, 0.1], lr_decay=[0.0, 0.01], weight_decay=[0.0, 0.01],
-                     eps=[1e-10, 1e-6], maximize=[False, True]),
-    ),
-    "rmsprop": dict(
-        options=dict(lr=[1e-2, 1e-3], alpha=[0.99, 0.3], eps=[1e-8, 1e-6],
-                     weight_decay=[0.0, 0.01], momentum=[0.0, 0.9],
-                     centered=[False, True], maximize=[False, True]),
-    ),
-    "adam": dict(
-        options=dict(lr=[1e-3, 0.01], betas=[(0.9, 0.999), (0.3, 0.9)], eps=[1e-8, 1e-6],
-                     weight_decay=[0.0, 0.01], amsgrad=[False, True],
-                     maximize=[False, True]),
-    ),
-    "adamw": dict(
-        options=dict(lr=[1e-3, 0.01], betas=[(0.9, 0.999), (0.3, 0.9)], eps=[1e-8, 1e-6],
-                     weight_decay=[1e-2, 0.0, 0.1], amsgrad=[False, True],
-                     maximize=[False, True]),
-    ),
+    "sgd": _grid("sgd", lr=[0.05], momentum=[0.9], dampening=[0.3], nesterov=[True],
+                 weight_decay=[0.01], maximize=[True]),
+    "adagrad": _grid("adagrad", lr=[0.1], lr_decay=[0.01], weight_decay=[0.01],
+                     eps=[1e-6], maximize=[True]),
+    "rmsprop": _grid("rmsprop", lr=[1e-3], alpha=[0.3], eps=[1e-6], weight_decay=[0.01],
+                     momentum=[0.9], centered=[True], maximize=[True]),
+    "adam": _grid("adam", lr=[0.01], betas=[(0.3, 0.9)], eps=[1e-6], weight_decay=[0.01],
+                  amsgrad=[True], maximize=[True]),
+    "adamw": _grid("adamw", lr=[0.01], betas=[(0.3, 0.9)], eps=[1e-6],
+                   weight_decay=[0.0, 0.1], amsgrad=[True], maximize=[True]),
 }
 
 

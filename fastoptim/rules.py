@@ -1,0 +1,93 @@
+"""The rule registry: what each update rule is, written once, read by every layer.
+
+An entry says, for one rule: its hyperparameters in torch.optim's positional order with
+their defaults, every state array it may keep in one order (torch.optim's: the order of
+its state dicts), which option decides whether a state array is kept, and whether the
+rule counts steps. The NumPy classes (:mod:`fastoptim.optim`) and the torch drop-in
+(:mod:`fastoptim.torch`) take their state names from here; tests hold the functional
+API, both class layers and torch.optim itself to the defaults written here
+(``tests/test_registry.py``). The math of a rule lives in :mod:`fastoptim.reference` and
+in its kernel file (``fastoptim/_kernels/rules/<name>.pxi``).
+
+Adding a rule: its reference function, its kernel file, one entry here, its NumPy class,
+its torch class, and its options in the tests' grid (``tests/rules.py``).
+"""
+import numbers
+from dataclasses import dataclass, field
+
+__all__ = ["RuleSpec", "REGISTRY", "spec"]
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """One update rule.
+
+    ``hyperparameters``: ``(name, default)`` pairs in torch.optim's positional order,
+    then its keyword-only ones (``maximize``). ``state``: every state array the rule may
+    keep, in torch.optim's order. ``kept_if``: state name -> the option that keeps it
+    (kept when the option is positive, for a number, or true, for a flag); state not
+    named there is always kept. ``counts_steps``: whether the state holds a ``step`` counter.
+    """
+    name: str
+    title: str
+    hyperparameters: tuple
+    state: tuple
+    kept_if: dict = field(default_factory=dict)
+    counts_steps: bool = True
+
+    @property
+    def defaults(self):
+        """``{name: default}`` of every hyperparameter."""
+        return dict(self.hyperparameters)
+
+    def state_names(self, options, value=lambda name, v: v):
+        """The state arrays kept under ``options`` (a parameter group), in the rule's
+        order; ``value(name, v)`` reads an option (the torch layer reads 1-element
+        tensors through it)."""
+        return tuple(name for name in self.state if name not in self.kept_if
+                     or _keeps(value(self.kept_if[name], options[self.kept_if[name]])))
+
+
+def _keeps(v):
+    """A number keeps its state when positive (momentum), a flag when true (amsgrad)."""
+    if isinstance(v, numbers.Real) and not isinstance(v, bool):
+        return v > 0
+    return bool(v)
+
+
+_ADAM = (("lr", 1e-3), ("betas", (0.9, 0.999)), ("eps", 1e-8), ("weight_decay", 0.0),
+         ("amsgrad", False), ("maximize", False))
+
+#: every rule with per-element state, in public order
+REGISTRY = {s.name: s for s in (
+    RuleSpec("sgd", "SGD",
+             (("lr", 1e-3), ("momentum", 0.0), ("dampening", 0.0), ("weight_decay", 0.0),
+              ("nesterov", False), ("maximize", False)),
+             ("momentum_buffer",), {"momentum_buffer": "momentum"}, counts_steps=False),
+    RuleSpec("adagrad", "Adagrad",
+             (("lr", 1e-2), ("lr_decay", 0.0), ("weight_decay", 0.0),
+              ("initial_accumulator_value", 0.0), ("eps", 1e-10), ("maximize", False)),
+             ("sum",)),
+    RuleSpec("rmsprop", "RMSprop",
+             (("lr", 1e-2), ("alpha", 0.99), ("eps", 1e-8), ("weight_decay", 0.0),
+              ("momentum", 0.0), ("centered", False), ("maximize", False)),
+             ("square_avg", "momentum_buffer", "grad_avg"),
+             {"momentum_buffer": "momentum", "grad_avg": "centered"}),
+    RuleSpec("adam", "Adam", _ADAM, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+             {"max_exp_avg_sq": "amsgrad"}),
+    RuleSpec("adamw", "AdamW", tuple((k, 1e-2 if k == "weight_decay" else v)
+                                     for k, v in _ADAM),
+             ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), {"max_exp_avg_sq": "amsgrad"}),
+    RuleSpec("adahessian", "AdaHessian",
+             (("lr", 0.15), ("betas", (0.9, 0.999)), ("eps", 1e-4), ("weight_decay", 0.0),
+              ("hessian_power", 1.0), ("maximize", False)),
+             ("exp_avg", "exp_hessian_diag_sq")),
+)}
+
+
+def spec(name):
+    """The registry entry of rule ``name`` (``"adam"``, ...)."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"no rule {name!r}; the rules are {', '.join(REGISTRY)}") from None
