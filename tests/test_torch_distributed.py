@@ -41,11 +41,15 @@ def _train(model, opt, x, y):
         opt.step()
 
 
-def _worker(rank, port, mode, out):
+def _init(rank, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+
+
+def _worker(rank, port, mode, out):
+    _init(rank, port)
     try:
         model = _model()
         ddp = DDP(model)
@@ -76,14 +80,15 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _run(mode, tmp_path, timeout=40):
+def _run(mode, tmp_path, timeout=40, worker=None):
     # A run takes ~3 s. Here, 2 runs of ~20 hung until the timeout (once in CI, once
     # locally; where they hung was not found: a faulthandler-instrumented copy passed
     # 14 times in a row). A hung run is killed and started once more on a new port;
     # two hangs in a row fail the test.
     out = str(tmp_path / mode)
     for attempt in range(2):
-        ctx = mp.spawn(_worker, args=(_free_port(), mode, out), nprocs=WORLD, join=False)
+        ctx = mp.spawn(worker or _worker, args=(_free_port(), mode, out), nprocs=WORLD,
+                       join=False)
         try:
             for _ in range(timeout):
                 if ctx.join(timeout=1):
@@ -175,10 +180,7 @@ def _fsdp_worker(rank, port, mode, out):
     from torch.distributed.checkpoint import load, save
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.fsdp import fully_shard
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    _init(rank, port)
     try:
         x, y = _data()
         x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
@@ -216,24 +218,7 @@ def _fsdp_worker(rank, port, mode, out):
 
 def test_fsdp2_two_gloo_processes_match_torch_optim_and_resume_from_a_checkpoint(tmp_path):
     pytest.importorskip("torch.distributed.fsdp")
-    out = str(tmp_path / "fsdp2")
-    ranks = None
-    for attempt in range(2):
-        ctx = mp.spawn(_fsdp_worker, args=(_free_port(), "fsdp2", out), nprocs=WORLD,
-                       join=False)
-        try:
-            for _ in range(90):
-                if ctx.join(timeout=1):
-                    ranks = [torch.load(f"{out}.{r}", weights_only=True)
-                             for r in range(WORLD)]
-                    break
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-        if ranks is not None:
-            break
-    assert ranks is not None, "the FSDP2 processes did not finish in 90 s, twice"
+    ranks = _run("fsdp2", tmp_path, timeout=90, worker=_fsdp_worker)
     for r in ranks:
         # state is kept as torch keeps it: DTensors sharded like the parameter
         assert r["fastoptim_state"] == r["torch_state"] == {
