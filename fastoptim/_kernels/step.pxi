@@ -64,6 +64,7 @@ cdef class Step:
     cdef bint done
     cdef int kind                  # KIND_*: which rule, for the serial-size calibration
     cdef bint reusable             # run() may be called again (see make_reusable)
+    cdef bint grads_bound          # reusable: set_grads() was called since the last run
     cdef Interval *wiv             # reusable: written arrays' byte intervals, by start
     cdef Py_ssize_t nwiv
 
@@ -237,14 +238,18 @@ cdef class Step:
         return 8 if self.b.is_double[t] else 4
 
     def make_reusable(self):
-        """Let ``run()`` be called any number of times; between runs, ``set_grads()`` may
-        point the gradients at new memory. The arrays, hyperparameters and step
-        counters array stay those of ``prepare_*`` (the caller keeps them alive and
-        unchanged in layout: the step holds only their addresses)."""
+        """Let ``run()`` be called any number of times, each after ``set_grads()`` has
+        pointed the gradients at their memory for that run (the gradients given to
+        ``prepare_*`` are let go). The arrays, hyperparameters and step counters array
+        stay those of ``prepare_*`` (the caller keeps them alive and unchanged in
+        layout: the step holds only their addresses)."""
         cdef Py_ssize_t t, n = 0, nbytes, a, b
         cdef int r
         if self.reusable:
             return
+        if self.kind == KIND_ADAHESSIAN:
+            raise ValueError("this step reads other inputs than its gradients (the "
+                             "Hessian diagonals): it cannot be reused")
         for t in range(self.b.n):
             if self.b.offsets[t + 1] == self.b.offsets[t]:
                 continue
@@ -281,6 +286,11 @@ cdef class Step:
         qsort(self.wiv, n, sizeof(Interval), _cmp_interval)
         self.nwiv = n
         self.reusable = True
+        # The gradients given to prepare_* (and copies of them) are no longer kept
+        # alive: set_grads() binds new ones before each run.
+        self.keep = [tuple(None if r == ROLE_GRAD else lst for r, lst in enumerate(x))
+                     for x in self.keep if isinstance(x, tuple)]
+        self.grads_bound = False
 
     def set_grads(self, list addresses):
         """Point the gradient of each updated array (in this step's order: the arrays
@@ -330,6 +340,7 @@ cdef class Step:
                     self._overlap_error(_ROLE_NAMES, g, self.wiv[lo - 1])
             for t in range(n):
                 self.b.ptr[ROLE_GRAD][t] = tmp[t]
+            self.grads_bound = True
         finally:
             PyMem_Free(tmp)
 
@@ -358,6 +369,9 @@ cdef class Step:
         cdef Py_ssize_t threshold = _serial_threshold
         if self.done and not self.reusable:
             raise RuntimeError("this step has already run")
+        if self.reusable and not self.grads_bound:
+            raise RuntimeError("a reused step needs set_grads() before each run")
+        self.grads_bound = not self.reusable
         self.done = True
         d = 1 if (self.b.n > 0 and self.b.is_double[0]) else 0
         if n_threads > 1 and not _user_threshold and fo_openmp_enabled():

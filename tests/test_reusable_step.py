@@ -1,0 +1,102 @@
+"""A prepared Step made reusable (what fastoptim.torch keeps between steps): each run
+after set_grads() equals a fresh prepare_* with those gradients, bit for bit; refusals
+change nothing; the gradients given to prepare_* are let go."""
+import gc
+import weakref
+
+import numpy as np
+import pytest
+
+from fastoptim import _config, reference as R
+
+K = _config._kernels
+
+
+def _arrays(seed=0, shapes=((7,), (1000,), (33, 5))):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(np.float32) for s in shapes]
+
+
+def _adam(params, grads, m, v, steps, **kw):
+    opts = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
+                amsgrad=False, maximize=False, decoupled=True)
+    opts.update(kw)
+    return K.prepare_adam(params, grads, m, v, [] if opts["amsgrad"] else None, steps,
+                          opts["lr"], opts["betas"],
+                          opts["eps"], opts["weight_decay"], opts["amsgrad"],
+                          opts["maximize"], opts["decoupled"])
+
+
+def test_reused_step_equals_fresh_steps_and_takes_new_hyperparameters():
+    params, ref = _arrays(), _arrays()
+    m, v = [np.zeros_like(p) for p in params], [np.zeros_like(p) for p in params]
+    rm, rv = [np.zeros_like(p) for p in ref], [np.zeros_like(p) for p in ref]
+    steps, rsteps = np.zeros(3, np.int64), np.zeros(3, np.int64)
+    step = _adam(params, _arrays(1), m, v, steps)
+    step.run(2)
+    R.adamw_(ref, _arrays(1), rm, rv, None, rsteps, lr=1e-2, weight_decay=0.01)
+    step.make_reusable()
+    with pytest.raises(RuntimeError, match="set_grads"):
+        step.run(2)                               # the old gradients were let go
+    for k in range(2, 6):
+        lr = 1e-2 / k
+        assert step.take_hyperparameters(_adam([], [], [], [], np.zeros(0, np.int64), lr=lr))
+        grads = _arrays(k)
+        step.set_grads([g.ctypes.data for g in grads])
+        step.run(2)
+        R.adamw_(ref, grads, rm, rv, None, rsteps, lr=lr, weight_decay=0.01)
+    for a, b in zip(params + m + v, ref + rm + rv):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(steps, rsteps)
+    # a flag that selects another loop is not taken over
+    assert not step.take_hyperparameters(
+        _adam([], [], [], [], np.zeros(0, np.int64), amsgrad=True))
+
+
+def test_set_grads_refuses_overlap_misalignment_and_bad_counts_and_changes_nothing():
+    params = _arrays()
+    m, v = [np.zeros_like(p) for p in params], [np.zeros_like(p) for p in params]
+    steps = np.zeros(3, np.int64)
+    step = _adam(params, _arrays(1), m, v, steps)
+    step.make_reusable()
+    good = _arrays(2)
+    step.set_grads([g.ctypes.data for g in good])
+    for bad, match in (([good[0].ctypes.data, v[1].ctypes.data, good[2].ctypes.data],
+                        r"grads\[1\] overlaps"),
+                       ([good[0].ctypes.data, good[1].ctypes.data + 1, good[2].ctypes.data],
+                        r"grads\[1\] is not aligned"),
+                       ([good[0].ctypes.data, steps.ctypes.data, good[2].ctypes.data],
+                        r"grads\[1\] overlaps steps"),
+                       ([good[0].ctypes.data], "expected 3"),
+                       ([good[0].ctypes.data, -1, good[2].ctypes.data], "address must be")):
+        with pytest.raises(ValueError, match=match):
+            step.set_grads(bad)
+    before = [a.copy() for a in params + m + v]
+    step.run(1)                                   # still the good gradients
+    twin_p, twin_m, twin_v = ([a.copy() for a in before[i * 3:(i + 1) * 3]]
+                              for i in range(3))
+    R.adamw_(twin_p, good, twin_m, twin_v, None, np.zeros(3, np.int64), lr=1e-2,
+             weight_decay=0.01)
+    for a, b in zip(params + m + v, twin_p + twin_m + twin_v):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_gradients_given_to_prepare_are_let_go():
+    params = _arrays()
+    m, v = [np.zeros_like(p) for p in params], [np.zeros_like(p) for p in params]
+    grads = _arrays(1)
+    ref = weakref.ref(grads[1])
+    step = _adam(params, grads, m, v, np.zeros(3, np.int64))
+    step.make_reusable()
+    del grads
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_step_with_other_inputs_than_gradients_is_not_reusable():
+    p = _arrays()[:1]
+    step = K.prepare_adahessian(p, _arrays(1)[:1], _arrays(2)[:1], [np.zeros_like(p[0])],
+                                [np.zeros_like(p[0])], np.zeros(1, np.int64), 0.1,
+                                (0.9, 0.999), 1e-4, 0.0, 1.0, False)
+    with pytest.raises(ValueError, match="cannot be reused"):
+        step.make_reusable()
