@@ -35,17 +35,44 @@ class RuleSpec:
     kept_if: dict = field(default_factory=dict)
     counts_steps: bool = True
 
+    def __post_init__(self):
+        # the options that decide the state, and their answers so far: a step asks
+        # every time, and a cached answer costs one dict lookup
+        object.__setattr__(self, "_deciding", tuple(dict.fromkeys(self.kept_if.values())))
+        object.__setattr__(self, "_answers", {})
+
     @property
     def defaults(self):
         """``{name: default}`` of every hyperparameter."""
         return dict(self.hyperparameters)
 
-    def state_names(self, options, value=lambda name, v: v):
+    def state_names(self, options, value=None):
         """The state arrays kept under ``options`` (a parameter group), in the rule's
         order; ``value(name, v)`` reads an option (the torch layer reads 1-element
         tensors through it)."""
-        return tuple(name for name in self.state if name not in self.kept_if
-                     or _keeps(value(self.kept_if[name], options[self.kept_if[name]])))
+        deciding = self._deciding
+        if not deciding:
+            return self.state
+        if value is None and len(deciding) == 1:
+            key = options[deciding[0]]
+        elif value is None and len(deciding) == 2:
+            key = (options[deciding[0]], options[deciding[1]])
+        else:
+            key = tuple(options[o] if value is None else value(o, options[o])
+                        for o in deciding)
+        try:
+            return self._answers[key]
+        except (KeyError, TypeError):             # (TypeError: an unhashable value)
+            pass
+        keeps = dict(zip(deciding, map(_keeps, key if isinstance(key, tuple) else (key,))))
+        names = tuple(n for n in self.state if n not in self.kept_if
+                      or keeps[self.kept_if[n]])
+        try:
+            if len(self._answers) < 64:
+                self._answers[key] = names
+        except TypeError:
+            pass
+        return names
 
 
 def _keeps(v):
