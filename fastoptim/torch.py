@@ -387,9 +387,9 @@ class _Reuse:
     each parameter's state dict and state tensors are the same objects, and no option
     that adds or removes a state array changed. Whatever else changed is caught by
     :meth:`_Optimizer._reused`, which then plans the group afresh."""
-    __slots__ = ("params", "mask", "used", "pptrs", "shapes", "pstrides", "gstrides", "state",
-                 "state_version", "dicts", "by_value", "dicts_rep", "keys", "flat", "names", "options", "kernel",
-                 "counts", "step_addrs", "step_doubles", "written")
+    __slots__ = ("params", "mask", "used", "pptrs", "shapes", "pstrides", "gstrides",
+                 "state", "state_version", "by_value", "dicts_rep", "keys", "flat", "names",
+                 "options", "kernel", "counts", "step_addrs", "step_doubles", "written")
 
     def run(self, n_threads):
         self.kernel.run(n_threads)
@@ -574,7 +574,8 @@ class _Optimizer(_TorchOptimizer):
         if reuses is None:
             reuses = self._reuses = {}
         reuses.pop(gi, None)
-        if not plan.reusable or plan.kernel is None or plan.fills or plan.new_state:
+        if (not plan.reusable or plan.kernel is None or plan.fills or plan.new_state
+                or not isinstance(self.state, _State)):
             return
         r = _Reuse()
         r.params = list(group["params"])
@@ -590,16 +591,14 @@ class _Optimizer(_TorchOptimizer):
         if list(map(_SHAPE, grads)) != r.shapes:
             return
         r.gstrides = list(map(_STRIDE, grads))
-        if not isinstance(self.state, _State):
-            return
         r.state = self.state
         r.state_version = self.state.version
-        r.dicts = [self.state.get(p) for p in r.used]
+        dicts = [self.state.get(p) for p in r.used]
         r.names = self._state_names(group)
         keys = r.names + (("step",) if self._has_step else ())
         r.keys = list(keys) * len(r.used)
-        r.dicts_rep = [d for d in r.dicts for _ in keys]
-        tensors = [d.get(k) for d in r.dicts for k in keys]
+        r.dicts_rep = [d for d in dicts for _ in keys]
+        tensors = [d.get(k) for d in dicts for k in keys]
         if not all(isinstance(t, torch.Tensor) for t in tensors):
             return
         r.flat = (tensors, list(map(_DATA_PTR, tensors)))
@@ -609,7 +608,7 @@ class _Optimizer(_TorchOptimizer):
         r.kernel.make_reusable()
         r.counts = plan.steps
         if self._has_step:
-            steps = [d["step"] for d in r.dicts]
+            steps = [d["step"] for d in dicts]
             r.step_addrs = np.array(list(map(_DATA_PTR, steps)), dtype=np.int64)
             r.step_doubles = np.array([t.dtype == torch.float64 for t in steps], np.int8)
         else:
