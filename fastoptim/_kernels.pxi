@@ -8,8 +8,9 @@
 #   loops are plain C loops over raw pointers that the compiler vectorizes for
 #   whatever level the module was built for.
 # * The code lives in parts, included at the end of this file: _kernels/runtime.pxi,
-#   checks.pxi and step.pxi (the machinery every rule shares), and one file per rule in
-#   _kernels/rules/ (its element loop, per-array scalars and prepare_* entry point).
+#   checks.pxi, step.pxi and objects.pxi (the machinery every rule shares), and one
+#   file per rule in _kernels/rules/ (its element loop, per-array scalars and
+#   prepare_* entry point).
 # * One call updates a whole list of arrays ("multi-tensor"). It happens in two stages:
 #   ``prepare_*`` (holding the GIL) checks every array and hyperparameter and builds a
 #   ``Step``; ``Step.run()`` (GIL released once) cannot fail. Nothing is written before
@@ -77,6 +78,7 @@ cdef enum:
 include "_kernels/runtime.pxi"      # build facts, threads, calibration, Batch
 include "_kernels/checks.pxi"       # overlap, array and argument checks, non-finite scan
 include "_kernels/step.pxi"         # Step: gather, reuse, run; the partition
+include "_kernels/objects.pxi"      # data addresses of tensors, for kept torch steps
 include "_kernels/rules/common.pxi"
 include "_kernels/rules/sgd.pxi"
 include "_kernels/rules/adagrad.pxi"

@@ -45,6 +45,12 @@ How a step runs, point by point:
   when it is another object or at another address (a loaded state dict,
   ``share_memory_()``). A view keeps its storage alive, so a new tensor cannot take
   over a cached address. Gradients are viewed afresh at every step.
+* A group's prepared kernel call is kept from one step to the next while nothing it
+  depends on changed (see ``_Reuse``); a kept step only checks each parameter's and
+  gradient's shape, strides and dtype and every tensor's data address, and points the
+  kernel at the new gradients. The addresses are read in a compiled loop through
+  torch's C reader of a tensor's data pointer (the one inductor's compiled wrappers
+  call; ``data_ptr()`` where this torch has none), about 0.5 us a parameter in all.
 * Numerics: the kernels do torch's default (for-loop) operations in the same order,
   but round a*b+c twice where torch's vectorized CPU ops may use one fused
   multiply-add, so results agree with torch.optim's to rounding (over hundreds of
@@ -309,8 +315,39 @@ class _GroupPlan:
 
 _GRAD = operator.attrgetter("grad")
 _SHAPE = operator.attrgetter("shape")
+_DTYPE = operator.attrgetter("dtype")
 _DATA_PTR = torch.Tensor.data_ptr
 _STRIDE = torch.Tensor.stride
+
+# A kept step (_Reuse) reads the data addresses of every parameter, state tensor and
+# gradient at each step. ``t.data_ptr()`` costs ~40 ns from Python; torch exposes the C
+# function behind it (for inductor's compiled wrappers), which the kernel module's
+# ``addresses`` calls in a C loop (~5 ns) on tensors of exactly these types. _READER is
+# its address, or 0 (then ``data_ptr()`` is called) when this torch lacks it or it
+# disagrees with ``data_ptr()`` on the probes below.
+_EXACT = (torch.Tensor, torch.nn.Parameter)
+
+
+def _address_reader():
+    try:
+        from torch._C._dynamo.guards import (
+            _torchinductor_pyobject_tensor_data_ptr as addr)
+    except (ImportError, AttributeError):
+        return 0
+    if not isinstance(addr, int) or isinstance(addr, bool) or addr <= 0:
+        return 0
+    base = torch.arange(24.0)
+    probes = [base, base[5:], base.view(4, 6).t(), base[:0], torch.tensor(1.5),
+              torch.nn.Parameter(torch.ones(2, 3, dtype=torch.float64)),
+              torch.zeros(3, dtype=torch.complex64)]
+    try:
+        got = _config._kernels.addresses(probes, addr, _EXACT).tolist()
+    except Exception:                        # pragma: no cover - a torch that changed
+        return 0
+    return addr if got == [t.data_ptr() for t in probes] else 0
+
+
+_READER = _address_reader()
 
 
 def _by_value(group):
@@ -387,9 +424,10 @@ class _Reuse:
     each parameter's state dict and state tensors are the same objects, and no option
     that adds or removes a state array changed. Whatever else changed is caught by
     :meth:`_Optimizer._reused`, which then plans the group afresh."""
-    __slots__ = ("params", "mask", "used", "pptrs", "shapes", "pstrides", "gstrides",
-                 "state", "state_version", "by_value", "dicts_rep", "keys", "flat", "names",
-                 "options", "kernel", "counts", "step_addrs", "step_doubles", "written")
+    __slots__ = ("params", "mask", "all_used", "used", "pptrs", "shapes", "pstrides",
+                 "gstrides", "dtypes", "state", "state_version", "by_value", "dicts_rep",
+                 "keys", "flat", "names", "options", "kernel", "counts", "step_addrs",
+                 "step_doubles", "written")
 
     def run(self, n_threads):
         self.kernel.run(n_threads)
@@ -528,21 +566,26 @@ class _Optimizer(_TorchOptimizer):
         if list(map(operator.is_not, grads, repeat(None))) != r.mask:
             return None
         used = r.used
-        grads = list(compress(grads, r.mask))
+        if not r.all_used:
+            grads = list(compress(grads, r.mask))
         try:
-            if (list(map(_DATA_PTR, used)) != r.pptrs or list(map(_SHAPE, used)) != r.shapes
-                    or list(map(_SHAPE, grads)) != r.shapes
+            if (list(map(_SHAPE, used)) != r.shapes or list(map(_SHAPE, grads)) != r.shapes
                     or list(map(_STRIDE, used)) != r.pstrides
-                    or list(map(_STRIDE, grads)) != r.gstrides):
+                    or list(map(_STRIDE, grads)) != r.gstrides
+                    or list(map(_DTYPE, grads)) != r.dtypes):
                 return None
         except RuntimeError:                     # a sparse gradient has no strides
+            return None
+        # (only now, every gradient known to be a dense tensor, are addresses read)
+        k = _config._kernels
+        if not k.addresses_equal(used, r.pptrs, _READER, _EXACT):
             return None
         state = self.state
         if state is not r.state or state.version != r.state_version:
             return None
         flat = r.flat
-        if (not all(map(operator.is_, map(dict.get, r.dicts_rep, r.keys), flat[0]))
-                or list(map(_DATA_PTR, flat[0])) != flat[1]):
+        if (not k.entries_are(r.dicts_rep, r.keys, flat[0])
+                or not k.addresses_equal(flat[0], flat[1], _READER, _EXACT)):
             return None
         options = _snapshot(group, r.by_value)
         if options != r.options:
@@ -560,7 +603,7 @@ class _Optimizer(_TorchOptimizer):
                 r.step_addrs, r.step_doubles, r.counts) >= 0:
             return None                          # (the fresh plan names the bad count)
         try:
-            r.kernel.set_grads(list(map(_DATA_PTR, grads)))
+            r.kernel.set_grads(k.addresses(grads, _READER, _EXACT))
         except ValueError:
             return None                          # (the fresh plan names the overlap)
         return r
@@ -584,13 +627,16 @@ class _Optimizer(_TorchOptimizer):
         if [p for p, m in zip(r.params, r.mask) if m] != r.used or any(
                 g is not p.grad for p, g in zip(r.used, plan.grads)):
             return                               # (a hook changed the gradients)
+        r.all_used = all(r.mask)
         grads = plan.grads
-        r.pptrs = list(map(_DATA_PTR, r.used))
+        k = _config._kernels
+        r.pptrs = k.addresses(r.used)
         r.shapes = list(map(_SHAPE, r.used))
         r.pstrides = list(map(_STRIDE, r.used))
         if list(map(_SHAPE, grads)) != r.shapes:
             return
         r.gstrides = list(map(_STRIDE, grads))
+        r.dtypes = list(map(_DTYPE, grads))
         r.state = self.state
         r.state_version = self.state.version
         dicts = [self.state.get(p) for p in r.used]
@@ -601,7 +647,7 @@ class _Optimizer(_TorchOptimizer):
         tensors = [d.get(k) for d in dicts for k in keys]
         if not all(isinstance(t, torch.Tensor) for t in tensors):
             return
-        r.flat = (tensors, list(map(_DATA_PTR, tensors)))
+        r.flat = (tensors, k.addresses(tensors))
         r.by_value = _by_value(group)
         r.options = _snapshot(group, r.by_value)
         r.kernel = plan.kernel
@@ -609,7 +655,7 @@ class _Optimizer(_TorchOptimizer):
         r.counts = plan.steps
         if self._has_step:
             steps = [d["step"] for d in dicts]
-            r.step_addrs = np.array(list(map(_DATA_PTR, steps)), dtype=np.int64)
+            r.step_addrs = k.addresses(steps)
             r.step_doubles = np.array([t.dtype == torch.float64 for t in steps], np.int8)
         else:
             r.step_addrs = r.step_doubles = None

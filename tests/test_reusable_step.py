@@ -100,3 +100,25 @@ def test_a_step_with_other_inputs_than_gradients_is_not_reusable():
                                 (0.9, 0.999), 1e-4, 0.0, 1.0, False)
     with pytest.raises(ValueError, match="cannot be reused"):
         step.make_reusable()
+
+
+def test_set_grads_takes_an_int64_array_and_refuses_other_arrays():
+    params, ref = _arrays(), _arrays()
+    m, v = [np.zeros_like(p) for p in params], [np.zeros_like(p) for p in params]
+    rm, rv = [np.zeros_like(p) for p in ref], [np.zeros_like(p) for p in ref]
+    steps, rsteps = np.zeros(3, np.int64), np.zeros(3, np.int64)
+    s = _adam(params, _arrays(1), m, v, steps)
+    s.make_reusable()
+    g2 = _arrays(2)
+    s.set_grads(np.array([g.ctypes.data for g in g2], dtype=np.int64))
+    s.run(1)
+    R.adamw_(ref, g2, rm, rv, None, rsteps, lr=1e-2, weight_decay=0.01)
+    for a, b in zip(params, ref):
+        np.testing.assert_array_equal(a, b)
+    addrs = [g.ctypes.data for g in g2]
+    with pytest.raises(TypeError, match="int64"):
+        s.set_grads(np.array(addrs, dtype=np.uint64))
+    with pytest.raises(TypeError, match="list of ints"):
+        s.set_grads(tuple(addrs))
+    with pytest.raises(ValueError, match="3 entries|expected 3"):
+        s.set_grads(np.array(addrs[:2], dtype=np.int64))

@@ -309,3 +309,65 @@ def test_hooks_still_run_with_the_light_step_wrapper():
     with torch.autograd.profiler.profile() as prof:
         t.step(1)
     assert any("Optimizer.step#Adam.step" in e.name for e in prof.function_events)
+
+
+def test_gradient_dtype_changed_in_place_is_refused_as_a_fresh_plan_refuses_it():
+    """``p.grad.data = ...`` bypasses the grad setter's dtype check; a kept step must
+    not read a float64 buffer as float32 but refuse the step as a fresh plan does."""
+    t = Twins("Adam")
+    t.step(2)
+    before = [p.detach().clone() for p in t.got]
+    t.grads()
+    t.got[1].grad.data = t.got[1].grad.data.double()
+    with pytest.raises((TypeError, ValueError), match=r"\['params'\]\[1\]"):
+        t.got_opt.step()
+    for a, b in zip(before, t.got):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_kept_steps_without_torchs_address_reader(name, monkeypatch):
+    """The kept step reads tensor addresses through torch's C reader when it has one,
+    else through ``data_ptr()``: both paths follow torch, and see a swapped ``.data``."""
+    monkeypatch.setattr(fot, "_READER", 0)
+    t = Twins(name)
+    t.step(3)
+    t.both(lambda ps, opt: setattr(ps[0], "data", ps[0].data.clone()))
+    t.step(2)
+
+
+def test_torchs_address_reader_agrees_with_data_ptr():
+    from fastoptim import _config
+    k = _config._kernels
+    if fot._READER == 0:
+        pytest.skip("this torch has no C data-address reader (data_ptr() is used)")
+    base = torch.arange(60.0)
+    objs = [base, base[7:], base.view(6, 10).t(), base[:0], torch.tensor(2.0),
+            torch.nn.Parameter(torch.randn(3, 4, dtype=torch.float64)),
+            torch.zeros(5, dtype=torch.complex128), torch.ones(4).share_memory_()]
+    want = [t.data_ptr() for t in objs]
+    assert k.addresses(objs, fot._READER, fot._EXACT).tolist() == want
+    assert k.addresses(objs).tolist() == want
+    assert k.addresses_equal(objs, k.addresses(objs), fot._READER, fot._EXACT)
+    moved = k.addresses(objs)
+    moved[3] += 8
+    assert not k.addresses_equal(objs, moved, fot._READER, fot._EXACT)
+
+
+def test_address_helpers_check_their_arguments():
+    import numpy as np
+    from fastoptim import _config
+    k = _config._kernels
+    ts = [torch.zeros(3), torch.zeros(2)]
+    with pytest.raises(TypeError, match="int64"):
+        k.addresses_equal(ts, np.zeros(2, dtype=np.int32))
+    with pytest.raises(TypeError, match="int64"):
+        k.addresses_equal(ts, np.zeros(3, dtype=np.int64))
+    assert not k.addresses_equal(ts, np.zeros(2, dtype=np.int64))
+    d = {"a": ts[0]}
+    assert k.entries_are([d, d], ["a", "a"], [ts[0], ts[0]])
+    assert not k.entries_are([d], ["a"], [ts[1]])
+    assert not k.entries_are([d], ["b"], [ts[0]])
+    assert not k.entries_are([[1]], ["a"], [ts[0]])
+    with pytest.raises(ValueError, match="one length"):
+        k.entries_are([d], ["a", "b"], [ts[0]])

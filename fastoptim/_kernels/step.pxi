@@ -292,9 +292,10 @@ cdef class Step:
                      for x in self.keep if isinstance(x, tuple)]
         self.grads_bound = False
 
-    def set_grads(self, list addresses):
+    def set_grads(self, addresses):
         """Point the gradient of each updated array (in this step's order: the arrays
-        whose gradient was not None) at a new address, given as an int: memory laid out
+        whose gradient was not None) at a new address, given as an int (a list of ints,
+        or a contiguous int64 array as :func:`addresses` returns): memory laid out
         exactly as the gradient given to ``prepare_*`` (dtype, shape, dense in the
         parameter's memory order), which the caller guarantees and keeps alive until
         the next ``run()``. Checked here: alignment, and no overlap with any array the
@@ -304,8 +305,19 @@ cdef class Step:
         cdef uintptr_t addr, end
         cdef void **tmp
         cdef Interval g
+        cdef const int64_t *arr = NULL
         if not self.reusable:
             raise RuntimeError("set_grads() needs make_reusable() first")
+        if isinstance(addresses, np.ndarray):
+            if (cnp.PyArray_TYPE(addresses) != cnp.NPY_INT64
+                    or cnp.PyArray_NDIM(addresses) != 1
+                    or not cnp.PyArray_IS_C_CONTIGUOUS(addresses)):
+                raise TypeError("addresses must be a list of ints or a contiguous 1-d "
+                                "int64 array")
+            arr = <const int64_t *> cnp.PyArray_DATA(addresses)
+        elif not isinstance(addresses, list):
+            raise TypeError(f"addresses must be a list of ints or a contiguous 1-d int64 "
+                            f"array, got {type(addresses).__name__}")
         if len(addresses) != n:
             raise ValueError(f"addresses has {len(addresses)} entries, expected {n}")
         tmp = <void **> PyMem_Malloc(max(n, 1) * sizeof(void *))
@@ -313,11 +325,14 @@ cdef class Step:
             raise MemoryError()
         try:
             for t in range(n):
-                try:
-                    addr = <uintptr_t> (<unsigned long long> addresses[t])
-                except (TypeError, OverflowError):
-                    raise ValueError(f"grads[{self.b.index[t]}]: the address must be an "
-                                     f"int in [0, 2**64), got {addresses[t]!r}") from None
+                if arr != NULL:
+                    addr = <uintptr_t> arr[t]
+                else:
+                    try:
+                        addr = <uintptr_t> (<unsigned long long> addresses[t])
+                    except (TypeError, OverflowError):
+                        raise ValueError(f"grads[{self.b.index[t]}]: the address must be "
+                                         f"an int in [0, 2**64), got {addresses[t]!r}") from None
                 itemsize = self._itemsize(t, ROLE_GRAD)
                 nbytes = (self.b.offsets[t + 1] - self.b.offsets[t]) * itemsize
                 tmp[t] = <void *> addr
