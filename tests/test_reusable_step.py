@@ -27,11 +27,19 @@ def _adam(params, grads, m, v, steps, **kw):
                           opts["maximize"], opts["decoupled"])
 
 
+def _adam_twins():
+    """(params, exp_avgs, exp_avg_sqs, steps) twice, equal: for the kernel and the
+    reference."""
+    out = []
+    for _ in range(2):
+        params = _arrays()
+        out += [params, [np.zeros_like(p) for p in params],
+                [np.zeros_like(p) for p in params], np.zeros(3, np.int64)]
+    return out
+
+
 def test_reused_step_equals_fresh_steps_and_takes_new_hyperparameters():
-    params, ref = _arrays(), _arrays()
-    m, v = [np.zeros_like(p) for p in params], [np.zeros_like(p) for p in params]
-    rm, rv = [np.zeros_like(p) for p in ref], [np.zeros_like(p) for p in ref]
-    steps, rsteps = np.zeros(3, np.int64), np.zeros(3, np.int64)
+    params, m, v, steps, ref, rm, rv, rsteps = _adam_twins()
     step = _adam(params, _arrays(1), m, v, steps)
     step.run(2)
     R.adamw_(ref, _arrays(1), rm, rv, None, rsteps, lr=1e-2, weight_decay=0.01)
@@ -103,10 +111,7 @@ def test_a_step_with_other_inputs_than_gradients_is_not_reusable():
 
 
 def test_set_grads_takes_an_int64_array_and_refuses_other_arrays():
-    params, ref = _arrays(), _arrays()
-    m, v = [np.zeros_like(p) for p in params], [np.zeros_like(p) for p in params]
-    rm, rv = [np.zeros_like(p) for p in ref], [np.zeros_like(p) for p in ref]
-    steps, rsteps = np.zeros(3, np.int64), np.zeros(3, np.int64)
+    params, m, v, steps, ref, rm, rv, rsteps = _adam_twins()
     s = _adam(params, _arrays(1), m, v, steps)
     s.make_reusable()
     g2 = _arrays(2)
