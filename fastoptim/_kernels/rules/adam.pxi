@@ -3,37 +3,60 @@
 # runs it on one array's piece, the per-array scalars, and prepare_adam:
 # every check, then a Step.
 
+cdef inline void _adam_element(floating g, floating *p, floating *m, floating *v,
+                               floating *vmax, floating neg_step, floating inv_bc2_sqrt,
+                               floating one_minus_b1, floating beta2,
+                               floating one_minus_b2, floating eps, floating wd,
+                               floating decay, floating sign, bint l2,
+                               bint amsgrad) noexcept nogil:
+    # Adam's update of one element, as fastoptim/reference.py, on values in registers:
+    # g the gradient as stored; p, m, v (and vmax with amsgrad) in: the current
+    # values, out: the new ones (vmax is not touched without amsgrad). Written once;
+    # the loops below load and store it for each storage format. decay is
+    # 1 - lr*weight_decay for AdamW and exactly 1 otherwise (x*1 == x); sign is -1
+    # with maximize, else 1 (exact, branch-free).
+    cdef floating gi = g * sign, pi = p[0], mi, vi, vm, x, denom
+    if l2:
+        gi = gi + wd * pi
+    pi = pi * decay
+    mi = _lerp(m[0], gi, one_minus_b1)
+    m[0] = mi
+    vi = v[0] * beta2 + (one_minus_b2 * gi) * gi
+    v[0] = vi
+    if amsgrad:
+        vm = vmax[0]
+        # torch.maximum: NaN in either operand propagates (two selects, no
+        # short-circuit `or`, which would put branches in the vector loop)
+        x = vm if vi <= vm else vi
+        vm = vm if vm != vm else x
+        vmax[0] = vm
+        vi = vm
+    denom = _sqrt(vi) * inv_bc2_sqrt + eps
+    p[0] = pi + (neg_step * mi) / denom
+
+
 cdef inline void _adam_loop(floating *p, const floating *g, floating *m, floating *v,
                             floating *vmax, Py_ssize_t n, floating step_size,
                             floating inv_bc2_sqrt, floating one_minus_b1, floating beta2,
                             floating one_minus_b2, floating eps, floating wd,
                             floating decay, bint l2, bint amsgrad,
                             bint maximize) noexcept nogil:
-    # decay is 1 - lr*weight_decay for AdamW and exactly 1 otherwise (x*1 == x).
+    # _adam_element over arrays stored in the parameters' dtype.
     cdef Py_ssize_t i
-    cdef floating gi, pi, mi, vi, vm, x, denom
+    cdef floating pi, mi, vi, vm = 0
     cdef floating neg_step = -step_size
-    cdef floating sign = -1 if maximize else 1   # maximize: exact, branch-free
+    cdef floating sign = -1 if maximize else 1
     for i in range(n):
-        gi = g[i] * sign
-        pi = p[i]
-        if l2:
-            gi = gi + wd * pi
-        pi = pi * decay
-        mi = _lerp(m[i], gi, one_minus_b1)
-        m[i] = mi
-        vi = v[i] * beta2 + (one_minus_b2 * gi) * gi
-        v[i] = vi
+        pi, mi, vi = p[i], m[i], v[i]
         if amsgrad:
             vm = vmax[i]
-            # torch.maximum: NaN in either operand propagates (two selects, no
-            # short-circuit `or`, which would put branches in the vector loop)
-            x = vm if vi <= vm else vi
-            vm = vm if vm != vm else x
+        _adam_element(g[i], &pi, &mi, &vi, &vm, neg_step, inv_bc2_sqrt, one_minus_b1,
+                      beta2, one_minus_b2, eps, wd, decay, sign, l2, amsgrad)
+        m[i] = mi
+        v[i] = vi
+        if amsgrad:
             vmax[i] = vm
-            vi = vm
-        denom = _sqrt(vi) * inv_bc2_sqrt + eps
-        p[i] = pi + (neg_step * mi) / denom
+        p[i] = pi
 
 
 cdef inline void _adam_typed(const Batch *b, Py_ssize_t t, Py_ssize_t lo, Py_ssize_t hi,
@@ -73,34 +96,27 @@ cdef inline void _adam_bf16_loop(float *p, const float *g, uint16_t *m, uint16_t
                                  float decay, bint l2, bint amsgrad, bint maximize,
                                  bint stochastic, uint32_t km, uint32_t kv,
                                  uint32_t kx) noexcept nogil:
-    # As _adam_loop, with m, v (and vmax) stored as bfloat16: read and widened to
+    # _adam_element with m, v (and vmax) stored as bfloat16: read and widened to
     # float32, updated in float32, rounded once when stored. The parameter update uses
     # the float32 values of this step. Element i's random bits hash (base + i) with a
     # per-array, per-step key.
     cdef Py_ssize_t i
-    cdef float gi, pi, mi, vi, vm, x, denom
+    cdef float pi, mi, vi, vm = 0
     cdef float neg_step = -step_size
-    cdef float sign = -1 if maximize else 1      # maximize: exact, branch-free
+    cdef float sign = -1 if maximize else 1
     cdef uint32_t h
     for i in range(n):
-        gi = g[i] * sign
-        pi = p[i]
-        if l2:
-            gi = gi + wd * pi
-        pi = pi * decay
-        h = (<uint32_t> (base + i)) * (<uint32_t> 2654435769u)
-        mi = _lerp(fo_bf16_to_f32(m[i]), gi, one_minus_b1)
-        m[i] = _to_bf16(mi, stochastic, h, km)
-        vi = fo_bf16_to_f32(v[i]) * beta2 + (one_minus_b2 * gi) * gi
-        v[i] = _to_bf16(vi, stochastic, h, kv)
+        pi, mi, vi = p[i], fo_bf16_to_f32(m[i]), fo_bf16_to_f32(v[i])
         if amsgrad:
             vm = fo_bf16_to_f32(vmax[i])
-            x = vm if vi <= vm else vi
-            vm = vm if vm != vm else x
+        _adam_element(g[i], &pi, &mi, &vi, &vm, neg_step, inv_bc2_sqrt, one_minus_b1,
+                      beta2, one_minus_b2, eps, wd, decay, sign, l2, amsgrad)
+        h = (<uint32_t> (base + i)) * (<uint32_t> 2654435769u)
+        m[i] = _to_bf16(mi, stochastic, h, km)
+        v[i] = _to_bf16(vi, stochastic, h, kv)
+        if amsgrad:
             vmax[i] = _to_bf16(vm, stochastic, h, kx)
-            vi = vm
-        denom = _sqrt(vi) * inv_bc2_sqrt + eps
-        p[i] = pi + (neg_step * mi) / denom
+        p[i] = pi
 
 
 cdef void _adam_bf16_typed(const Batch *b, Py_ssize_t t, Py_ssize_t lo,
