@@ -316,7 +316,6 @@ class _GroupPlan:
 _GRAD = operator.attrgetter("grad")
 _SHAPE = operator.attrgetter("shape")
 _DTYPE = operator.attrgetter("dtype")
-_DATA_PTR = torch.Tensor.data_ptr
 _STRIDE = torch.Tensor.stride
 
 # A kept step (_Reuse) reads the data addresses of every parameter, state tensor and
@@ -577,15 +576,15 @@ class _Optimizer(_TorchOptimizer):
         except RuntimeError:                     # a sparse gradient has no strides
             return None
         # (only now, every gradient known to be a dense tensor, are addresses read)
-        k = _config._kernels
-        if not k.addresses_equal(used, r.pptrs, _READER, _EXACT):
+        kernels = _config._kernels
+        if not kernels.addresses_equal(used, r.pptrs, _READER, _EXACT):
             return None
         state = self.state
         if state is not r.state or state.version != r.state_version:
             return None
         flat = r.flat
-        if (not k.entries_are(r.dicts_rep, r.keys, flat[0])
-                or not k.addresses_equal(flat[0], flat[1], _READER, _EXACT)):
+        if (not kernels.entries_are(r.dicts_rep, r.keys, flat[0])
+                or not kernels.addresses_equal(flat[0], flat[1], _READER, _EXACT)):
             return None
         options = _snapshot(group, r.by_value)
         if options != r.options:
@@ -603,7 +602,7 @@ class _Optimizer(_TorchOptimizer):
                 r.step_addrs, r.step_doubles, r.counts) >= 0:
             return None                          # (the fresh plan names the bad count)
         try:
-            r.kernel.set_grads(k.addresses(grads, _READER, _EXACT))
+            r.kernel.set_grads(kernels.addresses(grads, _READER, _EXACT))
         except ValueError:
             return None                          # (the fresh plan names the overlap)
         return r
@@ -629,8 +628,8 @@ class _Optimizer(_TorchOptimizer):
             return                               # (a hook changed the gradients)
         r.all_used = all(r.mask)
         grads = plan.grads
-        k = _config._kernels
-        r.pptrs = k.addresses(r.used)
+        kernels = _config._kernels
+        r.pptrs = kernels.addresses(r.used)
         r.shapes = list(map(_SHAPE, r.used))
         r.pstrides = list(map(_STRIDE, r.used))
         if list(map(_SHAPE, grads)) != r.shapes:
@@ -647,7 +646,7 @@ class _Optimizer(_TorchOptimizer):
         tensors = [d.get(k) for d in dicts for k in keys]
         if not all(isinstance(t, torch.Tensor) for t in tensors):
             return
-        r.flat = (tensors, k.addresses(tensors))
+        r.flat = (tensors, kernels.addresses(tensors))
         r.by_value = _by_value(group)
         r.options = _snapshot(group, r.by_value)
         r.kernel = plan.kernel
@@ -655,7 +654,7 @@ class _Optimizer(_TorchOptimizer):
         r.counts = plan.steps
         if self._has_step:
             steps = [d["step"] for d in dicts]
-            r.step_addrs = k.addresses(steps)
+            r.step_addrs = kernels.addresses(steps)
             r.step_doubles = np.array([t.dtype == torch.float64 for t in steps], np.int8)
         else:
             r.step_addrs = r.step_doubles = None
