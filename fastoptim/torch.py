@@ -349,6 +349,51 @@ def _address_reader():
 _READER = _address_reader()
 
 
+# A kept step also checks that every parameter and gradient keeps its exact type, dtype,
+# device, dispatch keys (so: no conjugate/negative bit, dense), shape and strides.
+# From Python that is five attribute reads per tensor (~0.4 us a parameter); torch's
+# dynamo has the same check compiled (``TensorGuards``, ~60 ns a tensor), built from
+# example tensors with their sizes and strides given. _LAYOUT_GUARD makes one for a list
+# of tensors, or is None (then the Python reads run) when this torch lacks it or it does
+# not tell the changes below apart on probe tensors.
+def _layout_guard():
+    try:
+        from torch._C._dynamo.guards import TensorGuards
+    except (ImportError, AttributeError):
+        return None
+
+    def guard(tensors):
+        return TensorGuards(*tensors,
+                            dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                            dynamic_dims_strides=[list(t.stride()) for t in tensors])
+
+    base = torch.zeros(4, 3)
+    kept = [base, torch.nn.Parameter(torch.zeros(5, dtype=torch.float64)), torch.tensor(1.0)]
+    changed = [
+        [torch.zeros(3, 4).t(), kept[1], kept[2]],                           # strides
+        [torch.zeros(4, 2), kept[1], kept[2]],                               # shape
+        [base, torch.zeros(5, dtype=torch.float64), kept[2]],                # type
+        [base, torch.nn.Parameter(torch.zeros(5)), kept[2]],                 # dtype
+        [base, kept[1], torch.zeros(1)],                                     # 0-d vs 1-d
+        [base, kept[1], torch.tensor(1.0).to_sparse()],                      # layout
+        [base, kept[1], None],                                               # not a tensor
+        [base._neg_view(), kept[1], kept[2]],                                # negative bit
+    ]
+    try:
+        with torch.no_grad():
+            g = guard(kept)
+            same = g.check(*kept) and g.check(torch.ones(4, 3), torch.nn.Parameter(
+                torch.ones(5, dtype=torch.float64)), torch.tensor(2.0))
+            if not same or any(g.check(*c) for c in changed):
+                return None
+    except Exception:                        # pragma: no cover - a torch that changed
+        return None
+    return guard
+
+
+_LAYOUT_GUARD = _layout_guard()
+
+
 def _by_value(group):
     """Whether an option of the group can change without being replaced: a tensor
     (a scheduler may change a tensor ``lr`` in place) or a list (``betas``)."""
@@ -426,7 +471,7 @@ class _Reuse:
     __slots__ = ("params", "mask", "all_used", "used", "pptrs", "shapes", "pstrides",
                  "gstrides", "dtypes", "state", "state_version", "by_value", "dicts_rep",
                  "keys", "flat", "names", "options", "kernel", "counts", "step_addrs",
-                 "step_doubles", "written")
+                 "step_doubles", "written", "layout")
 
     def run(self, n_threads):
         self.kernel.run(n_threads)
@@ -567,14 +612,19 @@ class _Optimizer(_TorchOptimizer):
         used = r.used
         if not r.all_used:
             grads = list(compress(grads, r.mask))
-        try:
-            if (list(map(_SHAPE, used)) != r.shapes or list(map(_SHAPE, grads)) != r.shapes
-                    or list(map(_STRIDE, used)) != r.pstrides
-                    or list(map(_STRIDE, grads)) != r.gstrides
-                    or list(map(_DTYPE, grads)) != r.dtypes):
+        if r.layout is not None:
+            if not r.layout.check(*used, *grads):
                 return None
-        except RuntimeError:                     # a sparse gradient has no strides
-            return None
+        else:
+            try:
+                if (list(map(_SHAPE, used)) != r.shapes
+                        or list(map(_SHAPE, grads)) != r.shapes
+                        or list(map(_STRIDE, used)) != r.pstrides
+                        or list(map(_STRIDE, grads)) != r.gstrides
+                        or list(map(_DTYPE, grads)) != r.dtypes):
+                    return None
+            except RuntimeError:                 # a sparse gradient has no strides
+                return None
         # (only now, every gradient known to be a dense tensor, are addresses read)
         kernels = _config._kernels
         if not kernels.addresses_equal(used, r.pptrs, _READER, _EXACT):
@@ -636,6 +686,12 @@ class _Optimizer(_TorchOptimizer):
             return
         r.gstrides = list(map(_STRIDE, grads))
         r.dtypes = list(map(_DTYPE, grads))
+        r.layout = None
+        if _LAYOUT_GUARD is not None:
+            try:
+                r.layout = _LAYOUT_GUARD([*r.used, *grads])
+            except Exception:                    # pragma: no cover - then the reads
+                pass
         r.state = self.state
         r.state_version = self.state.version
         dicts = [self.state.get(p) for p in r.used]

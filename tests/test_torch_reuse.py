@@ -336,6 +336,46 @@ def test_kept_steps_without_torchs_address_reader(name, monkeypatch):
     t.step(2)
 
 
+@pytest.mark.parametrize("change", ["transposed", "dtype", "shape", "sparse"])
+@pytest.mark.parametrize("guard", ["torch's", "python"])
+def test_kept_steps_see_layout_changes_with_either_check(guard, change, monkeypatch):
+    """The kept step checks parameters' and gradients' type, dtype, shape and strides with
+    torch's compiled tensor check where it has one, else by reading them from Python:
+    either way a changed layout plans the group afresh (which follows torch, or refuses
+    as a fresh plan does, changing nothing)."""
+    if guard == "python":
+        monkeypatch.setattr(fot, "_LAYOUT_GUARD", None)
+    elif fot._LAYOUT_GUARD is None:
+        pytest.skip("this torch has no compiled tensor check (Python reads are used)")
+    t = Twins("Adam")
+    t.step(2)
+    assert (t.got_opt._reuses[0].layout is None) == (guard == "python")
+    if change == "transposed":
+        t.grads()
+        for ps in (t.ref, t.got):
+            ps[0].grad = ps[0].grad.t().contiguous().t()       # same values, F order
+        t.ref_opt.step()
+        t.got_opt.step()
+        t.check()
+        t.step(2)
+        return
+    t.grads()
+    if change == "shape":           # (its state no longer fits: torch.optim refuses too)
+        t.got[3].grad = None
+        t.got[3].data = t.got[3].data[:20].clone()
+        t.got[3].grad = torch.ones(20)
+    elif change == "dtype":
+        t.got[2].grad.data = t.got[2].grad.data.double()
+    else:
+        t.got[2].grad = t.got[2].grad.to_sparse()
+    before = [p.detach().clone() for p in t.got]
+    with pytest.raises((TypeError, ValueError),
+                       match=r"\['params'\]\[%d\]" % (3 if change == "shape" else 2)):
+        t.got_opt.step()
+    for a, b in zip(before, t.got):
+        assert torch.equal(a, b)
+
+
 def test_torchs_address_reader_agrees_with_data_ptr():
     from fastoptim import _config
     k = _config._kernels
