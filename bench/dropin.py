@@ -8,7 +8,7 @@ same kernels: optimizer steps alone, and whole training steps of a real model.
    adapters, deep narrow nets), 196 tensors of 16 values (pure per-parameter cost) and
    one 16-value tensor. Contenders: torch.optim.Adam(fused=True), fastoptim.torch.Adam,
    and fastoptim.Adam (the NumPy class, on its own arrays of the same shapes). They run
-   interleaved, block by block in rotated order, each block after one untimed step;
+   interleaved, block by block in rotated order, each block after one untimed step (and each contender after three untimed steps that create its state and plan);
    the figures are medians of the blocks, the ratios ratios of those medians.
 2. Whole training steps (zero_grad, forward, backward, step) of a small
    ``nn.TransformerEncoder`` language model (4 layers, d=256, vocabulary 4096, 16 x 32
@@ -43,9 +43,13 @@ def cpu_name():
 
 
 def interleaved(fns, reps, target_s=0.02):
-    """Median seconds per call of each function, blocks interleaved in rotated order."""
+    """Median seconds per call of each function, blocks interleaved in rotated order.
+    Each runs three untimed calls before the one that sizes its blocks: an optimizer's
+    first steps create its state and plan its groups (fastoptim.torch keeps a plan from
+    its second step on), and a block sized by such a step would hold one or two calls."""
     for f in fns.values():
-        f()
+        for _ in range(3):
+            f()
     calls = {}
     for name, f in fns.items():
         t = time.perf_counter()
