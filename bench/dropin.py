@@ -8,8 +8,9 @@ same kernels: optimizer steps alone, and whole training steps of a real model.
    adapters, deep narrow nets), 196 tensors of 16 values (pure per-parameter cost) and
    one 16-value tensor. Contenders: torch.optim.Adam(fused=True), fastoptim.torch.Adam,
    and fastoptim.Adam (the NumPy class, on its own arrays of the same shapes). They run
-   interleaved, block by block in rotated order, each block after one untimed step (and each contender after three untimed steps that create its state and plan);
-   the figures are medians of the blocks, the ratios ratios of those medians.
+   interleaved, block by block in rotated order, each block after one untimed step
+   (and each contender first after three, which create its state and plan); the
+   figures are medians of the blocks, the ratios ratios of those medians.
 2. Whole training steps (zero_grad, forward, backward, step) of a small
    ``nn.TransformerEncoder`` language model (4 layers, d=256, vocabulary 4096, 16 x 32
    tokens a batch), torch fused Adam against fastoptim.torch.Adam, interleaved the
