@@ -64,7 +64,10 @@ def test_reused_step_equals_fresh_steps_and_takes_new_hyperparameters():
 def test_set_grads_refuses_overlap_misalignment_and_bad_counts_and_changes_nothing():
     params = _arrays()
     m, v = [np.zeros_like(p) for p in params], [np.zeros_like(p) for p in params]
-    steps = np.zeros(3, np.int64)
+    # the step counters at the start of a buffer longer than grads[1]: a gradient placed
+    # on them overlaps them and nothing else (a bare 3-element array has other arrays of
+    # the test right after it, now and then, which the error may name instead)
+    steps = np.zeros(2000, np.int64)[:3]
     step = _adam(params, _arrays(1), m, v, steps)
     step.make_reusable()
     good = _arrays(2)
