@@ -158,7 +158,26 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
+def _generate():
+    """Expand the Tempita templates (``*.pxi.tp``) of the kernel sources next to them:
+    the loops and dispatch that are generated around each rule's element math."""
+    from Cython import Tempita
+    for tp in glob.glob(os.path.join(HERE, "fastoptim", "_kernels", "**", "*.pxi.tp"),
+                        recursive=True):
+        out = tp[:-3]
+        with open(tp, encoding="utf-8") as f:
+            text = Tempita.sub(f.read())
+        old = None
+        if os.path.exists(out):
+            with open(out, encoding="utf-8") as f:
+                old = f.read()
+        if text != old:                  # unchanged output keeps its timestamp
+            with open(out, "w", encoding="utf-8") as f:
+                f.write(text)
+
+
 def _extensions():
+    _generate()
     variants = ["baseline"]
     if _is_x86_64() and not os.environ.get("FASTOPTIM_BASELINE_ONLY"):
         variants += list(X86_VARIANTS)
@@ -169,7 +188,7 @@ def _extensions():
             sources=[f"fastoptim/_kernels_{v}.pyx"],
             include_dirs=[np.get_include(), os.path.join(HERE, "src_c")],
             depends=["fastoptim/_kernels.pxi"] + sorted(
-                glob.glob(os.path.join("fastoptim", "_kernels", "**", "*.pxi"),
+                glob.glob(os.path.join("fastoptim", "_kernels", "**", "*.pxi*"),
                           recursive=True)) + [
                 os.path.join("src_c", f) for f in os.listdir(os.path.join(HERE, "src_c"))],
         ))

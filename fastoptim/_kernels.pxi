@@ -79,6 +79,7 @@ include "_kernels/runtime.pxi"      # build facts, threads, calibration, Batch
 include "_kernels/checks.pxi"       # overlap, array and argument checks, non-finite scan
 include "_kernels/step.pxi"         # Step: gather, reuse, run; the partition
 include "_kernels/objects.pxi"      # data addresses of tensors, for kept torch steps
+include "_kernels/storage.pxi"      # state formats: inline load and store per format
 include "_kernels/rules/common.pxi"
 include "_kernels/rules/sgd.pxi"
 include "_kernels/rules/adagrad.pxi"
@@ -86,3 +87,4 @@ include "_kernels/rules/rmsprop.pxi"
 include "_kernels/rules/adam.pxi"
 include "_kernels/rules/traffic.pxi"
 include "_kernels/rules/adahessian.pxi"
+include "_kernels/segments.pxi"     # generated (setup.py, segments.pxi.tp): per-rule dispatch

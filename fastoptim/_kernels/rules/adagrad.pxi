@@ -1,11 +1,12 @@
 # Part of the kernel module (included by fastoptim/_kernels.pxi): Adagrad.
-# The element loop (as fastoptim/reference.py, with types), the segment that
-# runs it on one array's piece, the per-array scalars, and prepare_adagrad:
-# every check, then a Step.
+# The element loop (as fastoptim/reference.py, with types; its state in any format,
+# storage.pxi), the typed function that runs it on one array's piece (segments.pxi.tp
+# generates the segment that picks its instance), the per-array scalars, and
+# prepare_adagrad: every check, then a Step.
 
-cdef inline void _adagrad_loop(floating *p, const floating *g, floating *acc, Py_ssize_t n,
+cdef inline void _adagrad_loop(floating *p, const floating *g, stored *acc, Py_ssize_t n,
                                floating clr, floating wd, floating eps, bint has_wd,
-                               bint maximize) noexcept nogil:
+                               bint maximize, Codec c) noexcept nogil:
     cdef Py_ssize_t i
     cdef floating gi, s
     cdef floating neg_clr = -clr
@@ -14,22 +15,18 @@ cdef inline void _adagrad_loop(floating *p, const floating *g, floating *acc, Py
         gi = g[i] * sign
         if has_wd:
             gi = gi + wd * p[i]
-        s = acc[i] + gi * gi
-        acc[i] = s
+        _load(acc, i, &s)
+        s = s + gi * gi
+        _store(acc, i, s, c, 0)
         p[i] = p[i] + (neg_clr * gi) / (_sqrt(s) + eps)
 
 
-cdef void _adagrad_segment(const Batch *b, Py_ssize_t t, Py_ssize_t lo,
-                           Py_ssize_t hi) noexcept nogil:
-    if b.is_double[t]:
-        _adagrad_loop(<double *> b.ptr[0][t] + lo, <const double *> b.ptr[1][t] + lo,
-                      <double *> b.ptr[2][t] + lo, hi - lo, b.ts0[t], b.weight_decay,
-                      b.eps, b.weight_decay != 0.0, b.maximize)
-    else:
-        _adagrad_loop(<float *> b.ptr[0][t] + lo, <const float *> b.ptr[1][t] + lo,
-                      <float *> b.ptr[2][t] + lo, hi - lo, <float> b.ts0[t],
-                      <float> b.weight_decay, <float> b.eps, b.weight_decay != 0.0,
-                      b.maximize)
+cdef inline void _adagrad_typed(const Batch *b, Py_ssize_t t, Py_ssize_t lo, Py_ssize_t hi,
+                                floating *p, const floating *g, stored *acc,
+                                stored *unused1, stored *unused2) noexcept nogil:
+    _adagrad_loop(p + lo, g + lo, acc + lo, hi - lo, <floating> b.ts0[t],
+                  <floating> b.weight_decay, <floating> b.eps, b.weight_decay != 0.0,
+                  b.maximize, _codec(b, t, lo))
 
 
 cdef void _adagrad_scalars(Batch *b, Py_ssize_t t) noexcept nogil:

@@ -1,7 +1,8 @@
-# Part of the kernel module (included by fastoptim/_kernels.pxi): Adam and AdamW (AMSGrad; float32 or bfloat16 state).
-# The element loop (as fastoptim/reference.py, with types), the segment that
-# runs it on one array's piece, the per-array scalars, and prepare_adam:
-# every check, then a Step.
+# Part of the kernel module (included by fastoptim/_kernels.pxi): Adam and AdamW (AMSGrad).
+# The element math (as fastoptim/reference.py, with types), the loop that runs it on
+# state in any format (storage.pxi), the typed function that runs the loop on one
+# array's piece (segments.pxi.tp generates the segment that picks its instance), the
+# per-array scalars, and prepare_adam: every check, then a Step.
 
 cdef inline void _adam_element(floating g, floating *p, floating *m, floating *v,
                                floating *vmax, floating neg_step, floating inv_bc2_sqrt,
@@ -11,8 +12,7 @@ cdef inline void _adam_element(floating g, floating *p, floating *m, floating *v
                                bint amsgrad) noexcept nogil:
     # Adam's update of one element, as fastoptim/reference.py, on values in registers:
     # g the gradient as stored; p, m, v (and vmax with amsgrad) in: the current
-    # values, out: the new ones (vmax is not touched without amsgrad). Written once;
-    # the loops below load and store it for each storage format. decay is
+    # values, out: the new ones (vmax is not touched without amsgrad). decay is
     # 1 - lr*weight_decay for AdamW and exactly 1 otherwise (x*1 == x); sign is -1
     # with maximize, else 1 (exact, branch-free).
     cdef floating gi = g * sign, pi = p[0], mi, vi, vm, x, denom
@@ -35,33 +35,36 @@ cdef inline void _adam_element(floating g, floating *p, floating *m, floating *v
     p[0] = pi + (neg_step * mi) / denom
 
 
-cdef inline void _adam_loop(floating *p, const floating *g, floating *m, floating *v,
-                            floating *vmax, Py_ssize_t n, floating step_size,
+cdef inline void _adam_loop(floating *p, const floating *g, stored *m, stored *v,
+                            stored *vmax, Py_ssize_t n, floating step_size,
                             floating inv_bc2_sqrt, floating one_minus_b1, floating beta2,
                             floating one_minus_b2, floating eps, floating wd,
-                            floating decay, bint l2, bint amsgrad,
-                            bint maximize) noexcept nogil:
-    # _adam_element over arrays stored in the parameters' dtype.
+                            floating decay, bint l2, bint amsgrad, bint maximize,
+                            Codec c) noexcept nogil:
+    # _adam_element over arrays, the state in any format (storage.pxi); amsgrad is a
+    # literal at each call: one loop each.
     cdef Py_ssize_t i
     cdef floating pi, mi, vi, vm = 0
     cdef floating neg_step = -step_size
     cdef floating sign = -1 if maximize else 1
     for i in range(n):
-        pi, mi, vi = p[i], m[i], v[i]
+        pi = p[i]
+        _load(m, i, &mi)
+        _load(v, i, &vi)
         if amsgrad:
-            vm = vmax[i]
+            _load(vmax, i, &vm)
         _adam_element(g[i], &pi, &mi, &vi, &vm, neg_step, inv_bc2_sqrt, one_minus_b1,
                       beta2, one_minus_b2, eps, wd, decay, sign, l2, amsgrad)
-        m[i] = mi
-        v[i] = vi
+        _store(m, i, mi, c, 0)
+        _store(v, i, vi, c, 1)
         if amsgrad:
-            vmax[i] = vm
+            _store(vmax, i, vm, c, 2)
         p[i] = pi
 
 
 cdef inline void _adam_typed(const Batch *b, Py_ssize_t t, Py_ssize_t lo, Py_ssize_t hi,
-                             floating *p, const floating *g, floating *m, floating *v,
-                             floating *vmax) noexcept nogil:
+                             floating *p, const floating *g, stored *m, stored *v,
+                             stored *vmax) noexcept nogil:
     cdef bint has_wd = b.weight_decay != 0.0
     cdef bint l2 = has_wd and not b.decoupled
     cdef floating decay = <floating> (1.0 - b.lr * b.weight_decay) if (has_wd and b.decoupled) else 1
@@ -69,6 +72,7 @@ cdef inline void _adam_typed(const Batch *b, Py_ssize_t t, Py_ssize_t lo, Py_ssi
     cdef floating omb1 = <floating> (1.0 - b.beta1), b2 = <floating> b.beta2
     cdef floating omb2 = <floating> (1.0 - b.beta2)
     cdef floating eps = <floating> b.eps, wd = <floating> b.weight_decay
+    cdef Codec c = _codec(b, t, lo)
     cdef Py_ssize_t n = hi - lo
     p += lo
     g += lo
@@ -77,91 +81,10 @@ cdef inline void _adam_typed(const Batch *b, Py_ssize_t t, Py_ssize_t lo, Py_ssi
     if b.amsgrad:
         vmax += lo
         _adam_loop(p, g, m, v, vmax, n, step_size, inv_bc2_sqrt, omb1, b2, omb2, eps, wd,
-                   decay, l2, True, b.maximize)
+                   decay, l2, True, b.maximize, c)
     else:
         _adam_loop(p, g, m, v, vmax, n, step_size, inv_bc2_sqrt, omb1, b2, omb2, eps, wd,
-                   decay, l2, False, b.maximize)
-
-
-cdef inline uint16_t _to_bf16(float x, bint stochastic, uint32_t h, uint32_t key) noexcept nogil:
-    if stochastic:
-        return fo_f32_to_bf16_sr(x, fo_hash32(h ^ key))
-    return fo_f32_to_bf16_rne(x)
-
-
-cdef inline void _adam_bf16_loop(float *p, const float *g, uint16_t *m, uint16_t *v,
-                                 uint16_t *vmax, Py_ssize_t n, Py_ssize_t base,
-                                 float step_size, float inv_bc2_sqrt, float one_minus_b1,
-                                 float beta2, float one_minus_b2, float eps, float wd,
-                                 float decay, bint l2, bint amsgrad, bint maximize,
-                                 bint stochastic, uint32_t km, uint32_t kv,
-                                 uint32_t kx) noexcept nogil:
-    # _adam_element with m, v (and vmax) stored as bfloat16: read and widened to
-    # float32, updated in float32, rounded once when stored. The parameter update uses
-    # the float32 values of this step. Element i's random bits hash (base + i) with a
-    # per-array, per-step key.
-    cdef Py_ssize_t i
-    cdef float pi, mi, vi, vm = 0
-    cdef float neg_step = -step_size
-    cdef float sign = -1 if maximize else 1
-    cdef uint32_t h
-    for i in range(n):
-        pi, mi, vi = p[i], fo_bf16_to_f32(m[i]), fo_bf16_to_f32(v[i])
-        if amsgrad:
-            vm = fo_bf16_to_f32(vmax[i])
-        _adam_element(g[i], &pi, &mi, &vi, &vm, neg_step, inv_bc2_sqrt, one_minus_b1,
-                      beta2, one_minus_b2, eps, wd, decay, sign, l2, amsgrad)
-        h = (<uint32_t> (base + i)) * (<uint32_t> 2654435769u)
-        m[i] = _to_bf16(mi, stochastic, h, km)
-        v[i] = _to_bf16(vi, stochastic, h, kv)
-        if amsgrad:
-            vmax[i] = _to_bf16(vm, stochastic, h, kx)
-        p[i] = pi
-
-
-cdef void _adam_bf16_typed(const Batch *b, Py_ssize_t t, Py_ssize_t lo,
-                           Py_ssize_t hi) noexcept nogil:
-    cdef bint has_wd = b.weight_decay != 0.0
-    cdef bint l2 = has_wd and not b.decoupled
-    cdef float decay = <float> (1.0 - b.lr * b.weight_decay) if (has_wd and b.decoupled) else 1
-    cdef float step_size = <float> b.ts0[t], inv_bc2_sqrt = <float> b.ts1[t]
-    cdef float omb1 = <float> (1.0 - b.beta1), b2 = <float> b.beta2
-    cdef float omb2 = <float> (1.0 - b.beta2)
-    cdef float eps = <float> b.eps, wd = <float> b.weight_decay
-    cdef uint32_t key = b.tkey[t]
-    cdef uint32_t km = fo_hash32(key ^ 1u), kv = fo_hash32(key ^ 2u), kx = fo_hash32(key ^ 3u)
-    cdef float *p = <float *> b.ptr[0][t] + lo
-    cdef const float *g = <const float *> b.ptr[1][t] + lo
-    cdef uint16_t *m = <uint16_t *> b.ptr[2][t] + lo
-    cdef uint16_t *v = <uint16_t *> b.ptr[3][t] + lo
-    cdef uint16_t *vmax = (<uint16_t *> b.ptr[4][t] + lo) if b.amsgrad else NULL
-    cdef Py_ssize_t n = hi - lo
-    if b.stochastic:
-        if b.amsgrad:
-            _adam_bf16_loop(p, g, m, v, vmax, n, lo, step_size, inv_bc2_sqrt, omb1, b2, omb2,
-                            eps, wd, decay, l2, True, b.maximize, True, km, kv, kx)
-        else:
-            _adam_bf16_loop(p, g, m, v, vmax, n, lo, step_size, inv_bc2_sqrt, omb1, b2, omb2,
-                            eps, wd, decay, l2, False, b.maximize, True, km, kv, kx)
-    else:
-        if b.amsgrad:
-            _adam_bf16_loop(p, g, m, v, vmax, n, lo, step_size, inv_bc2_sqrt, omb1, b2, omb2,
-                            eps, wd, decay, l2, True, b.maximize, False, km, kv, kx)
-        else:
-            _adam_bf16_loop(p, g, m, v, vmax, n, lo, step_size, inv_bc2_sqrt, omb1, b2, omb2,
-                            eps, wd, decay, l2, False, b.maximize, False, km, kv, kx)
-
-
-cdef void _adam_segment(const Batch *b, Py_ssize_t t, Py_ssize_t lo,
-                        Py_ssize_t hi) noexcept nogil:
-    if b.bf16:
-        _adam_bf16_typed(b, t, lo, hi)
-    elif b.is_double[t]:
-        _adam_typed(b, t, lo, hi, <double *> b.ptr[0][t], <const double *> b.ptr[1][t],
-                    <double *> b.ptr[2][t], <double *> b.ptr[3][t], <double *> b.ptr[4][t])
-    else:
-        _adam_typed(b, t, lo, hi, <float *> b.ptr[0][t], <const float *> b.ptr[1][t],
-                    <float *> b.ptr[2][t], <float *> b.ptr[3][t], <float *> b.ptr[4][t])
+                   decay, l2, False, b.maximize, c)
 
 
 cdef void _adam_scalars(Batch *b, Py_ssize_t t) noexcept nogil:

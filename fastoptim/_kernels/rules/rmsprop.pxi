@@ -1,13 +1,14 @@
 # Part of the kernel module (included by fastoptim/_kernels.pxi): RMSprop (centered, momentum).
-# The element loop (as fastoptim/reference.py, with types), the segment that
-# runs it on one array's piece, the per-array scalars, and prepare_rmsprop:
-# every check, then a Step.
+# The element loop (as fastoptim/reference.py, with types; its state in any format,
+# storage.pxi), the typed function that runs it on one array's piece (segments.pxi.tp
+# generates the segment that picks its instance), the per-array scalars, and
+# prepare_rmsprop: every check, then a Step.
 
-cdef inline void _rmsprop_loop(floating *p, const floating *g, floating *sq, floating *ga,
-                               floating *buf, Py_ssize_t n, floating lr, floating alpha,
+cdef inline void _rmsprop_loop(floating *p, const floating *g, stored *sq, stored *ga,
+                               stored *buf, Py_ssize_t n, floating lr, floating alpha,
                                floating one_minus_alpha, floating eps, floating wd,
                                floating mom, bint has_wd, bint centered, bint has_mom,
-                               bint maximize) noexcept nogil:
+                               bint maximize, Codec c) noexcept nogil:
     cdef Py_ssize_t i
     cdef floating gi, s, a, avg, bi
     cdef floating neg_lr = -lr
@@ -16,17 +17,20 @@ cdef inline void _rmsprop_loop(floating *p, const floating *g, floating *sq, flo
         gi = g[i] * sign
         if has_wd:
             gi = gi + wd * p[i]
-        s = sq[i] * alpha + (one_minus_alpha * gi) * gi
-        sq[i] = s
+        _load(sq, i, &s)
+        s = s * alpha + (one_minus_alpha * gi) * gi
+        _store(sq, i, s, c, 0)
         if centered:
-            a = _lerp(ga[i], gi, one_minus_alpha)
-            ga[i] = a
+            _load(ga, i, &a)
+            a = _lerp(a, gi, one_minus_alpha)
+            _store(ga, i, a, c, 1)
             avg = _sqrt(s + (-a) * a) + eps
         else:
             avg = _sqrt(s) + eps
         if has_mom:
-            bi = buf[i] * mom + gi / avg
-            buf[i] = bi
+            _load(buf, i, &bi)
+            bi = bi * mom + gi / avg
+            _store(buf, i, bi, c, 2)
             p[i] = p[i] + neg_lr * bi
         else:
             p[i] = p[i] + (neg_lr * gi) / avg
@@ -34,12 +38,14 @@ cdef inline void _rmsprop_loop(floating *p, const floating *g, floating *sq, flo
 
 cdef inline void _rmsprop_typed(const Batch *b, Py_ssize_t t, Py_ssize_t lo,
                                 Py_ssize_t hi, floating *p, const floating *g,
-                                floating *sq, floating *ga, floating *buf) noexcept nogil:
+                                stored *sq, stored *ga, stored *buf) noexcept nogil:
+    # (centered and momentum are literals at each call: four loops)
     cdef floating lr = <floating> b.lr, alpha = <floating> b.alpha
     cdef floating one_minus_alpha = <floating> (1.0 - b.alpha)
     cdef floating eps = <floating> b.eps, wd = <floating> b.weight_decay
     cdef floating mom = <floating> b.momentum
     cdef bint has_wd = b.weight_decay != 0.0
+    cdef Codec c = _codec(b, t, lo)
     cdef Py_ssize_t n = hi - lo
     p += lo
     g += lo
@@ -49,30 +55,18 @@ cdef inline void _rmsprop_typed(const Batch *b, Py_ssize_t t, Py_ssize_t lo,
         if b.momentum > 0.0:
             buf += lo
             _rmsprop_loop(p, g, sq, ga, buf, n, lr, alpha, one_minus_alpha, eps, wd, mom,
-                          has_wd, True, True, b.maximize)
+                          has_wd, True, True, b.maximize, c)
         else:
             _rmsprop_loop(p, g, sq, ga, buf, n, lr, alpha, one_minus_alpha, eps, wd, mom,
-                          has_wd, True, False, b.maximize)
+                          has_wd, True, False, b.maximize, c)
     else:
         if b.momentum > 0.0:
             buf += lo
             _rmsprop_loop(p, g, sq, ga, buf, n, lr, alpha, one_minus_alpha, eps, wd, mom,
-                          has_wd, False, True, b.maximize)
+                          has_wd, False, True, b.maximize, c)
         else:
             _rmsprop_loop(p, g, sq, ga, buf, n, lr, alpha, one_minus_alpha, eps, wd, mom,
-                          has_wd, False, False, b.maximize)
-
-
-cdef void _rmsprop_segment(const Batch *b, Py_ssize_t t, Py_ssize_t lo,
-                           Py_ssize_t hi) noexcept nogil:
-    if b.is_double[t]:
-        _rmsprop_typed(b, t, lo, hi, <double *> b.ptr[0][t], <const double *> b.ptr[1][t],
-                       <double *> b.ptr[2][t], <double *> b.ptr[3][t],
-                       <double *> b.ptr[4][t])
-    else:
-        _rmsprop_typed(b, t, lo, hi, <float *> b.ptr[0][t], <const float *> b.ptr[1][t],
-                       <float *> b.ptr[2][t], <float *> b.ptr[3][t],
-                       <float *> b.ptr[4][t])
+                          has_wd, False, False, b.maximize, c)
 
 
 def prepare_rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, lr,

@@ -1,12 +1,13 @@
 # Part of the kernel module (included by fastoptim/_kernels.pxi): SGD (momentum, dampening, Nesterov).
-# The element loop (as fastoptim/reference.py, with types), the segment that
-# runs it on one array's piece, the per-array scalars, and prepare_sgd:
-# every check, then a Step.
+# The element loop (as fastoptim/reference.py, with types; its state in any format,
+# storage.pxi), the typed function that runs it on one array's piece (segments.pxi.tp
+# generates the segment that picks its instance), the per-array scalars, and
+# prepare_sgd: every check, then a Step.
 
-cdef inline void _sgd_loop(floating *p, const floating *g, floating *buf, Py_ssize_t n,
+cdef inline void _sgd_loop(floating *p, const floating *g, stored *buf, Py_ssize_t n,
                            floating lr, floating wd, floating mom, floating damp1,
                            bint has_wd, bint has_mom, bint first, bint nesterov,
-                           bint maximize) noexcept nogil:
+                           bint maximize, Codec c) noexcept nogil:
     cdef Py_ssize_t i
     cdef floating gi, bi
     cdef floating neg_lr = -lr
@@ -16,38 +17,29 @@ cdef inline void _sgd_loop(floating *p, const floating *g, floating *buf, Py_ssi
         if has_wd:
             gi = gi + wd * p[i]
         if has_mom:
-            bi = buf[i] * mom + damp1 * gi
+            _load(buf, i, &bi)
+            bi = bi * mom + damp1 * gi
             bi = gi if first else bi
-            buf[i] = bi
+            _store(buf, i, bi, c, 0)
             gi = gi + mom * bi if nesterov else bi
         p[i] = p[i] + neg_lr * gi
 
 
-cdef void _sgd_segment(const Batch *b, Py_ssize_t t, Py_ssize_t lo,
-                       Py_ssize_t hi) noexcept nogil:
+cdef inline void _sgd_typed(const Batch *b, Py_ssize_t t, Py_ssize_t lo, Py_ssize_t hi,
+                            floating *p, const floating *g, stored *buf, stored *unused1,
+                            stored *unused2) noexcept nogil:
+    # (has_mom is a literal at each call: one loop with the buffer, one without)
     cdef bint first = b.ts0[t] != 0.0
     cdef bint has_wd = b.weight_decay != 0.0
-    if b.is_double[t]:
-        if b.momentum != 0.0:
-            _sgd_loop(<double *> b.ptr[0][t] + lo, <const double *> b.ptr[1][t] + lo,
-                      <double *> b.ptr[2][t] + lo, hi - lo, b.lr, b.weight_decay,
-                      b.momentum, 1.0 - b.dampening, has_wd, True, first, b.nesterov,
-                      b.maximize)
-        else:
-            _sgd_loop(<double *> b.ptr[0][t] + lo, <const double *> b.ptr[1][t] + lo,
-                      NULL, hi - lo, b.lr, b.weight_decay, 0.0, 1.0, has_wd, False,
-                      False, False, b.maximize)
+    cdef floating lr = <floating> b.lr, wd = <floating> b.weight_decay
+    cdef floating mom = <floating> b.momentum, damp1 = <floating> (1.0 - b.dampening)
+    cdef Codec c = _codec(b, t, lo)
+    if b.momentum != 0.0:
+        _sgd_loop(p + lo, g + lo, buf + lo, hi - lo, lr, wd, mom, damp1, has_wd, True,
+                  first, b.nesterov, b.maximize, c)
     else:
-        if b.momentum != 0.0:
-            _sgd_loop(<float *> b.ptr[0][t] + lo, <const float *> b.ptr[1][t] + lo,
-                      <float *> b.ptr[2][t] + lo, hi - lo, <float> b.lr,
-                      <float> b.weight_decay, <float> b.momentum,
-                      <float> (1.0 - b.dampening), has_wd, True, first, b.nesterov,
-                      b.maximize)
-        else:
-            _sgd_loop(<float *> b.ptr[0][t] + lo, <const float *> b.ptr[1][t] + lo,
-                      NULL, hi - lo, <float> b.lr, <float> b.weight_decay, 0.0, 1.0,
-                      has_wd, False, False, False, b.maximize)
+        _sgd_loop(p + lo, g + lo, buf, hi - lo, lr, wd, 0, 1, has_wd, False, False,
+                  False, b.maximize, c)
 
 
 cdef void _sgd_scalars(Batch *b, Py_ssize_t t) noexcept nogil:
