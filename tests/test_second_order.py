@@ -109,7 +109,6 @@ def test_adahessian_functional_is_the_dispatched_kernel():
 
 
 def test_adahessian_thread_count_does_not_change_results():
-    old = fastoptim.get_serial_threshold()
     try:
         fastoptim.set_serial_threshold(0)
         shapes = [(5000,), (17,), (3001,)]
@@ -127,7 +126,9 @@ def test_adahessian_thread_count_does_not_change_results():
         for a, b in zip(*results):
             np.testing.assert_array_equal(a, b)
     finally:
-        fastoptim.set_serial_threshold(old)
+        # None, not the value read before: setting any number (even the default one)
+        # turns the per-rule calibration off for the rest of the process
+        fastoptim.set_serial_threshold(None)
 
 
 def test_adahessian_first_step_by_hand():
