@@ -11,10 +11,14 @@ and leaves every array, and ``steps``, unchanged.
 cannot fail; the optimizer classes use them to check every parameter group before
 updating any.
 """
+import functools
+import inspect
+
 import numpy as np
 
 from . import _config
 from .reference import bfloat16_to_float32, float32_to_bfloat16   # bfloat16 state format
+from .rules import RuleSpec, spec
 
 __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adahessian_", "newton_",
            "bfloat16_to_float32", "float32_to_bfloat16"]
@@ -55,6 +59,14 @@ def prepare_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, ste
                            decoupled_weight_decay, state_dtype, rounding, seed)
 
 
+def prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, steps=None,
+                  *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                  amsgrad=False, maximize=False, state_dtype=None, rounding="nearest",
+                  seed=0):
+    return _k.prepare_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr,
+                           betas, eps, weight_decay, amsgrad, maximize, True, state_dtype,
+                           rounding, seed)
+
 
 def prepare_adahessian(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_sqs,
                        steps, *, lr=0.15, betas=(0.9, 0.999), eps=1e-4, weight_decay=0.0,
@@ -62,6 +74,67 @@ def prepare_adahessian(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_
     return _k.prepare_adahessian(params, grads, hessian_diags, exp_avgs,
                                  exp_hessian_diag_sqs, steps, lr, betas, eps, weight_decay,
                                  hessian_power, maximize)
+
+
+def caller(rule):
+    """The function ``call(params, grads, states, steps, options, *inputs)`` (the
+    rule's inputs by name) that
+    :func:`prepare` calls for ``rule`` (a RuleSpec or its name; the classes keep it).
+    It is written out from the registry once, as namedtuple and dataclasses
+    write theirs: the classes prepare every group at every step, and a generic loop
+    over names cost ~0.8 us a call more than this straight line of lookups. The kernel
+    module's prepare_<kernel> takes the options positionally, in the order of the
+    keyword-only arguments of this module's prepare_<kernel> (each passes them on in
+    that order)."""
+    name = rule.name if isinstance(rule, RuleSpec) else rule
+    call = _CALLERS.get(name)
+    if call is not None:
+        return call
+    s = spec(name)
+    sig = inspect.signature(globals()[f"prepare_{s.kernel}"])
+    opts = [(n, p.default) for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY]
+    lists = [f"states.get({n!r})" for n in s.kernel_state]
+    steps = "steps"
+    if not s.counts_steps:              # (SGD: step counts only with a momentum buffer)
+        steps = f"steps if {' or '.join(f'{x} is not None' for x in lists)} else None"
+    fast = [repr(s.kernel_options[n]) if n in s.kernel_options else f"options[{n!r}]"
+            for n, _ in opts]
+    slow = [repr(s.kernel_options[n]) if n in s.kernel_options
+            else f"(options[{n!r}] if {n!r} in options else defaults[{n!r}])"
+            for n, _ in opts]
+    inputs = "".join(f"{n}, " for n in s.inputs)
+    head = f"kernel(params, grads, {inputs}{', '.join(lists + [steps])}, "
+    src = (f"def call(params, grads, states, steps, options, {inputs}):\n"
+           f"    try:\n"
+           f"        return {head}{', '.join(fast)})\n"
+           f"    except KeyError:\n"
+           f"        pass\n"
+           f"    return {head}{', '.join(slow)})\n")
+    # a missing option takes the rule's default (AdamW's weight decay is not Adam's)
+    namespace = {"kernel": getattr(_k, f"prepare_{s.kernel}"),
+                 "defaults": dict(opts, **s.defaults)}
+    exec(compile(src, f"<fastoptim.functional: prepare {name}>", "exec"), namespace)
+    _CALLERS[name] = call = namespace["call"]
+    return call
+
+
+_CALLERS = {}
+
+
+def prepare(rule, params, grads, states, steps, options, *inputs):
+    """A rule's prepared step from what an optimizer holds, through the registry.
+
+    ``rule``: a :class:`fastoptim.rules.RuleSpec` or its name. ``states``: the state
+    lists by name (``{"exp_avg": [...], ...}``; a state the options leave out may be
+    absent), in any order: the registry orders them as the rule's ``prepare_*`` takes
+    them. ``options``: a parameter group (keys the rule's ``prepare_*`` does not take
+    are ignored; those it takes and the group lacks keep their defaults; the rule's
+    fixed options, such as AdamW's decoupled weight decay, are added). ``inputs``:
+    read-only arrays that come before the state (AdaHessian's Hessian diagonals).
+    ``steps`` is passed when the rule counts steps or keeps state under these options.
+    Same checks and errors as the rule's ``prepare_*``.
+    """
+    return caller(rule)(params, grads, states, steps, options, *inputs)
 
 
 class NewtonStep:
@@ -169,61 +242,44 @@ def prepare_newton(params, grads, hessians, steps=None, *, lr=1.0, damping=0.0,
         index.append(i)
     return NewtonStep(todo, deltas, index, steps)
 
-# --- the public in-place functions -------------------------------------------------
+# --- the public in-place functions: prepare_*, then run ----------------------------------
 
-def sgd_(params, grads, momentum_buffers=None, steps=None, *, lr=1e-3, momentum=0.0,
-         dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False):
-    """SGD with optional (Nesterov) momentum, in place. See :func:`reference.sgd_`."""
-    _k.prepare_sgd(params, grads, momentum_buffers, steps, lr, momentum, dampening, nesterov,
-                   weight_decay, maximize).run(_config.get_num_threads())
-
-
-def adagrad_(params, grads, state_sums, steps, *, lr=1e-2, lr_decay=0.0,
-             weight_decay=0.0, eps=1e-10, maximize=False):
-    """AdaGrad, in place. See :func:`reference.adagrad_`."""
-    _k.prepare_adagrad(params, grads, state_sums, steps, lr, lr_decay, weight_decay, eps,
-                       maximize).run(_config.get_num_threads())
-
-
-def rmsprop_(params, grads, square_avgs, grad_avgs=None, momentum_buffers=None,
-             steps=None, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
-             momentum=0.0, centered=False, maximize=False):
-    """RMSProp, in place. See :func:`reference.rmsprop_`."""
-    _k.prepare_rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, lr,
-                       alpha, eps, weight_decay, momentum, centered,
-                       maximize).run(_config.get_num_threads())
-
-
-def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, steps=None, *,
-          lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
-          maximize=False, decoupled_weight_decay=False, state_dtype=None,
-          rounding="nearest", seed=0):
-    """Adam (or AdamW with ``decoupled_weight_decay``), in place. See
-    :func:`reference.adam_` (also for ``state_dtype="bfloat16"``)."""
-    _k.prepare_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, betas,
-                    eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
-                    state_dtype, rounding, seed).run(_config.get_num_threads())
+def _in_place(prepare_fn, doc):
+    """The public function of a prepare_*: the same signature, checks and errors (it
+    calls it); it runs the step at once on fastoptim's thread count. Written out from
+    the signature (a wrapper taking ``*args, **kwargs`` cost ~0.3 us a call more)."""
+    sig = inspect.signature(prepare_fn)
+    name = prepare_fn.__name__[len("prepare_"):] + "_"
+    params = []
+    for n, p in sig.parameters.items():
+        if p.kind is p.KEYWORD_ONLY and "*" not in params:
+            params.append("*")
+        params.append(n if p.default is p.empty else f"{n}=defaults[{n!r}]")
+    passed = [n if p.kind is not p.KEYWORD_ONLY else f"{n}={n}"
+              for n, p in sig.parameters.items()]
+    src = (f"def {name}({', '.join(params)}):\n"
+           f"    prepare({', '.join(passed)}).run(threads())\n")
+    namespace = {"prepare": prepare_fn, "threads": _config.get_num_threads,
+                 "defaults": {n: p.default for n, p in sig.parameters.items()}}
+    exec(compile(src, f"<fastoptim.functional: {name}>", "exec"), namespace)
+    update = namespace[name]
+    update.__doc__ = doc
+    update.__module__ = __name__
+    return update
 
 
-def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, steps=None, *,
-           lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
-           maximize=False, state_dtype=None, rounding="nearest", seed=0):
-    """AdamW (decoupled weight decay), in place. See :func:`reference.adamw_`."""
-    _k.prepare_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, betas,
-                    eps, weight_decay, amsgrad, maximize, True, state_dtype, rounding,
-                    seed).run(_config.get_num_threads())
-
-
-def adahessian_(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_sqs, steps, *,
-                lr=0.15, betas=(0.9, 0.999), eps=1e-4, weight_decay=0.0,
-                hessian_power=1.0, maximize=False):
-    """AdaHessian, in place, from Hessian-diagonal estimates (one per parameter). See
-    :func:`reference.adahessian_`; estimate the diagonals with
-    :func:`fastoptim.hessian.hutchinson_diag` (or :mod:`fastoptim.torch_hessian`)."""
-    prepare_adahessian(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_sqs,
-                       steps, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                       hessian_power=hessian_power,
-                       maximize=maximize).run(_config.get_num_threads())
+sgd_ = _in_place(prepare_sgd, """SGD with optional (Nesterov) momentum, in place. See
+    :func:`reference.sgd_`.""")
+adagrad_ = _in_place(prepare_adagrad, """AdaGrad, in place. See :func:`reference.adagrad_`.""")
+rmsprop_ = _in_place(prepare_rmsprop, """RMSProp, in place. See :func:`reference.rmsprop_`.""")
+adam_ = _in_place(prepare_adam, """Adam (or AdamW with ``decoupled_weight_decay``), in place.
+    See :func:`reference.adam_` (also for ``state_dtype="bfloat16"``).""")
+adamw_ = _in_place(prepare_adamw, """AdamW (decoupled weight decay), in place. See
+    :func:`reference.adamw_`.""")
+adahessian_ = _in_place(prepare_adahessian, """AdaHessian, in place, from Hessian-diagonal
+    estimates (one per parameter). See :func:`reference.adahessian_`; estimate the
+    diagonals with :func:`fastoptim.hessian.hutchinson_diag` (or
+    :mod:`fastoptim.torch_hessian`).""")
 
 
 def newton_(params, grads, hessians, steps=None, *, lr=1.0, damping=0.0,

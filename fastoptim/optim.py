@@ -68,6 +68,7 @@ class Optimizer:
         if cls.__dict__.get("_rule") is not None:
             cls._all_state_names = cls._rule.state
             cls._has_step = cls._rule.counts_steps
+            cls._kernel_call = staticmethod(F.caller(cls._rule))
 
     def __init__(self, params, defaults, nonfinite="propagate"):
         if nonfinite not in ("propagate", "skip", "raise"):
@@ -159,7 +160,9 @@ class Optimizer:
         return self._rule.state_names(group) if self._rule is not None else ()
 
     def _prepare(self, group, grads, arrays, steps):
-        raise NotImplementedError
+        """The group's prepared step (the registry maps state and options to the rule's
+        ``functional.prepare_*``)."""
+        return self._kernel_call(group["params"], grads, arrays, steps, group)
 
     def _init_state(self, group, state):
         """State that exists before any step (Adagrad's accumulators)."""
@@ -667,13 +670,6 @@ class SGD(Optimizer):
     def _step_from_state(self, entry):
         return entry.get("momentum_buffer") is not None
 
-    def _prepare(self, group, grads, arrays, steps):
-        momentum = group["momentum"]
-        return F.prepare_sgd(
-            group["params"], grads, arrays.get("momentum_buffer"),
-            steps if momentum != 0 else None, lr=group["lr"], momentum=momentum,
-            dampening=group["dampening"], nesterov=group["nesterov"],
-            weight_decay=group["weight_decay"], maximize=group["maximize"])
 
 
 class Adagrad(Optimizer):
@@ -707,11 +703,6 @@ class Adagrad(Optimizer):
                                for p in group["params"]]
         state.complete_for = ("sum",)
 
-    def _prepare(self, group, grads, arrays, steps):
-        return F.prepare_adagrad(
-            group["params"], grads, arrays["sum"], steps, lr=group["lr"],
-            lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
-            eps=group["eps"], maximize=group["maximize"])
 
 
 class RMSprop(Optimizer):
@@ -726,13 +717,6 @@ class RMSprop(Optimizer):
                                       weight_decay=weight_decay, momentum=momentum,
                                       centered=centered, maximize=maximize), nonfinite)
 
-    def _prepare(self, group, grads, arrays, steps):
-        return F.prepare_rmsprop(
-            group["params"], grads, arrays["square_avg"], arrays.get("grad_avg"),
-            arrays.get("momentum_buffer"), steps, lr=group["lr"], alpha=group["alpha"],
-            eps=group["eps"], weight_decay=group["weight_decay"],
-            momentum=group["momentum"], centered=group["centered"],
-            maximize=group["maximize"])
 
 
 class Adam(Optimizer):
@@ -779,14 +763,6 @@ class Adam(Optimizer):
             options.pop("seed", None)
         return options
 
-    def _prepare(self, group, grads, arrays, steps):
-        return F.prepare_adam(
-            group["params"], grads, arrays["exp_avg"], arrays["exp_avg_sq"],
-            arrays.get("max_exp_avg_sq"), steps, lr=group["lr"], betas=group["betas"],
-            eps=group["eps"], weight_decay=group["weight_decay"],
-            amsgrad=group["amsgrad"], maximize=group["maximize"],
-            decoupled_weight_decay=self._decoupled, state_dtype=group["state_dtype"],
-            rounding=group["rounding"], seed=group["seed"])
 
 
 class AdamW(Adam):
@@ -858,11 +834,8 @@ class AdaHessian(_CurvatureOptimizer):
         return self._step_with(grads, hessian_diags)
 
     def _prepare(self, group, grads, arrays, steps, hessian_diags=None):
-        return F.prepare_adahessian(
-            group["params"], grads, hessian_diags if hessian_diags is not None else [],
-            arrays["exp_avg"], arrays["exp_hessian_diag_sq"], steps, lr=group["lr"],
-            betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
-            hessian_power=group["hessian_power"], maximize=group["maximize"])
+        return self._kernel_call(group["params"], grads, arrays, steps, group,
+                                 hessian_diags if hessian_diags is not None else [])
 
 
 class Newton(_CurvatureOptimizer):

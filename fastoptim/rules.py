@@ -9,8 +9,10 @@ API, both class layers and torch.optim itself to the defaults written here
 (``tests/test_registry.py``). The math of a rule lives in :mod:`fastoptim.reference` and
 in its kernel file (``fastoptim/_kernels/rules/<name>.pxi``).
 
-Adding a rule: its reference function, its kernel file, one entry here, its NumPy class,
-its torch class, and its options in the tests' grid (``tests/rules.py``).
+Adding a rule: its reference function, its kernel file (and its name in the kernels'
+rule table, ``fastoptim/_kernels/segments.pxi.tp``), its ``prepare_<name>`` in
+:mod:`fastoptim.functional`, one entry here, its NumPy class, its torch class, and its
+options in the tests' grid (``tests/rules.py``).
 """
 import numbers
 from dataclasses import dataclass, field
@@ -27,6 +29,15 @@ class RuleSpec:
     keep, in torch.optim's order. ``kept_if``: state name -> the option that keeps it
     (kept when the option is positive, for a number, or true, for a flag); state not
     named there is always kept. ``counts_steps``: whether the state holds a ``step`` counter.
+
+    How the kernels run it (:func:`fastoptim.functional.prepare` reads these):
+    ``kernel``, the ``functional.prepare_<kernel>`` that does (default: the rule's name);
+    ``kernel_state``, the state in the order that function takes it (default: ``state``);
+    ``inputs``, read-only arrays the kernel takes besides the gradients, before the
+    state (AdaHessian's Hessian diagonals); ``kernel_options``, keyword arguments fixed
+    by the rule (Adam: L2 weight decay,
+    AdamW: decoupled; torch's ``Adam(decoupled_weight_decay=True)`` runs as AdamW); ``state_formats``, the ``state_dtype`` values it accepts besides the
+    parameters' own (its kernel loops are instantiated for those formats only).
     """
     name: str
     title: str
@@ -34,8 +45,19 @@ class RuleSpec:
     state: tuple
     kept_if: dict = field(default_factory=dict)
     counts_steps: bool = True
+    kernel: str = ""
+    kernel_state: tuple = ()
+    kernel_options: dict = field(default_factory=dict)
+    state_formats: tuple = ()
+    inputs: tuple = ()
 
     def __post_init__(self):
+        if not self.kernel:
+            object.__setattr__(self, "kernel", self.name)
+        if not self.kernel_state:
+            object.__setattr__(self, "kernel_state", self.state)
+        if sorted(self.kernel_state) != sorted(self.state):
+            raise ValueError(f"{self.name}: kernel_state must order the same names as state")
         # the options that decide the state, and their answers so far: a step asks
         # every time, and a cached answer costs one dict lookup
         object.__setattr__(self, "_deciding", tuple(dict.fromkeys(self.kept_if.values())))
@@ -99,16 +121,20 @@ REGISTRY = {s.name: s for s in (
              (("lr", 1e-2), ("alpha", 0.99), ("eps", 1e-8), ("weight_decay", 0.0),
               ("momentum", 0.0), ("centered", False), ("maximize", False)),
              ("square_avg", "momentum_buffer", "grad_avg"),
-             {"momentum_buffer": "momentum", "grad_avg": "centered"}),
+             {"momentum_buffer": "momentum", "grad_avg": "centered"},
+             kernel_state=("square_avg", "grad_avg", "momentum_buffer")),
     RuleSpec("adam", "Adam", _ADAM, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-             {"max_exp_avg_sq": "amsgrad"}),
+             {"max_exp_avg_sq": "amsgrad"}, kernel_options={"decoupled_weight_decay": False},
+             state_formats=("bfloat16",)),
     RuleSpec("adamw", "AdamW", tuple((k, 1e-2 if k == "weight_decay" else v)
                                      for k, v in _ADAM),
-             ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), {"max_exp_avg_sq": "amsgrad"}),
+             ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), {"max_exp_avg_sq": "amsgrad"},
+             kernel="adam", kernel_options={"decoupled_weight_decay": True},
+             state_formats=("bfloat16",)),
     RuleSpec("adahessian", "AdaHessian",
              (("lr", 0.15), ("betas", (0.9, 0.999)), ("eps", 1e-4), ("weight_decay", 0.0),
               ("hessian_power", 1.0), ("maximize", False)),
-             ("exp_avg", "exp_hessian_diag_sq")),
+             ("exp_avg", "exp_hessian_diag_sq"), inputs=("hessian_diags",)),
 )}
 
 

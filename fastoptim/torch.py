@@ -79,6 +79,7 @@ import math
 import operator
 import re
 from collections import defaultdict
+from collections.abc import Mapping
 from itertools import compress, repeat
 
 import numpy as np
@@ -134,6 +135,30 @@ def _value(name, x):
             raise ValueError(f"Tensor {name} must be 1-element")
         return x.item()
     return x
+
+
+class _Options(Mapping):
+    """A parameter group's options as the kernels take them: a tensor (``lr``, each
+    beta) becomes its value, a flag a bool (torch.optim keeps what it was given; the
+    registry's default says which options are flags)."""
+    __slots__ = ("group", "defaults")
+
+    def __init__(self, group, defaults):
+        self.group, self.defaults = group, defaults
+
+    def __getitem__(self, name):
+        x = self.group[name]
+        if isinstance(self.defaults.get(name, x), bool):
+            return bool(x)
+        if isinstance(x, (tuple, list)):
+            return tuple(_value(f"{name}[{i}]", y) for i, y in enumerate(x))
+        return _value(name, x)
+
+    def __iter__(self):
+        return iter(self.group)
+
+    def __len__(self):
+        return len(self.group)
 
 
 def _threads():
@@ -486,10 +511,10 @@ class _Reuse:
 class _Optimizer(_TorchOptimizer):
     """What the five classes share: checks, cached views, the planned step.
 
-    A subclass gives ``_state_names(group)`` (state tensors the kernel updates, in the
-    order ``_prepare`` takes them), ``_new_state(group, p)`` (torch's lazy state
-    initialization) and ``_prepare(group, params, grads, states, steps)`` (one
-    ``fastoptim.functional.prepare_*`` call)."""
+    A subclass names its rule (``_rule``, a registry entry: the state names, their
+    order and the kernel call come from it) and gives torch's constructor, argument
+    checks and ``__setstate__`` defaults; where torch's lazy state differs from zeros
+    in the registry's order, ``_new_state(group, p)`` or ``_step_tensor(group, p)``."""
 
     #: whether the state carries a "step" counter (torch's SGD has none)
     _has_step = True
@@ -537,7 +562,7 @@ class _Optimizer(_TorchOptimizer):
         for i, p in enumerate(group["params"]):
             self._check_param(gi, group, i, p)
         # the hyperparameters, by preparing an update of no parameters
-        self._prepare(group, [], [], [[] for _ in self._state_names(group)],
+        self._prepare(group, [], [], {n: [] for n in self._state_names(group)},
                       np.zeros(0, dtype=np.int64))
 
     @staticmethod
@@ -646,7 +671,7 @@ class _Optimizer(_TorchOptimizer):
             if (group.get("differentiable", False) or group.get("capturable", False)
                     or self._state_names(group) != r.names):
                 return None
-            fresh = self._prepare(group, [], [], [[] for _ in r.names],
+            fresh = self._prepare(group, [], [], {n: [] for n in r.names},
                                   np.zeros(0, dtype=np.int64))
             if not r.kernel.take_hyperparameters(fresh):
                 return None
@@ -730,7 +755,7 @@ class _Optimizer(_TorchOptimizer):
             cache = self._views = {}
         names = self._state_names(group)
         has_step = self._has_step
-        kparams, kgrads, kstates = [], [], [[] for _ in names]
+        kparams, kgrads, kstates = [], [], {n: [] for n in names}
         steps, fresh, where, strided = [], [], [], []
         for i, p in enumerate(group["params"]):
             g = p.grad
@@ -782,14 +807,14 @@ class _Optimizer(_TorchOptimizer):
                 if state:
                     plan.new_state.append((self.state, p, state))
             vstates = v.states
-            for k, sname in enumerate(names):
+            for sname in names:
                 t = state.get(sname)
                 c = vstates.get(sname)
                 # a state tensor is only ever replaced (load_state_dict, ZeRO) or moved
                 # (share_memory_, .data = ...), which changes its identity or pointer
                 if c is None or c[0] is not t or c[1] != t.data_ptr():
                     c = self._state_views(gi, group, i, v, sname, state, t)
-                kstates[k].append(c[2])
+                kstates[sname].append(c[2])
                 if c[3] is not None:
                     plan.fills.append((c[3][0], c[3][1]))
                     plan.backs.append((c[3][1], c[3][0]))
@@ -979,10 +1004,27 @@ class _Optimizer(_TorchOptimizer):
         return self._rule.state_names(group, _value)
 
     def _new_state(self, group, p):
-        raise NotImplementedError
+        """torch's lazy state of a parameter: its ``step`` (if the rule counts steps),
+        then a zero tensor per state name, in the registry's order."""
+        state = {"step": self._step_tensor(group, p)} if self._has_step else {}
+        for name in self._state_names(group):
+            state[name] = self._state_tensor(p, name)
+        return state
+
+    def _step_tensor(self, group, p):
+        return _new_step(group, p)
 
     def _prepare(self, group, params, grads, states, steps):
-        raise NotImplementedError
+        """The kernel call for ``params`` (their state lists by name), through the
+        registry; options are read as plain numbers (see _Options)."""
+        return F.prepare(self._kernel_rule(group), params, grads, states, steps,
+                         _Options(group, self._rule.defaults))
+
+    def _kernel_rule(self, group):
+        return self._rule
+
+
+_ADAMW = spec("adamw")
 
 
 # --- the optimizers -------------------------------------------------------------------
@@ -1040,21 +1082,6 @@ class SGD(_Optimizer):
     def _has_state(self, state, group):
         return state.get("momentum_buffer") is not None or not self._state_names(group)
 
-    def _new_state(self, group, p):
-        if not self._state_names(group):
-            return {}
-        return {"momentum_buffer": self._state_tensor(p, "momentum_buffer")}
-
-    def _prepare(self, group, params, grads, states, steps):
-        momentum = _value("momentum", group["momentum"])
-        return F.prepare_sgd(
-            params, grads, states[0] if states else None,
-            steps if momentum != 0 else None,
-            lr=_value("lr", group["lr"]), momentum=momentum,
-            dampening=_value("dampening", group["dampening"]),
-            nesterov=bool(group["nesterov"]),
-            weight_decay=_value("weight_decay", group["weight_decay"]),
-            maximize=bool(group["maximize"]))
 
 
 class Adagrad(_Optimizer):
@@ -1149,13 +1176,6 @@ class Adagrad(_Optimizer):
         return {"step": _new_step({"fused": group["fused"]}, p),
                 "sum": self._state_tensor(p, "sum", init_value)}
 
-    def _prepare(self, group, params, grads, states, steps):
-        return F.prepare_adagrad(
-            params, grads, states[0], steps, lr=_value("lr", group["lr"]),
-            lr_decay=_value("lr_decay", group["lr_decay"]),
-            weight_decay=_value("weight_decay", group["weight_decay"]),
-            eps=_value("eps", group["eps"]), maximize=bool(group["maximize"]))
-
 
 class RMSprop(_Optimizer):
     """``torch.optim.RMSprop`` on fastoptim's kernel.
@@ -1212,25 +1232,8 @@ class RMSprop(_Optimizer):
                     p_state["step"] = torch.tensor(float(p_state["step"]),
                                                    dtype=_scalar_dtype())
 
-    def _new_state(self, group, p):
-        state = {"step": torch.zeros((), dtype=_scalar_dtype()), "square_avg": self._state_tensor(p, "square_avg")}
-        if _value("momentum", group["momentum"]) > 0:
-            state["momentum_buffer"] = self._state_tensor(p, "momentum_buffer")
-        if group["centered"]:
-            state["grad_avg"] = self._state_tensor(p, "grad_avg")
-        return state
-
-    def _prepare(self, group, params, grads, states, steps):
-        momentum = _value("momentum", group["momentum"])
-        centered = bool(group["centered"])
-        return F.prepare_rmsprop(
-            params, grads, states[0],
-            states[-1] if centered else None,
-            states[1] if momentum > 0 else None, steps,
-            lr=_value("lr", group["lr"]), alpha=_value("alpha", group["alpha"]),
-            eps=_value("eps", group["eps"]),
-            weight_decay=_value("weight_decay", group["weight_decay"]),
-            momentum=momentum, centered=centered, maximize=bool(group["maximize"]))
+    def _step_tensor(self, group, p):
+        return torch.zeros((), dtype=_scalar_dtype())     # (torch's RMSprop has no fused)
 
 
 class Adam(_Optimizer):
@@ -1301,6 +1304,10 @@ class Adam(_Optimizer):
         _check_fused(fused, differentiable, foreach)
         self._fastoptim_init()
 
+    def _kernel_rule(self, group):
+        # torch 2.13's Adam(decoupled_weight_decay=True) is AdamW's rule
+        return _ADAMW if bool(group.get("decoupled_weight_decay", False)) else self._rule
+
     def __setstate__(self, state):
         super().__setstate__(state)
         for group in self.param_groups:
@@ -1315,24 +1322,6 @@ class Adam(_Optimizer):
                 p_state = self.state.get(p, [])
                 _step_to_tensor(group, p, p_state, fused)
 
-    def _new_state(self, group, p):
-        state = {"step": _new_step(group, p), "exp_avg": self._state_tensor(p, "exp_avg"),
-                 "exp_avg_sq": self._state_tensor(p, "exp_avg_sq")}
-        if group["amsgrad"]:
-            state["max_exp_avg_sq"] = self._state_tensor(p, "max_exp_avg_sq")
-        return state
-
-    def _prepare(self, group, params, grads, states, steps):
-        amsgrad = bool(group["amsgrad"])
-        beta1, beta2 = group["betas"]
-        return F.prepare_adam(
-            params, grads, states[0], states[1], states[2] if amsgrad else None, steps,
-            lr=_value("lr", group["lr"]),
-            betas=(_value("betas[0]", beta1), _value("betas[1]", beta2)),
-            eps=_value("eps", group["eps"]),
-            weight_decay=_value("weight_decay", group["weight_decay"]),
-            amsgrad=amsgrad, maximize=bool(group["maximize"]),
-            decoupled_weight_decay=bool(group["decoupled_weight_decay"]))
 
 
 class AdamW(Adam):

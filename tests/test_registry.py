@@ -99,3 +99,86 @@ def test_a_flag_keeps_state_when_true_a_number_when_positive():
     assert r.state_names(dict(base, momentum=-0.5)) == ("square_avg",)
     assert spec("adam").state_names(dict(spec("adam").defaults, amsgrad="yes")) == (
         "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _template_table():
+    """RULES and the format lists of the kernels' dispatch template, or skip (a wheel
+    installs the generated kernels, not their templates)."""
+    import os
+    path = os.path.join(os.path.dirname(fastoptim.__file__), "_kernels", "segments.pxi.tp")
+    if not os.path.exists(path):
+        pytest.skip("the kernel templates are not installed here (a wheel)")
+    text = open(path, encoding="utf-8").read()
+    code = text[text.index("{{py:") + len("{{py:"):text.index("}}")]
+    table = {}
+    exec(code, table)
+    return table
+
+
+def test_the_kernels_dispatch_table_is_the_registry_s():
+    """segments.pxi.tp instantiates each kernel's loops for the state formats its
+    registry entries accept, and no others (AdaHessian has its own dispatch)."""
+    t = _template_table()
+    formats = {"bfloat16": ["bf16_nearest", "bf16_stochastic"]}
+    want = {}
+    for s in REGISTRY.values():
+        if s.name == "adahessian":
+            continue
+        got = want.setdefault(s.kernel, set(t["NATIVE"]))
+        for f in s.state_formats:
+            got |= set(formats[f])
+    assert {r: set(f) for r, f in t["RULES"]} == want
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_state_formats_are_what_the_functional_api_takes(name):
+    s = spec(name)
+    takes = "state_dtype" in inspect.signature(getattr(F, f"prepare_{s.kernel}")).parameters
+    assert takes == bool(s.state_formats)
+
+
+def _problem(name, rng):
+    s = spec(name)
+    shapes = [(5,), (3, 4)]
+    params = [rng.standard_normal(sh) for sh in shapes]
+    grads = [rng.standard_normal(sh) for sh in shapes]
+    states = {n: [np.abs(rng.standard_normal(sh)) for sh in shapes] for n in s.state}
+    inputs = [[rng.standard_normal(sh) for sh in shapes] for _ in s.inputs]
+    return params, grads, states, np.array([3, 1], np.int64), inputs
+
+
+OPTION_MIXES = {
+    "sgd": [{}, {"momentum": 0.9, "nesterov": True}, {"momentum": 0.5, "dampening": 0.1}],
+    "adagrad": [{}, {"lr_decay": 0.1, "weight_decay": 0.01}],
+    "rmsprop": [{}, {"momentum": 0.9}, {"centered": True}, {"centered": True, "momentum": 0.5}],
+    "adam": [{}, {"amsgrad": True, "weight_decay": 0.1}],
+    "adamw": [{}, {"amsgrad": True, "maximize": True}],
+    "adahessian": [{}, {"hessian_power": 0.5, "weight_decay": 0.1}],
+}
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_prepare_through_the_registry_is_the_rule_s_prepare(name):
+    """functional.prepare (what both class layers call) orders the state as the rule's
+    prepare_* takes it, fills the options a group lacks with their defaults, adds the
+    rule's fixed ones and passes step counts only where the rule uses them: the result
+    is the explicit call's, bit for bit."""
+    s = spec(name)
+    fn = getattr(F, f"prepare_{name}")
+    positional = [n for n, p in inspect.signature(fn).parameters.items()
+                  if p.kind is p.POSITIONAL_OR_KEYWORD][2 + len(s.inputs):-1]
+    order = dict(zip(positional, s.kernel_state))        # list argument -> state name
+    for opts in OPTION_MIXES[name]:
+        kept = s.state_names(dict(s.defaults, **opts))
+        a = _problem(name, np.random.default_rng(0))
+        b = _problem(name, np.random.default_rng(0))
+        pa, ga, sa, ta, ia = a
+        F.prepare(s, pa, ga, {n: sa[n] for n in kept}, ta, dict(opts, params=pa),
+                  *ia).run(1)
+        pb, gb, sb, tb, ib = b
+        lists = [sb[order[arg]] if order[arg] in kept else None for arg in positional]
+        steps = tb if (s.counts_steps or kept) else None
+        fn(pb, gb, *ib, *lists, steps, **opts).run(1)
+        for x, y in zip(pa + [a for n in kept for a in sa[n]] + [ta],
+                        pb + [b for n in kept for b in sb[n]] + [tb]):
+            np.testing.assert_array_equal(x, y)
