@@ -1,0 +1,233 @@
+"""One class per rule: torch.optim's constructors and options, the rule's registry
+entry, and what a rule does beyond the base class (Adagrad's initial accumulator,
+Adam's bfloat16 state, the curvature rules' extra inputs)."""
+import numbers
+
+import numpy as np
+
+from .. import functional as F
+from ..rules import spec
+from .base import Optimizer
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional (Nesterov) momentum.
+
+    Same options and defaults as ``torch.optim.SGD``; formulas in
+    :func:`fastoptim.reference.sgd_`. State: ``momentum_buffer`` (momentum != 0 only).
+    """
+    _rule = spec("sgd")
+    _optional_state = ("momentum_buffer",)
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False, *, maximize=False, nonfinite="propagate"):
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov,
+                                      maximize=maximize), nonfinite)
+
+    def _step_from_state(self, entry):
+        return entry.get("momentum_buffer") is not None
+
+
+
+class Adagrad(Optimizer):
+    """AdaGrad. Same options and defaults as ``torch.optim.Adagrad``; formulas in
+    :func:`fastoptim.reference.adagrad_`. State: ``step``, ``sum``."""
+    _rule = spec("adagrad")
+
+    def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
+                 initial_accumulator_value=0.0, eps=1e-10, *, maximize=False,
+                 nonfinite="propagate"):
+        super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                                      initial_accumulator_value=initial_accumulator_value,
+                                      eps=eps, maximize=maximize), nonfinite)
+
+    def _check_hyperparameters(self, group):
+        value = group["initial_accumulator_value"]
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            raise TypeError("initial_accumulator_value must be a real number, got "
+                            f"{type(value).__name__}")
+        if not 0.0 <= value < float("inf"):
+            raise ValueError(f"Invalid initial_accumulator_value value: {value}")
+        super()._check_hyperparameters(group)
+
+    def _new_state_array(self, name, group, p):
+        arr = super()._new_state_array(name, group, p)
+        arr[...] = group["initial_accumulator_value"]
+        return arr
+
+    def _init_state(self, group, state):
+        state.arrays["sum"] = [self._new_state_array("sum", group, p)
+                               for p in group["params"]]
+        state.complete_for = ("sum",)
+
+
+
+class RMSprop(Optimizer):
+    """RMSProp. Same options and defaults as ``torch.optim.RMSprop``; formulas in
+    :func:`fastoptim.reference.rmsprop_`. State: ``step``, ``square_avg``,
+    ``momentum_buffer`` (momentum > 0), ``grad_avg`` (centered)."""
+    _rule = spec("rmsprop")
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
+                 momentum=0.0, centered=False, *, maximize=False, nonfinite="propagate"):
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps,
+                                      weight_decay=weight_decay, momentum=momentum,
+                                      centered=centered, maximize=maximize), nonfinite)
+
+
+
+class Adam(Optimizer):
+    """Adam (L2 weight decay). Same options and defaults as ``torch.optim.Adam``;
+    formulas in :func:`fastoptim.reference.adam_`. State: ``step``, ``exp_avg``,
+    ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad).
+
+    ``state_dtype="bfloat16"`` keeps the moments in bfloat16 (uint16 arrays of bfloat16
+    bits, half the bytes; float32 parameters only), rounded to nearest even or, with
+    ``rounding="stochastic"``, stochastically from a counter-based hash of ``seed``,
+    the step and the element (reproducible, independent of the thread count). Read such
+    state as numbers with :func:`fastoptim.bfloat16_to_float32` or
+    ``state_dict(bfloat16="float32")``. ``load_state_dict`` keeps the optimizer's own
+    ``state_dtype`` and converts the loaded state to it (float32 -> bfloat16 rounded to
+    nearest even, bfloat16 -> float32 exactly)."""
+    _rule = spec("adam")
+    _decoupled = False
+    _storage_options = ("state_dtype", "rounding", "seed")
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, *, maximize=False, state_dtype=None, rounding="nearest",
+                 seed=0, nonfinite="propagate"):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps,
+                                      weight_decay=weight_decay, amsgrad=amsgrad,
+                                      maximize=maximize, state_dtype=state_dtype,
+                                      rounding=rounding, seed=seed), nonfinite)
+
+    def _state_bf16(self, group):
+        return group["state_dtype"] == "bfloat16"
+
+    def _options_to_load(self, saved, gi):
+        decoupled = saved.get("decoupled_weight_decay", False)    # torch.optim's
+        where = f"state_dict['param_groups'][{gi}]['decoupled_weight_decay']"
+        if not isinstance(decoupled, (bool, np.bool_)):
+            raise TypeError(f"{where} must be a bool, got {type(decoupled).__name__}")
+        if decoupled and not self._decoupled:
+            raise ValueError(f"{where} is True (AdamW's rule), which Adam does not "
+                             "follow: load it into fastoptim.AdamW")
+        options = super()._options_to_load(
+            {k: v for k, v in saved.items() if k != "decoupled_weight_decay"}, gi)
+        if not (isinstance(saved.get("state_dtype"), str)
+                and saved["state_dtype"] == "bfloat16"):     # they shaped nothing there
+            options.pop("rounding", None)
+            options.pop("seed", None)
+        return options
+
+
+
+class AdamW(Adam):
+    """AdamW (decoupled weight decay, default 1e-2). Same options and defaults as
+    ``torch.optim.AdamW``; formulas in :func:`fastoptim.reference.adamw_`. Takes
+    Adam's ``state_dtype``, ``rounding`` and ``seed`` too."""
+    _rule = spec("adamw")
+    _decoupled = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, state_dtype=None, rounding="nearest",
+                 seed=0, nonfinite="propagate"):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, maximize=maximize, state_dtype=state_dtype,
+                         rounding=rounding, seed=seed, nonfinite=nonfinite)
+
+
+class _CurvatureOptimizer(Optimizer):
+    """Base of the second-order optimizers, whose step takes, besides one gradient per
+    parameter, one curvature input per parameter (a Hessian diagonal for AdaHessian, a
+    Hessian for Newton), split across groups like the gradients."""
+
+    #: what the curvature argument of ``step`` is called (for error messages)
+    _curvature_name = "curvature"
+
+    def _step_with(self, grads, curvature):
+        per_group = self._split_grads(grads)
+        curvature = self._split_per_param(
+            curvature, self._curvature_name, "entry",
+            lambda v: isinstance(v, np.ndarray) or (callable(v) and
+                                                    not isinstance(v, (list, tuple))))
+        return self._step(per_group, curvature)
+
+    def step(self, grads, curvature):
+        return self._step_with(grads, curvature)
+
+
+class AdaHessian(_CurvatureOptimizer):
+    """AdaHessian (Yao et al. 2021): Adam with the squared gradient replaced by the
+    squared Hutchinson estimate of the Hessian diagonal. Formulas in
+    :func:`fastoptim.reference.adahessian_`; defaults are the paper's (lr 0.15,
+    eps 1e-4, decoupled weight decay, ``hessian_power`` 1). State: ``step``,
+    ``exp_avg``, ``exp_hessian_diag_sq``.
+
+    The optimizer does not differentiate anything: each step takes the gradients and
+    an estimate of each parameter's Hessian diagonal, computed by the caller::
+
+        opt = fastoptim.AdaHessian([w], lr=0.15)
+        g = grad(w)
+        d = fastoptim.hutchinson_diag(lambda z: hvp(w, z), w, rng=rng)   # z * (H z)
+        opt.step([g], [d])
+
+    (with PyTorch: :func:`fastoptim.torch_hessian.hutchinson_diag` from autograd).
+    """
+    _curvature_name = "hessian_diags"
+    _rule = spec("adahessian")
+
+    def __init__(self, params, lr=0.15, betas=(0.9, 0.999), eps=1e-4, weight_decay=0.0,
+                 hessian_power=1.0, *, maximize=False, nonfinite="propagate"):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps,
+                                      weight_decay=weight_decay,
+                                      hessian_power=hessian_power, maximize=maximize),
+                         nonfinite)
+
+    def step(self, grads, hessian_diags):
+        """Update every parameter in place from its gradient and its Hessian-diagonal
+        estimate (same shape as the parameter). ``grads[i] is None`` skips parameter
+        i (``hessian_diags[i]`` is then ignored and may be None)."""
+        return self._step_with(grads, hessian_diags)
+
+    def _prepare(self, group, grads, arrays, steps, hessian_diags=None):
+        return self._kernel_call(group["params"], grads, arrays, steps, group,
+                                 hessian_diags if hessian_diags is not None else [])
+
+
+class Newton(_CurvatureOptimizer):
+    """Damped Newton steps for small dense problems, with a saddle-free option.
+
+    ``p -= lr * solve(H + damping*I, grad)``, one dense Hessian block per parameter;
+    with ``saddle_free=True`` H is replaced by ``|H| = Q |Lambda| Q^T`` (eigenvalues by
+    absolute value), so the step goes downhill along negative curvature and is
+    repelled by saddles instead of drawn to them. Formulas in
+    :func:`fastoptim.reference.newton_`. State: ``step`` only.
+
+    Not an element-wise rule: the work is an O(n^3) dense solve per parameter, done by
+    LAPACK through ``numpy.linalg`` (its compiled kernel), so it suits parameters of
+    up to a few thousand elements::
+
+        opt = fastoptim.Newton([x], lr=1.0, damping=1e-3, saddle_free=True)
+        opt.step([grad(x)], [hess(x)])        # or [hess]: a callable h(x) -> Hessian
+    """
+    _curvature_name = "hessians"
+
+    def __init__(self, params, lr=1.0, damping=0.0, saddle_free=False, *,
+                 nonfinite="propagate"):
+        super().__init__(params, dict(lr=lr, damping=damping, saddle_free=saddle_free),
+                         nonfinite)
+
+    def step(self, grads, hessians):
+        """Update every parameter in place. ``hessians[i]`` is parameter i's Hessian,
+        of shape ``(n, n)`` or ``p.shape + p.shape`` (n = ``p.size``, C order), or a
+        callable ``h(p)`` returning one; ``grads[i] is None`` skips parameter i. A
+        singular system raises ``numpy.linalg.LinAlgError`` before any change."""
+        return self._step_with(grads, hessians)
+
+    def _prepare(self, group, grads, arrays, steps, hessians=None):
+        return F.prepare_newton(group["params"], grads,
+                                hessians if hessians is not None else [], steps,
+                                lr=group["lr"], damping=group["damping"],
+                                saddle_free=group["saddle_free"])
