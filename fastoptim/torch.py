@@ -754,83 +754,112 @@ class _Optimizer(_TorchOptimizer):
         if cache is None:
             cache = self._views = {}
         names = self._state_names(group)
-        has_step = self._has_step
         kparams, kgrads, kstates = [], [], {n: [] for n in names}
         steps, fresh, where, strided = [], [], [], []
         for i, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
                 continue
-            # the parameter: a flat view of its memory, or a buffer copied in and out
             pl = _local(p)
             if pl is not p:                   # a DTensor: its local shard, and the grad's
                 g = self._local_grad(gi, group, i, p, g)
                 plan.reusable = False
-            v = cache.get(id(p))
-            if v is None or v.p is not p or v.meta != (pl.data_ptr(), pl.shape, pl.stride(),
-                                                       pl.dtype):
-                v = self._param_views(gi, group, i, p, cache)
-            if v.strided is not None:
-                self._check_strided(gi, group, i, v, strided)
-                plan.fills.append((v.layout, v.strided))
-                plan.backs.append((v.strided, v.layout))
+            v = self._plan_param(plan, gi, group, i, p, pl, cache, strided)
             kparams.append(v.array)
-            # the gradient, read in the parameter's memory order (never written)
-            if not (g.is_cpu and g.layout is _STRIDED and g.dtype is p.dtype
-                    and g.shape == pl.shape):
-                self._check_grad(gi, group, i, pl, g)
-            if g.dtype in _FLOAT_DTYPES and not g.requires_grad:
-                try:
-                    ga = g.numpy()
-                except RuntimeError:          # negative bit set
-                    ga = self._grad_array(g)
-                    plan.reusable = False
-            else:
-                ga = self._grad_array(g)
-                # a reused step reads the gradient's own memory: not through a copy
-                if g.dtype not in _FLOAT_DTYPES or g.is_neg():
-                    plan.reusable = False
-            if (v.c_order and ga.flags.c_contiguous) or _same_order(ga, v.layout):
-                kgrads.append(ga.ravel("K"))
-            else:
-                buf, view = _like(v.layout)
-                np.copyto(view, ga)
-                kgrads.append(buf)
-                plan.reusable = False
+            kgrads.append(self._plan_grad(plan, gi, group, i, p, pl, g, v))
             plan.used.append(p)
             plan.grads.append(g)
-            # the state tensors, viewed in the parameter's memory order
-            state = self.state.get(p)
-            is_new = not state or (self._partial_state and not self._has_state(state, group))
-            if is_new:
-                state = self._new_state(group, p)
-                if state:
-                    plan.new_state.append((self.state, p, state))
-            vstates = v.states
-            for sname in names:
-                t = state.get(sname)
-                c = vstates.get(sname)
-                # a state tensor is only ever replaced (load_state_dict, ZeRO) or moved
-                # (share_memory_, .data = ...), which changes its identity or pointer
-                if c is None or c[0] is not t or c[1] != t.data_ptr():
-                    c = self._state_views(gi, group, i, v, sname, state, t)
-                kstates[sname].append(c[2])
-                if c[3] is not None:
-                    plan.fills.append((c[3][0], c[3][1]))
-                    plan.backs.append((c[3][1], c[3][0]))
-                plan.written.append(t)
-            if has_step:
-                t = state.get("step")
-                c = v.step
-                if c is None or c[0] is not t or c[1] != t.data_ptr():
-                    c = self._step_view(gi, group, i, v, t)
-                steps.append(c[2])
+            is_new, step = self._plan_state(plan, gi, group, i, p, v, names, kstates)
+            if step is not None:
+                steps.append(step)
             fresh.append(is_new)
             where.append(i)
             plan.written.append(p)
         if not kparams:
             return plan
-        if has_step:
+        plan.steps = self._step_counts(gi, group, names, steps, fresh, where)
+        if self._has_step:
+            plan.step_views = steps
+        try:
+            plan.kernel = self._prepare(group, kparams, kgrads, kstates, plan.steps)
+        except (TypeError, ValueError) as e:
+            # name the user's parameter instead of the kernel's list position
+            msg = _KERNEL_NAME.sub(
+                lambda m: self._param_name(gi, group, where[int(m.group(2))]), str(e))
+            raise type(e)(msg) from None
+        return plan
+
+    def _plan_param(self, plan, gi, group, i, p, pl, cache, strided):
+        """The parameter's views (cached while its memory and layout stay): a flat view
+        of its memory for the kernel, or a buffer copied in before and out after."""
+        v = cache.get(id(p))
+        if v is None or v.p is not p or v.meta != (pl.data_ptr(), pl.shape, pl.stride(),
+                                                   pl.dtype):
+            v = self._param_views(gi, group, i, p, cache)
+        if v.strided is not None:
+            self._check_strided(gi, group, i, v, strided)
+            plan.fills.append((v.layout, v.strided))
+            plan.backs.append((v.strided, v.layout))
+        return v
+
+    def _plan_grad(self, plan, gi, group, i, p, pl, g, v):
+        """The gradient as the kernel reads it: in the parameter's memory order, its own
+        memory where it can be (never written), else a copy."""
+        if not (g.is_cpu and g.layout is _STRIDED and g.dtype is p.dtype
+                and g.shape == pl.shape):
+            self._check_grad(gi, group, i, pl, g)
+        if g.dtype in _FLOAT_DTYPES and not g.requires_grad:
+            try:
+                ga = g.numpy()
+            except RuntimeError:              # negative bit set
+                ga = self._grad_array(g)
+                plan.reusable = False
+        else:
+            ga = self._grad_array(g)
+            # a reused step reads the gradient's own memory: not through a copy
+            if g.dtype not in _FLOAT_DTYPES or g.is_neg():
+                plan.reusable = False
+        if (v.c_order and ga.flags.c_contiguous) or _same_order(ga, v.layout):
+            return ga.ravel("K")
+        buf, view = _like(v.layout)
+        np.copyto(view, ga)
+        plan.reusable = False
+        return buf
+
+    def _plan_state(self, plan, gi, group, i, p, v, names, kstates):
+        """The parameter's state tensors (made as torch makes them on a first step),
+        viewed in the parameter's memory order into ``kstates``; returns whether the
+        state is new, and the step counter's view (or None)."""
+        state = self.state.get(p)
+        is_new = not state or (self._partial_state and not self._has_state(state, group))
+        if is_new:
+            state = self._new_state(group, p)
+            if state:
+                plan.new_state.append((self.state, p, state))
+        vstates = v.states
+        for sname in names:
+            t = state.get(sname)
+            c = vstates.get(sname)
+            # a state tensor is only ever replaced (load_state_dict, ZeRO) or moved
+            # (share_memory_, .data = ...), which changes its identity or pointer
+            if c is None or c[0] is not t or c[1] != t.data_ptr():
+                c = self._state_views(gi, group, i, v, sname, state, t)
+            kstates[sname].append(c[2])
+            if c[3] is not None:
+                plan.fills.append((c[3][0], c[3][1]))
+                plan.backs.append((c[3][1], c[3][0]))
+            plan.written.append(t)
+        if not self._has_step:
+            return is_new, None
+        t = state.get("step")
+        c = v.step
+        if c is None or c[0] is not t or c[1] != t.data_ptr():
+            c = self._step_view(gi, group, i, v, t)
+        return is_new, c[2]
+
+    def _step_counts(self, gi, group, names, steps, fresh, where):
+        """The step counts the kernel takes (int64), from the state's step tensors."""
+        if self._has_step:
             # plain Python here: a few NumPy reductions would cost more (~5 us each
             # with cold caches) than the whole list
             values = [float(s) for s in steps]
@@ -844,23 +873,12 @@ class _Optimizer(_TorchOptimizer):
                 raise ValueError(
                     f"state['step'] of {self._param_name(gi, group, where[j])} is "
                     f"{values[j]}; a step count must be a whole number >= 0")
-            counts = np.array(ints, dtype=np.int64)
-            plan.step_views = steps
-        elif names:
+            return np.array(ints, dtype=np.int64)
+        if names:
             # SGD: the kernel sets a momentum buffer to the gradient when its counter
             # goes from 0 to 1, so a buffer created by this step counts 0.
-            counts = np.array([0 if f else 1 for f in fresh], dtype=np.int64)
-        else:
-            counts = None
-        plan.steps = counts
-        try:
-            plan.kernel = self._prepare(group, kparams, kgrads, kstates, counts)
-        except (TypeError, ValueError) as e:
-            # name the user's parameter instead of the kernel's list position
-            msg = _KERNEL_NAME.sub(
-                lambda m: self._param_name(gi, group, where[int(m.group(2))]), str(e))
-            raise type(e)(msg) from None
-        return plan
+            return np.array([0 if f else 1 for f in fresh], dtype=np.int64)
+        return None
 
     def _local_grad(self, gi, group, i, p, g):
         """The local shard of a DTensor parameter's gradient, which must be sharded as
