@@ -329,7 +329,7 @@ def test_gradient_dtype_changed_in_place_is_refused_as_a_fresh_plan_refuses_it()
 def test_kept_steps_without_torchs_address_reader(name, monkeypatch):
     """The kept step reads tensor addresses through torch's C reader when it has one,
     else through ``data_ptr()``: both paths follow torch, and see a swapped ``.data``."""
-    monkeypatch.setattr(fot, "_READER", 0)
+    monkeypatch.setattr(fot._probes, "_READER", 0)
     t = Twins(name)
     t.step(3)
     t.both(lambda ps, opt: setattr(ps[0], "data", ps[0].data.clone()))
@@ -344,7 +344,7 @@ def test_kept_steps_see_layout_changes_with_either_check(guard, change, monkeypa
     either way a changed layout plans the group afresh (which follows torch, or refuses
     as a fresh plan does, changing nothing)."""
     if guard == "python":
-        monkeypatch.setattr(fot, "_LAYOUT_GUARD", None)
+        monkeypatch.setattr(fot._probes, "_LAYOUT_GUARD", None)
     elif fot._LAYOUT_GUARD is None:
         pytest.skip("this torch has no compiled tensor check (Python reads are used)")
     t = Twins("Adam")

@@ -1,0 +1,269 @@
+"""The base class of the drop-in optimizers: torch's Optimizer with the checks, the
+step and the state of fastoptim's kernels (the planned and kept steps are mixins)."""
+import functools
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch.optim import optimizer as _torch_optimizer
+from torch.optim.optimizer import Optimizer as _TorchOptimizer
+
+from .. import _config
+from .. import functional as F
+from ._plan import _GroupPlan, _Planning
+from ._reuse import _Keeping, _State
+from ._tensors import _DTYPES, _new_step, _placeable, _state_like
+
+
+def _check_fused(fused, differentiable, foreach):
+    """torch.optim's own checks of the fused flag (same messages)."""
+    if fused:
+        if differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+def _to_scalar(x):
+    """torch.optim's _to_scalar: a 1-element tensor hyperparameter becomes 0-d."""
+    if isinstance(x, torch.Tensor) and x.dim() != 0:
+        return x.squeeze()
+    return x
+
+
+def _value(name, x):
+    """A hyperparameter as the kernels take it: a plain number (tensors: their value)."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element")
+        return x.item()
+    return x
+
+
+class _Options(Mapping):
+    """A parameter group's options as the kernels take them: a tensor (``lr``, each
+    beta) becomes its value, a flag a bool (torch.optim keeps what it was given; the
+    registry's default says which options are flags)."""
+    __slots__ = ("group", "defaults")
+
+    def __init__(self, group, defaults):
+        self.group, self.defaults = group, defaults
+
+    def __getitem__(self, name):
+        x = self.group[name]
+        if isinstance(self.defaults.get(name, x), bool):
+            return bool(x)
+        if isinstance(x, (tuple, list)):
+            return tuple(_value(f"{name}[{i}]", y) for i, y in enumerate(x))
+        return _value(name, x)
+
+    def __iter__(self):
+        return iter(self.group)
+
+    def __len__(self):
+        return len(self.group)
+
+
+def _threads():
+    """fastoptim.set_num_threads(n) when it was called, else torch's thread count."""
+    if _config._num_threads is not None or not _config._kernels.openmp_enabled():
+        return _config.get_num_threads()
+    return max(1, torch.get_num_threads())
+
+
+def _step_hooks(step):
+    """``step`` wrapped as torch wraps every optimizer's step (pre- and post-hooks, a
+    profiler range), but with torch's wrapper entered only when a hook is registered or
+    the profiler runs: entering it costs ~20 us a step, more than a whole small step.
+    Marked ``hooked`` so that torch's Optimizer.__init__ does not wrap it again."""
+    wrapped = _TorchOptimizer.profile_hook_step(step)
+
+    @functools.wraps(step)
+    def wrapper(self, *args, **kwargs):
+        if (_torch_optimizer._global_optimizer_pre_hooks
+                or _torch_optimizer._global_optimizer_post_hooks
+                or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
+                or torch.autograd._profiler_enabled()):
+            return wrapped(self, *args, **kwargs)
+        out = step(self, *args, **kwargs)
+        self._optimizer_step_code()
+        return out
+    wrapper.hooked = True
+    return wrapper
+
+
+class _Optimizer(_Keeping, _Planning, _TorchOptimizer):
+    """What the five classes share: checks, cached views, the planned step.
+
+    A subclass names its rule (``_rule``, a registry entry: the state names, their
+    order and the kernel call come from it) and gives torch's constructor, argument
+    checks and ``__setstate__`` defaults; where torch's lazy state differs from zeros
+    in the registry's order, ``_new_state(group, p)`` or ``_step_tensor(group, p)``."""
+
+    #: whether the state carries a "step" counter (torch's SGD has none)
+    _has_step = True
+
+    # --- construction and checks -------------------------------------------------------
+    def _fastoptim_init(self):
+        """End of each subclass __init__, after torch's own argument checks."""
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(gi, group)
+        self.state = _State(dict, self.state)
+        self._fastoptim_ready = True
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        if getattr(self, "_fastoptim_ready", False):
+            try:
+                self._check_group(len(self.param_groups) - 1, self.param_groups[-1])
+            except Exception:
+                self.param_groups.pop()
+                raise
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if not isinstance(self.state, _State):
+            self.state = _State(dict, self.state)
+        self._fastoptim_ready = True
+        self._views = {}
+        self._reuses = {}
+
+    def _check_group(self, gi, group):
+        """Refuse options and parameters the kernels cannot honour."""
+        name = type(self).__name__
+        if group.get("differentiable", False):
+            raise ValueError(
+                f"fastoptim.torch.{name} does not support differentiable=True "
+                f"(param_groups[{gi}]): the compiled kernel updates the parameters' "
+                f"memory outside autograd, so the step cannot be differentiated; use "
+                f"torch.optim.{name} for differentiable steps")
+        if group.get("capturable", False):
+            raise ValueError(
+                f"fastoptim.torch.{name} does not support capturable=True "
+                f"(param_groups[{gi}]): it updates CPU tensors outside CUDA graphs; "
+                f"set capturable=False")
+        for i, p in enumerate(group["params"]):
+            self._check_param(gi, group, i, p)
+        # the hyperparameters, by preparing an update of no parameters
+        self._prepare(group, [], [], {n: [] for n in self._state_names(group)},
+                      np.zeros(0, dtype=np.int64))
+
+    @staticmethod
+    def _param_name(gi, group, i):
+        where = f"param_groups[{gi}]['params'][{i}]"
+        names = group.get("param_names")
+        if names is not None and i < len(names):
+            return f"parameter {names[i]!r} ({where})"
+        return f"parameter {where}"
+
+    def _check_param(self, gi, group, i, p):
+        label = self._param_name(gi, group, i)
+        if p.layout != torch.strided:
+            raise TypeError(f"{label} has layout {p.layout}; fastoptim.torch updates "
+                            f"dense (strided) tensors only")
+        if p.device.type != "cpu":
+            raise ValueError(f"{label} is on device {p.device}; fastoptim.torch updates "
+                             f"CPU tensors only")
+        if p.dtype not in _DTYPES:
+            raise TypeError(f"{label} has dtype {p.dtype}; fastoptim.torch supports "
+                            f"float32, float64, complex64 and complex128 parameters")
+        if p.is_conj() or p.is_neg():
+            raise ValueError(f"{label} has its conjugate or negative bit set; call "
+                             f"resolve_conj()/resolve_neg() on it first")
+
+    def _check_grad(self, gi, group, i, p, g):
+        label = self._param_name(gi, group, i)
+        if g.layout != torch.strided:
+            raise TypeError(f"{label} has a sparse gradient (layout {g.layout}); "
+                            f"fastoptim.torch supports dense gradients only")
+        if g.device != p.device or g.dtype != p.dtype or g.shape != p.shape:
+            raise ValueError(f"the gradient of {label} is a {g.dtype} tensor of shape "
+                             f"{tuple(g.shape)} on {g.device}, but the parameter is "
+                             f"{p.dtype} of shape {tuple(p.shape)} on {p.device}")
+
+    # --- the step ----------------------------------------------------------------------
+
+    @_step_hooks
+    def step(self, closure=None):
+        """Perform a single optimization step (one compiled call per parameter group).
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            # Plan every group before running any: a refused step changes nothing.
+            plans = [self._reused(gi, group) or self._plan(gi, group)
+                     for gi, group in enumerate(self.param_groups)]
+            n_threads = _threads()
+            for gi, plan in enumerate(plans):
+                if plan.kernel is not None:
+                    plan.run(n_threads)
+                if isinstance(plan, _GroupPlan):
+                    self._keep(gi, self.param_groups[gi], plan)
+        return loss
+
+    # (the kept step: _reuse._Keeping; the planned one: _plan._Planning)
+
+    # --- state memory ------------------------------------------------------------------
+
+    #: the rule's entry in fastoptim.rules: its state tensors, in one order (a tensor's
+    #: place, 1, 2, 3, decides where a large one goes in memory: fastoptim._placement)
+    _rule = None
+
+    def _state_tensor(self, p, name, fill=0):
+        """A new state tensor ``name`` of ``p``, as torch makes it, placed when large."""
+        return _state_like(p, self._rule.state.index(name) + 1, fill)
+
+    def load_state_dict(self, state_dict):
+        """torch's ``load_state_dict``; then each large state tensor is copied into
+        placed memory (as a new state tensor would be): the loaded ones are torch's
+        allocations, or the very tensors of ``state_dict``."""
+        super().load_state_dict(state_dict)
+        for p, st in self.state.items():
+            if not isinstance(p, torch.Tensor) or not isinstance(st, dict) \
+                    or not _placeable(p):
+                continue
+            for name in self._rule.state:
+                t = st.get(name)
+                if (isinstance(t, torch.Tensor) and t.shape == p.shape
+                        and t.dtype == p.dtype and t.is_cpu):
+                    placed = self._state_tensor(p, name)
+                    placed.copy_(t)
+                    st[name] = placed
+
+    # --- class hooks -------------------------------------------------------------------
+
+    #: whether a non-empty state may still lack what a step needs (SGD's buffer)
+    _partial_state = False
+
+    def _has_state(self, state, group):
+        return True
+
+    def _state_names(self, group):
+        """The state tensors the kernel updates for this group, in the rule's order."""
+        return self._rule.state_names(group, _value)
+
+    def _new_state(self, group, p):
+        """torch's lazy state of a parameter: its ``step`` (if the rule counts steps),
+        then a zero tensor per state name, in the registry's order."""
+        state = {"step": self._step_tensor(group, p)} if self._has_step else {}
+        for name in self._state_names(group):
+            state[name] = self._state_tensor(p, name)
+        return state
+
+    def _step_tensor(self, group, p):
+        return _new_step(group, p)
+
+    def _prepare(self, group, params, grads, states, steps):
+        """The kernel call for ``params`` (their state lists by name), through the
+        registry; options are read as plain numbers (see _Options)."""
+        return F.prepare(self._kernel_rule(group), params, grads, states, steps,
+                         _Options(group, self._rule.defaults))
+
+    def _kernel_rule(self, group):
+        return self._rule

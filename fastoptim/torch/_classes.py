@@ -1,0 +1,325 @@
+"""The drop-in optimizers: torch 2.13's constructors, checks and state, on
+fastoptim's kernels (the rest is the base class's and the registry's)."""
+import torch
+
+from ..rules import spec
+from ._base import _check_fused, _Optimizer, _to_scalar
+from ._tensors import _new_step, _scalar_dtype, _step_to_tensor
+
+
+_ADAMW = spec("adamw")
+
+
+# --- the optimizers -------------------------------------------------------------------
+
+class SGD(_Optimizer):
+    """``torch.optim.SGD`` (optionally with (Nesterov) momentum) on fastoptim's kernel.
+
+    Same signature, defaults, checks and state as torch 2.13's SGD: the only state is
+    ``momentum_buffer`` (momentum != 0), set to the gradient on a parameter's first
+    step. See :func:`fastoptim.reference.sgd_` for the update.
+    """
+    _rule = spec("sgd")
+    _has_step = False
+    _partial_state = True          # torch 1.x checkpoints hold momentum_buffer=None
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
+                 nesterov=False, *, maximize=False, foreach=None, differentiable=False,
+                 fused=None):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "maximize": maximize,
+            "foreach": foreach,
+            "differentiable": differentiable,
+            "fused": fused,
+        }
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        super().__init__(params, defaults)
+
+        _check_fused(fused, differentiable, foreach)
+        self._fastoptim_init()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", False)
+
+    def _has_state(self, state, group):
+        return state.get("momentum_buffer") is not None or not self._state_names(group)
+
+
+class Adagrad(_Optimizer):
+    """``torch.optim.Adagrad`` on fastoptim's kernel.
+
+    Same signature, defaults, checks and state as torch 2.13's Adagrad: ``step`` and
+    ``sum`` exist for every parameter from construction on (``sum`` starts at
+    ``initial_accumulator_value``). Sparse gradients are refused. See
+    :func:`fastoptim.reference.adagrad_` for the update.
+    """
+    _rule = spec("adagrad")
+
+    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0,
+                 initial_accumulator_value=0, eps=1e-10, foreach=None, *, maximize=False,
+                 differentiable=False, fused=None):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= lr_decay:
+            raise ValueError(f"Invalid lr_decay value: {lr_decay}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not 0.0 <= initial_accumulator_value:
+            raise ValueError(
+                f"Invalid initial_accumulator_value value: {initial_accumulator_value}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+
+        defaults = {
+            "lr": lr,
+            "lr_decay": lr_decay,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "initial_accumulator_value": initial_accumulator_value,
+            "foreach": foreach,
+            "maximize": maximize,
+            "differentiable": differentiable,
+            "fused": fused,
+        }
+        super().__init__(params, defaults)
+
+        _check_fused(fused, differentiable, foreach)
+        self._fastoptim_init()
+
+        # torch's Adagrad creates the state of its first groups at construction,
+        # from the group's initial_accumulator_value
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                state["step"] = (
+                    torch.zeros((), dtype=_scalar_dtype(is_fused=group["fused"]),
+                                device=p.device)
+                    if group["fused"]
+                    else torch.tensor(0.0, dtype=_scalar_dtype()))
+                init_value = (
+                    complex(initial_accumulator_value, initial_accumulator_value)
+                    if torch.is_complex(p) else initial_accumulator_value)
+                state["sum"] = self._state_tensor(p, "sum", init_value)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        fused = None
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("differentiable", False)
+            fused = group.setdefault("fused", None)
+            for p in group["params"]:
+                p_state = self.state.get(p, [])
+                _step_to_tensor(group, p, p_state, fused)
+        state_values = list(self.state.values())
+        step_is_tensor = (len(state_values) != 0) and torch.is_tensor(
+            state_values[0]["step"])
+        if not step_is_tensor:
+            for s in state_values:
+                s["step"] = torch.tensor(float(s["step"]),
+                                         dtype=_scalar_dtype(is_fused=fused))
+
+    def share_memory(self):
+        """Calls tensor.share_memory_() on the state sum tensors."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                state["sum"].share_memory_()
+
+    def _new_state(self, group, p):
+        # parameters added after construction: torch uses the optimizer's default
+        # initial_accumulator_value (not the group's)
+        iav = self.defaults["initial_accumulator_value"]
+        init_value = complex(iav, iav) if torch.is_complex(p) else iav
+        return {"step": _new_step({"fused": group["fused"]}, p),
+                "sum": self._state_tensor(p, "sum", init_value)}
+
+
+class RMSprop(_Optimizer):
+    """``torch.optim.RMSprop`` on fastoptim's kernel.
+
+    Same signature, defaults, checks and state as torch 2.13's RMSprop: ``step``,
+    ``square_avg``, ``momentum_buffer`` (momentum > 0) and ``grad_avg`` (centered).
+    See :func:`fastoptim.reference.rmsprop_` for the update.
+    """
+    _rule = spec("rmsprop")
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
+                 centered=False, capturable=False, foreach=None, maximize=False,
+                 differentiable=False):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= momentum:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not 0.0 <= alpha:
+            raise ValueError(f"Invalid alpha value: {alpha}")
+
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "alpha": alpha,
+            "eps": eps,
+            "centered": centered,
+            "weight_decay": weight_decay,
+            "capturable": capturable,
+            "foreach": foreach,
+            "maximize": maximize,
+            "differentiable": differentiable,
+        }
+        super().__init__(params, defaults)
+        self._fastoptim_init()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("momentum", 0)
+            group.setdefault("centered", False)
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("capturable", False)
+            for p in group["params"]:
+                p_state = self.state.get(p, [])
+                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = torch.tensor(float(p_state["step"]),
+                                                   dtype=_scalar_dtype())
+
+    def _step_tensor(self, group, p):
+        return torch.zeros((), dtype=_scalar_dtype())     # (torch's RMSprop has no fused)
+
+
+class Adam(_Optimizer):
+    """``torch.optim.Adam`` on fastoptim's kernel.
+
+    Same signature, defaults, checks and state as torch 2.13's Adam (including
+    ``decoupled_weight_decay``): ``step``, ``exp_avg``, ``exp_avg_sq`` and
+    ``max_exp_avg_sq`` (amsgrad). ``lr`` and ``betas`` may be 1-element tensors. See
+    :func:`fastoptim.reference.adam_` for the update.
+    """
+    _rule = spec("adam")
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, fused=None, decoupled_weight_decay=False):
+        if isinstance(lr, torch.Tensor):
+            if foreach and not capturable:
+                raise ValueError(
+                    "lr as a Tensor is not supported for capturable=False and foreach=True")
+            if lr.numel() != 1:
+                raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not (
+            (isinstance(betas[0], float) and isinstance(betas[1], float))
+            or (isinstance(betas[0], torch.Tensor) and isinstance(betas[1], torch.Tensor))
+        ):
+            raise ValueError("betas must be either both floats or both Tensors")
+        if isinstance(betas[0], torch.Tensor):
+            if not capturable and foreach:
+                raise ValueError(
+                    "betas[0] as a Tensor is not supported for capturable=False and "
+                    "foreach=True")
+            if betas[0].numel() != 1:
+                raise ValueError("Tensor betas[0] must be 1-element")
+        if isinstance(betas[1], torch.Tensor):
+            if not capturable and foreach:
+                raise ValueError(
+                    "betas[1] as a Tensor is not supported for capturable=False and "
+                    "foreach=True")
+            if betas[1].numel() != 1:
+                raise ValueError("Tensor betas[1] must be 1-element")
+        betas = tuple(map(_to_scalar, betas))
+
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": fused,
+            "decoupled_weight_decay": decoupled_weight_decay,
+        }
+        super().__init__(params, defaults)
+
+        _check_fused(fused, differentiable, foreach)
+        self._fastoptim_init()
+
+    def _kernel_rule(self, group):
+        # torch 2.13's Adam(decoupled_weight_decay=True) is AdamW's rule
+        return _ADAMW if bool(group.get("decoupled_weight_decay", False)) else self._rule
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("decoupled_weight_decay", False)
+            fused = group.setdefault("fused", None)
+            for p in group["params"]:
+                p_state = self.state.get(p, [])
+                _step_to_tensor(group, p, p_state, fused)
+
+
+class AdamW(Adam):
+    """``torch.optim.AdamW`` on fastoptim's kernel: Adam with decoupled weight decay
+    (default 1e-2). Same signature, defaults, checks and state as torch 2.13's AdamW;
+    loading a state dict keeps ``decoupled_weight_decay=True``."""
+    _rule = spec("adamw")
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
+                 differentiable=False, fused=None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True

@@ -1,0 +1,211 @@
+"""The kept step: a group's prepared kernel call, reused while nothing it depends on
+changed (see _Reuse, _Keeping)."""
+import operator
+from collections import defaultdict
+from itertools import compress, repeat
+
+import numpy as np
+import torch
+
+from .. import _config
+from . import _probes
+
+
+_GRAD = operator.attrgetter("grad")
+_SHAPE = operator.attrgetter("shape")
+_DTYPE = operator.attrgetter("dtype")
+_STRIDE = torch.Tensor.stride
+
+
+def _by_value(group):
+    """Whether an option of the group can change without being replaced: a tensor
+    (a scheduler may change a tensor ``lr`` in place) or a list (``betas``)."""
+    return any(isinstance(v, (torch.Tensor, list, dict)) or (isinstance(v, tuple) and any(
+        isinstance(x, (torch.Tensor, list)) for x in v))
+        for k, v in group.items() if k != "params")
+
+
+def _snapshot(group, by_value):
+    """A group's options (its values, ``params`` included), to see whether any changed
+    since the last step; ``by_value`` (see _by_value): tensors and lists by value."""
+    if not by_value:
+        return list(group.values())
+    return [v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else
+            tuple(x.item() if isinstance(x, torch.Tensor) and x.numel() == 1 else x
+                  for x in v)
+            if isinstance(v, (tuple, list)) else v
+            for k, v in group.items() if k != "params"]
+
+
+class _State(defaultdict):
+    """``optimizer.state`` as torch makes it (a ``defaultdict(dict)`` keyed by parameter),
+    counting the changes of its entries in ``version``: a kept step (_Reuse) checks
+    that one number instead of looking every parameter up (a tensor's hash is a Python
+    call). The per-parameter dicts inside are plain dicts, checked entry by entry."""
+
+    def __init__(self, default_factory=dict, *args, **kwargs):
+        super().__init__(default_factory, *args, **kwargs)
+        self.version = 0
+
+    def _changed(name):
+        method = getattr(defaultdict, name)
+
+        def changed(self, *args, **kwargs):
+            self.version += 1
+            return method(self, *args, **kwargs)
+        changed.__name__ = name
+        return changed
+
+    for _name in ("__setitem__", "__delitem__", "__ior__", "clear", "pop", "popitem",
+                  "setdefault", "update"):
+        locals()[_name] = _changed(_name)
+    del _name, _changed
+
+
+class _Reuse:
+    """A group's prepared kernel call, kept from one step to the next (the per-step
+    cost is then a few attribute reads per parameter). Valid while the group has the
+    same parameters, the same ones have gradients, each parameter and gradient keeps its
+    address, shape and strides (grads: their address may change), ``self.state`` and
+    each parameter's state dict and state tensors are the same objects, and no option
+    that adds or removes a state array changed. Whatever else changed is caught by
+    :meth:`_Optimizer._reused`, which then plans the group afresh."""
+    __slots__ = ("params", "mask", "all_used", "used", "pptrs", "shapes", "pstrides",
+                 "gstrides", "dtypes", "state", "state_version", "by_value", "dicts_rep",
+                 "keys", "flat", "names", "options", "kernel", "counts", "step_addrs",
+                 "step_doubles", "written", "layout")
+
+    def run(self, n_threads):
+        # The versions are bumped first, while the tensors' metadata that _reused just
+        # read is still in cache (after the kernel has streamed the arrays through it,
+        # the same bumps cost ~0.1 us a tensor more); the kernel cannot fail.
+        torch._C._increment_version(self.written)
+        self.kernel.run(n_threads)
+        if self.step_addrs is not None:
+            _config._kernels.scatter_counts(self.step_addrs, self.step_doubles, self.counts)
+
+
+class _Keeping:
+    """The kept step of :class:`fastoptim.torch._base._Optimizer`: a group's prepared
+    kernel call kept between steps while nothing it depends on changed (_Reuse)."""
+
+    def _reused(self, gi, group):
+        """The group's kept kernel call, pointed at this step's gradients, if nothing it
+        depends on changed (see _Reuse); else None (the group is planned afresh, which
+        also raises the errors a bad step deserves). Changes no tensor."""
+        r = self.__dict__.get("_reuses", {}).get(gi)
+        if r is None:
+            return None
+        params = group["params"]
+        if len(params) != len(r.params) or not all(map(operator.is_, params, r.params)):
+            return None
+        grads = list(map(_GRAD, params))
+        if list(map(operator.is_not, grads, repeat(None))) != r.mask:
+            return None
+        used = r.used
+        if not r.all_used:
+            grads = list(compress(grads, r.mask))
+        if r.layout is not None:
+            if not r.layout.check(*used, *grads):
+                return None
+        else:
+            try:
+                if (list(map(_SHAPE, used)) != r.shapes
+                        or list(map(_SHAPE, grads)) != r.shapes
+                        or list(map(_STRIDE, used)) != r.pstrides
+                        or list(map(_STRIDE, grads)) != r.gstrides
+                        or list(map(_DTYPE, grads)) != r.dtypes):
+                    return None
+            except RuntimeError:                 # a sparse gradient has no strides
+                return None
+        # (only now, every gradient known to be a dense tensor, are addresses read)
+        kernels = _config._kernels
+        if not kernels.addresses_equal(used, r.pptrs, _probes._READER, _probes._EXACT):
+            return None
+        state = self.state
+        if state is not r.state or state.version != r.state_version:
+            return None
+        flat = r.flat
+        if (not kernels.entries_are(r.dicts_rep, r.keys, flat[0])
+                or not kernels.addresses_equal(flat[0], flat[1], _probes._READER, _probes._EXACT)):
+            return None
+        options = _snapshot(group, r.by_value)
+        if options != r.options:
+            r.by_value = _by_value(group)
+            options = _snapshot(group, r.by_value)
+            if (group.get("differentiable", False) or group.get("capturable", False)
+                    or self._state_names(group) != r.names):
+                return None
+            fresh = self._prepare(group, [], [], {n: [] for n in r.names},
+                                  np.zeros(0, dtype=np.int64))
+            if not r.kernel.take_hyperparameters(fresh):
+                return None
+            r.options = options
+        if r.step_addrs is not None and _config._kernels.gather_counts(
+                r.step_addrs, r.step_doubles, r.counts) >= 0:
+            return None                          # (the fresh plan names the bad count)
+        try:
+            r.kernel.set_grads(kernels.addresses(grads, _probes._READER, _probes._EXACT))
+        except ValueError:
+            return None                          # (the fresh plan names the overlap)
+        return r
+
+    def _keep(self, gi, group, plan):
+        """After ``plan`` ran: keep its kernel call for the next steps (a _Reuse), when
+        it has no buffer copies (strided or complex parameters, a gradient or state in
+        another memory order) and made no new state tensors -- those steps are planned
+        afresh each time."""
+        reuses = self.__dict__.get("_reuses")
+        if reuses is None:
+            reuses = self._reuses = {}
+        reuses.pop(gi, None)
+        if (not plan.reusable or plan.kernel is None or plan.fills or plan.new_state
+                or not isinstance(self.state, _State)):
+            return
+        r = _Reuse()
+        r.params = list(group["params"])
+        r.mask = [p.grad is not None for p in r.params]
+        r.used = plan.used
+        if [p for p, m in zip(r.params, r.mask) if m] != r.used or any(
+                g is not p.grad for p, g in zip(r.used, plan.grads)):
+            return                               # (a hook changed the gradients)
+        r.all_used = all(r.mask)
+        grads = plan.grads
+        kernels = _config._kernels
+        r.pptrs = kernels.addresses(r.used)
+        r.shapes = list(map(_SHAPE, r.used))
+        r.pstrides = list(map(_STRIDE, r.used))
+        if list(map(_SHAPE, grads)) != r.shapes:
+            return
+        r.gstrides = list(map(_STRIDE, grads))
+        r.dtypes = list(map(_DTYPE, grads))
+        r.layout = None
+        if _probes._LAYOUT_GUARD is not None:
+            try:
+                r.layout = _probes._LAYOUT_GUARD([*r.used, *grads])
+            except Exception:                    # pragma: no cover - then the reads
+                pass
+        r.state = self.state
+        r.state_version = self.state.version
+        dicts = [self.state.get(p) for p in r.used]
+        r.names = self._state_names(group)
+        keys = r.names + (("step",) if self._has_step else ())
+        r.keys = list(keys) * len(r.used)
+        r.dicts_rep = [d for d in dicts for _ in keys]
+        tensors = [d.get(k) for d in dicts for k in keys]
+        if not all(isinstance(t, torch.Tensor) for t in tensors):
+            return
+        r.flat = (tensors, kernels.addresses(tensors))
+        r.by_value = _by_value(group)
+        r.options = _snapshot(group, r.by_value)
+        r.kernel = plan.kernel
+        r.kernel.make_reusable()
+        r.counts = plan.steps
+        if self._has_step:
+            steps = [d["step"] for d in dicts]
+            r.step_addrs = kernels.addresses(steps)
+            r.step_doubles = np.array([t.dtype == torch.float64 for t in steps], np.int8)
+        else:
+            r.step_addrs = r.step_doubles = None
+        r.written = plan.written
+        reuses[gi] = r
