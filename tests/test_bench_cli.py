@@ -329,7 +329,8 @@ def test_printed_ratios_agree_with_the_printed_times(tmp_path, capsys):
 
 def test_ceilings_are_paired_by_the_threads_really_used(tmp_path, monkeypatch):
     import fastoptim
-    monkeypatch.setattr(bench, "transformer_shapes", lambda: [(300,), (8, 8), (5000,)])
+    monkeypatch.setattr(bench.runner, "transformer_shapes",
+                        lambda: [(300,), (8, 8), (5000,)])
     saved = fastoptim.get_serial_threshold()
     try:
         for threshold, fo2_used in ((0, 2), (2 ** 40, 1), (None, None)):
@@ -403,7 +404,7 @@ def _fake_measure(ceiling_factor, calls):
 def test_a_row_above_its_ceiling_is_remeasured_then_flagged(tmp_path, monkeypatch,
                                                             capsys):
     calls = []
-    monkeypatch.setattr(bench, "measure", _fake_measure(lambda attempt: 1.37, calls))
+    monkeypatch.setattr(bench.cases, "measure", _fake_measure(lambda attempt: 1.37, calls))
     path = tmp_path / "out.json"
     assert bench.main(["--sizes", "1024", "--rules", "adam", "--threads", "1,2",
                        "--no-model", "--no-overhead", "--no-torch", "--json",
@@ -433,7 +434,7 @@ def test_a_row_above_its_ceiling_is_remeasured_then_flagged(tmp_path, monkeypatc
 def test_a_row_above_its_ceiling_once_is_remeasured_and_kept(tmp_path, monkeypatch,
                                                             capsys):
     calls = []
-    monkeypatch.setattr(bench, "measure",
+    monkeypatch.setattr(bench.cases, "measure",
                         _fake_measure(lambda attempt: 1.37 if attempt == 1 else 0.9,
                                       calls))
     path = tmp_path / "out.json"
@@ -456,7 +457,7 @@ def test_a_row_above_its_ceiling_once_is_remeasured_and_kept(tmp_path, monkeypat
 
 def test_no_remeasure_for_the_16_element_step(monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(bench, "measure", _fake_measure(lambda attempt: 1.37, calls))
+    monkeypatch.setattr(bench.cases, "measure", _fake_measure(lambda attempt: 1.37, calls))
     assert bench.main(["--sizes", "1024", "--rules", "sgd", "--threads", "1,2",
                        "--no-model", "--no-torch"] + TINY) == 0
     capsys.readouterr()

@@ -1,0 +1,60 @@
+"""The benchmark's rules: hyperparameters and how each implementation is called."""
+from ..rules import spec
+
+
+class Rule:
+    """One update rule as the benchmark runs it: a registry entry (fastoptim.rules) and
+    the options it is run with.
+
+    ``call(module, params, grads, states, steps)`` runs one step through
+    :mod:`fastoptim.functional` or :mod:`fastoptim.reference` (same signatures);
+    ``states`` is a list of ``n_state`` lists of arrays, the state the registry says
+    ``options`` keep, in its order (``torch_state``: torch's names for them). ``kernel``
+    is the kernel family that runs it (the name its serial threshold is calibrated
+    under, ``_kernels.calibration``).
+    """
+
+    def __init__(self, key, title, call, name, options, torch_fused, kernel):
+        entry = spec(name)
+        self.key = key
+        self.title = title
+        self.call = call
+        self.torch_name = entry.title
+        self.torch_kwargs = options
+        self.torch_state = entry.state_names(dict(entry.defaults, **options))
+        self.n_state = len(self.torch_state)
+        self.torch_fused = torch_fused
+        self.kernel = kernel
+
+    def __repr__(self):
+        return f"Rule({self.key!r})"
+
+
+RULES = {r.key: r for r in (
+    Rule("sgd", "SGD",
+         lambda m, P, G, S, st: m.sgd_(P, G, None, None, lr=1e-3),
+         "sgd", dict(lr=1e-3), True, "sgd"),
+    Rule("sgd_momentum", "SGD-momentum",
+         lambda m, P, G, S, st: m.sgd_(P, G, S[0], st, lr=1e-3, momentum=0.9),
+         "sgd", dict(lr=1e-3, momentum=0.9), True, "sgd"),
+    Rule("adagrad", "Adagrad",
+         lambda m, P, G, S, st: m.adagrad_(P, G, S[0], st, lr=1e-2),
+         "adagrad", dict(lr=1e-2), True, "adagrad"),
+    Rule("rmsprop", "RMSprop",
+         lambda m, P, G, S, st: m.rmsprop_(P, G, S[0], None, None, st, lr=1e-2),
+         "rmsprop", dict(lr=1e-2), False, "rmsprop"),
+    Rule("adam", "Adam",
+         lambda m, P, G, S, st: m.adam_(P, G, S[0], S[1], None, st, lr=1e-3),
+         "adam", dict(lr=1e-3), True, "adam"),
+    Rule("adamw", "AdamW",
+         lambda m, P, G, S, st: m.adamw_(P, G, S[0], S[1], None, st, lr=1e-3,
+                                         weight_decay=1e-2),
+         "adamw", dict(lr=1e-3, weight_decay=1e-2), True, "adam"),
+)}
+
+
+def bytes_per_element(rule, itemsize):
+    """Bytes a step moves per element: read p, g and each state; write p and each state.
+
+    fp32: plain SGD 12, one state array (SGD-momentum, Adagrad, RMSprop) 20, Adam 28."""
+    return (3 + 2 * rule.n_state) * itemsize
