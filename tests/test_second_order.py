@@ -602,3 +602,24 @@ def test_demo_without_matplotlib_says_so(tmp_path, monkeypatch, capsys):
     assert "--no-plots" in capsys.readouterr().err
     assert demo.main(["--out", str(tmp_path), "--no-plots",
                       "--landscape", "saddle"]) == 0
+
+
+def test_adahessian_reads_hessian_diagonals_that_share_the_gradients_memory():
+    """The Hessian diagonals, like the gradients, are read only: the two may be the same
+    memory (only arrays the kernel writes must not overlap anything), and the update
+    is the one from separate copies. A diagonal on a written array is still refused."""
+    rng = np.random.default_rng(3)
+    params = [rng.standard_normal(s).astype(np.float32) for s in [(40,), (3, 5)]]
+    grads = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
+    twin = [p.copy() for p in params]
+    m, v, steps = _ah_state(params)
+    tm, tv, tsteps = _ah_state(twin)
+    F.adahessian_(params, grads, grads, m, v, steps)               # diagonals = grads
+    F.adahessian_(twin, grads, [g.copy() for g in grads], tm, tv, tsteps)
+    for a, b in zip(params + m + v, twin + tm + tv):
+        np.testing.assert_array_equal(a, b)
+    before = [a.copy() for a in params + m + v]
+    with pytest.raises(ValueError, match=r"overlaps"):
+        F.adahessian_(params, grads, [m[0], grads[1]], m, v, steps)
+    for a, b in zip(params + m + v, before):
+        np.testing.assert_array_equal(a, b)

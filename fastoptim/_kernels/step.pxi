@@ -66,6 +66,7 @@ cdef class Step:
     cdef bint reusable             # run() may be called again (see make_reusable)
     cdef bint grads_bound          # reusable: set_grads() was called since the last run
     cdef Interval *wiv             # reusable: written arrays' byte intervals, by start
+    cdef char role_written[MAX_ROLES]   # per role: the kernel writes its arrays
     cdef Py_ssize_t nwiv
 
     def __cinit__(self):
@@ -100,7 +101,10 @@ cdef class Step:
 
     cdef _gather(self, tuple names, tuple lists, tuple written, object steps):
         """Check every array, copy grads whose layout differs from their parameter's,
-        check that no updated array overlaps another array, and record pointers."""
+        check that no updated array overlaps another array, and record pointers.
+        ``written[r]``: whether the kernel writes the arrays of role r (read-only
+        inputs, such as gradients and AdaHessian's Hessian diagonals, may overlap one
+        another)."""
         cdef list params = lists[0]
         cdef list grads = lists[1]
         cdef Py_ssize_t n = len(params), i, t, k, r, nint = 0
@@ -136,6 +140,8 @@ cdef class Step:
             self.steps_arr = a
 
         self.b.nroles = nroles
+        for r in range(nroles):
+            self.role_written[r] = bool(written[r])
         for r in range(nroles):
             self.b.ptr[r] = <void **> PyMem_Malloc(max(n, 1) * sizeof(void *))
         self.b.is_double = <char *> PyMem_Malloc(max(n, 1) * sizeof(char))
@@ -195,7 +201,7 @@ cdef class Step:
                     if nbytes > 0:
                         iv[nint].start = <uintptr_t> cnp.PyArray_DATA(a)
                         iv[nint].end = iv[nint].start + <uintptr_t> cnp.PyArray_NBYTES(a)
-                        iv[nint].written = r != ROLE_GRAD
+                        iv[nint].written = self.role_written[r]
                         iv[nint].role = r
                         iv[nint].index = i
                         nint += 1
@@ -254,7 +260,7 @@ cdef class Step:
             if self.b.offsets[t + 1] == self.b.offsets[t]:
                 continue
             for r in range(self.b.nroles):
-                if r == ROLE_GRAD or self.b.ptr[r][t] == NULL:
+                if not self.role_written[r] or self.b.ptr[r][t] == NULL:
                     continue
                 n += 1
         self.wiv = <Interval *> PyMem_Malloc((n + 1) * sizeof(Interval))
@@ -265,7 +271,7 @@ cdef class Step:
             if self.b.offsets[t + 1] == self.b.offsets[t]:
                 continue
             for r in range(self.b.nroles):
-                if r == ROLE_GRAD or self.b.ptr[r][t] == NULL:
+                if not self.role_written[r] or self.b.ptr[r][t] == NULL:
                     continue
                 nbytes = (self.b.offsets[t + 1] - self.b.offsets[t]) * self._itemsize(t, r)
                 self.wiv[n].start = <uintptr_t> self.b.ptr[r][t]
