@@ -33,6 +33,12 @@ class RuleSpec:
     How the kernels run it (:func:`fastoptim.functional.prepare` reads these):
     ``kernel``, the ``functional.prepare_<kernel>`` that does (default: the rule's name);
     ``kernel_state``, the state in the order that function takes it (default: ``state``);
+    ``bounds``: ``(option, bound, label)`` in the order torch.optim's constructor checks
+    them; ``bound`` is how torch writes the test (see _BOUNDS), ``label`` names the
+    option in torch's error text, ``Invalid <label>: <value>`` (the kernels' checks use
+    the same labels; ``betas[0]`` names an item of an option). :meth:`check_bounds`
+    raises those errors.
+
     ``inputs``, read-only arrays the kernel takes besides the gradients, before the
     state (AdaHessian's Hessian diagonals); ``kernel_options``, keyword arguments fixed
     by the rule (Adam: L2 weight decay,
@@ -50,6 +56,7 @@ class RuleSpec:
     kernel_options: dict = field(default_factory=dict)
     state_formats: tuple = ()
     inputs: tuple = ()
+    bounds: tuple = ()
 
     def __post_init__(self):
         if not self.kernel:
@@ -62,6 +69,19 @@ class RuleSpec:
         # every time, and a cached answer costs one dict lookup
         object.__setattr__(self, "_deciding", tuple(dict.fromkeys(self.kept_if.values())))
         object.__setattr__(self, "_answers", {})
+
+    def check_bounds(self, values):
+        """torch.optim's constructor checks of this rule's bounded options, in its order
+        and with its texts: ``ValueError("Invalid <label>: <value>")`` for the first
+        option of ``values`` (a dict by name) out of its bound. Tensor options compare
+        as torch compares them."""
+        for key, bound, label in self.bounds:
+            name, _, item = key.partition("[")
+            if name not in values:
+                continue
+            x = values[name][int(item[:-1])] if item else values[name]
+            if _BOUNDS[bound](x):
+                raise ValueError(f"Invalid {label}: {x}")
 
     @property
     def defaults(self):
@@ -97,6 +117,13 @@ class RuleSpec:
         return names
 
 
+#: how torch.optim's constructors bound an option, as it writes the tests: "nonneg" is
+#: ``not 0.0 <= x`` (NaN refused), "not_negative" is ``x < 0.0`` (NaN passes: SGD's),
+#: "unit" is ``not 0.0 <= x < 1.0`` (Adam's betas)
+_BOUNDS = {"nonneg": lambda x: not 0.0 <= x, "not_negative": lambda x: x < 0.0,
+           "unit": lambda x: not 0.0 <= x < 1.0}
+
+
 def _keeps(v):
     """A number keeps its state when positive (momentum), a flag when true (amsgrad)."""
     if isinstance(v, numbers.Real) and not isinstance(v, bool):
@@ -107,34 +134,52 @@ def _keeps(v):
 _ADAM = (("lr", 1e-3), ("betas", (0.9, 0.999)), ("eps", 1e-8), ("weight_decay", 0.0),
          ("amsgrad", False), ("maximize", False))
 
+_ADAM_BOUNDS = (("lr", "nonneg", "learning rate"), ("eps", "nonneg", "epsilon value"),
+                ("betas[0]", "unit", "beta parameter at index 0"),
+                ("betas[1]", "unit", "beta parameter at index 1"),
+                ("weight_decay", "nonneg", "weight_decay value"))
+
 #: every rule with per-element state, in public order
 REGISTRY = {s.name: s for s in (
     RuleSpec("sgd", "SGD",
              (("lr", 1e-3), ("momentum", 0.0), ("dampening", 0.0), ("weight_decay", 0.0),
               ("nesterov", False), ("maximize", False)),
-             ("momentum_buffer",), {"momentum_buffer": "momentum"}, counts_steps=False),
+             ("momentum_buffer",), {"momentum_buffer": "momentum"}, counts_steps=False,
+             bounds=(("lr", "not_negative", "learning rate"),
+                     ("momentum", "not_negative", "momentum value"),
+                     ("weight_decay", "not_negative", "weight_decay value"))),
     RuleSpec("adagrad", "Adagrad",
              (("lr", 1e-2), ("lr_decay", 0.0), ("weight_decay", 0.0),
               ("initial_accumulator_value", 0.0), ("eps", 1e-10), ("maximize", False)),
-             ("sum",)),
+             ("sum",),
+             bounds=(("lr", "nonneg", "learning rate"), ("lr_decay", "nonneg", "lr_decay value"),
+                     ("weight_decay", "nonneg", "weight_decay value"),
+                     ("initial_accumulator_value", "nonneg",
+                      "initial_accumulator_value value"),
+                     ("eps", "nonneg", "epsilon value"))),
     RuleSpec("rmsprop", "RMSprop",
              (("lr", 1e-2), ("alpha", 0.99), ("eps", 1e-8), ("weight_decay", 0.0),
               ("momentum", 0.0), ("centered", False), ("maximize", False)),
              ("square_avg", "momentum_buffer", "grad_avg"),
              {"momentum_buffer": "momentum", "grad_avg": "centered"},
-             kernel_state=("square_avg", "grad_avg", "momentum_buffer")),
+             kernel_state=("square_avg", "grad_avg", "momentum_buffer"),
+             bounds=(("lr", "nonneg", "learning rate"), ("eps", "nonneg", "epsilon value"),
+                     ("momentum", "nonneg", "momentum value"),
+                     ("weight_decay", "nonneg", "weight_decay value"),
+                     ("alpha", "nonneg", "alpha value"))),
     RuleSpec("adam", "Adam", _ADAM, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
              {"max_exp_avg_sq": "amsgrad"}, kernel_options={"decoupled_weight_decay": False},
-             state_formats=("bfloat16",)),
+             state_formats=("bfloat16",), bounds=_ADAM_BOUNDS),
     RuleSpec("adamw", "AdamW", tuple((k, 1e-2 if k == "weight_decay" else v)
                                      for k, v in _ADAM),
              ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), {"max_exp_avg_sq": "amsgrad"},
              kernel="adam", kernel_options={"decoupled_weight_decay": True},
-             state_formats=("bfloat16",)),
+             state_formats=("bfloat16",), bounds=_ADAM_BOUNDS),
     RuleSpec("adahessian", "AdaHessian",
              (("lr", 0.15), ("betas", (0.9, 0.999)), ("eps", 1e-4), ("weight_decay", 0.0),
               ("hessian_power", 1.0), ("maximize", False)),
-             ("exp_avg", "exp_hessian_diag_sq"), inputs=("hessian_diags",)),
+             ("exp_avg", "exp_hessian_diag_sq"), inputs=("hessian_diags",),
+             bounds=_ADAM_BOUNDS),
 )}
 
 

@@ -3,6 +3,7 @@ torch.optim itself: hyperparameter names, order and defaults; which state each o
 mix keeps, in which order; whether a rule counts steps."""
 import inspect
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -182,3 +183,31 @@ def test_prepare_through_the_registry_is_the_rule_s_prepare(name):
         for x, y in zip(pa + [a for n in kept for a in sa[n]] + [ta],
                         pb + [b for n in kept for b in sb[n]] + [tb]):
             np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_bounds_are_the_kernels_and_torchs(name):
+    """Each bounded option of the registry: the kernels (or the NumPy class, for an
+    option the kernel does not take) refuse a value out of it with the registry's
+    label, and check_bounds raises torch's text; the defaults pass both."""
+    s = spec(name)
+    assert s.bounds, name
+    opts = dict(s.defaults)
+    fn = getattr(F, f"prepare_{s.kernel}")
+    kw = {k: v for k, v in opts.items() if k in inspect.signature(fn).parameters}
+    empty = [[] for _ in s.kernel_state]
+    fn([], [], *[[] for _ in s.inputs], *empty, np.zeros(0, np.int64), **kw)   # passes
+    s.check_bounds(opts)
+    for key, bound, label in s.bounds:
+        bad = 1.0 if bound == "unit" else -1.0
+        option, _, item = key.partition("[")
+        value = bad if not item else tuple(bad if i == int(item[:-1]) else v
+                                            for i, v in enumerate(opts[option]))
+        with pytest.raises(ValueError, match=rf"^Invalid {re.escape(label)}: "):
+            if option in kw:
+                fn([], [], *[[] for _ in s.inputs], *empty, np.zeros(0, np.int64),
+                   **dict(kw, **{option: value}))
+            else:                            # (an option of the class, not the kernel)
+                getattr(fastoptim, CLASSES[name])([np.zeros(3)], **{option: value})
+        with pytest.raises(ValueError, match=rf"^Invalid {re.escape(label)}: {bad}$"):
+            s.check_bounds(dict(opts, **{option: value}))
