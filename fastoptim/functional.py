@@ -32,22 +32,25 @@ _k = _config._kernels
 
 def prepare_sgd(params, grads, momentum_buffers=None, steps=None, *, lr=1e-3,
                 momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
-                maximize=False):
+                maximize=False, state_dtype=None, rounding="nearest", seed=0):
     return _k.prepare_sgd(params, grads, momentum_buffers, steps, lr, momentum, dampening,
-                          nesterov, weight_decay, maximize)
+                          nesterov, weight_decay, maximize, state_dtype, rounding, seed)
 
 
 def prepare_adagrad(params, grads, state_sums, steps, *, lr=1e-2, lr_decay=0.0,
-                    weight_decay=0.0, eps=1e-10, maximize=False):
+                    weight_decay=0.0, eps=1e-10, maximize=False, state_dtype=None,
+                    rounding="nearest", seed=0):
     return _k.prepare_adagrad(params, grads, state_sums, steps, lr, lr_decay, weight_decay,
-                              eps, maximize)
+                              eps, maximize, state_dtype, rounding, seed)
 
 
 def prepare_rmsprop(params, grads, square_avgs, grad_avgs=None, momentum_buffers=None,
                     steps=None, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
-                    momentum=0.0, centered=False, maximize=False):
+                    momentum=0.0, centered=False, maximize=False, state_dtype=None,
+                    rounding="nearest", seed=0):
     return _k.prepare_rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
-                              lr, alpha, eps, weight_decay, momentum, centered, maximize)
+                              lr, alpha, eps, weight_decay, momentum, centered, maximize,
+                              state_dtype, rounding, seed)
 
 
 def prepare_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, steps=None,
@@ -269,9 +272,11 @@ def _in_place(prepare_fn, doc):
 
 
 sgd_ = _in_place(prepare_sgd, """SGD with optional (Nesterov) momentum, in place. See
-    :func:`reference.sgd_`.""")
-adagrad_ = _in_place(prepare_adagrad, """AdaGrad, in place. See :func:`reference.adagrad_`.""")
-rmsprop_ = _in_place(prepare_rmsprop, """RMSProp, in place. See :func:`reference.rmsprop_`.""")
+    :func:`reference.sgd_` (also for ``state_dtype="bfloat16"``).""")
+adagrad_ = _in_place(prepare_adagrad, """AdaGrad, in place. See :func:`reference.adagrad_`
+    (also for ``state_dtype="bfloat16"``).""")
+rmsprop_ = _in_place(prepare_rmsprop, """RMSProp, in place. See :func:`reference.rmsprop_`
+    (also for ``state_dtype="bfloat16"``).""")
 adam_ = _in_place(prepare_adam, """Adam (or AdamW with ``decoupled_weight_decay``), in place.
     See :func:`reference.adam_` (also for ``state_dtype="bfloat16"``).""")
 adamw_ = _in_place(prepare_adamw, """AdamW (decoupled weight decay), in place. See

@@ -128,6 +128,64 @@ def _memory_index(p):
     return np.arange(p.size, dtype=np.uint32).reshape(p.shape, order=order)
 
 
+def _stored_state(state, touched):
+    """A rule's reference, taking its state in another storage format too.
+
+    ``state``: the rule's state arguments, in order; ``touched(options)``: those the
+    rule reads and writes under ``options`` (its arguments). With
+    ``state_dtype="bfloat16"`` (float32 parameters only) those are uint16 arrays of
+    bfloat16 bits: the rule runs on their float32 values (so the parameter update uses
+    this step's unrounded state) and each is rounded once when stored back, to nearest
+    even (``rounding="nearest"``) or stochastically (``"stochastic"``). Stochastic
+    rounding draws element k's 16 random bits as ``hash32(k * 0x9E3779B9 ^ key_j)``,
+    k its position in memory within its array, ``key_j = hash32(key ^ j)`` for the
+    j-th of the rule's state arguments (from 1, whether the options use the others or
+    not), ``key`` a hash of ``seed``, the parameter's step and
+    its position in the list."""
+    def wrap(rule):
+        import functools
+        import inspect
+
+        sig = inspect.signature(rule)
+
+        @functools.wraps(rule)
+        def update(*args, state_dtype=None, rounding="nearest", seed=0, **kwargs):
+            if state_dtype is None:
+                return rule(*args, **kwargs)
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            names = touched(a)
+            stored = {n: _as_list(a[n]) for n in names}
+            wide = {n: [None if x is None else np.asarray(bfloat16_to_float32(x))
+                        for x in lst]
+                    for n, lst in stored.items()}
+            rule(**dict(a, **wide))
+            params, grads, steps = _as_list(a["params"]), _as_list(a["grads"]), a["steps"]
+            for i, (p, g) in enumerate(zip(params, grads)):
+                if g is None:
+                    continue
+                if rounding == "stochastic":
+                    key = hash32(hash32(hash32(seed) ^ (int(steps[i]) & 0xFFFFFFFF)) ^ i)
+                    h = _memory_index(p) * np.uint32(0x9E3779B9)
+                for n in names:
+                    j = state.index(n) + 1
+                    bits = (hash32(h ^ np.uint32(hash32(key ^ j)))
+                            if rounding == "stochastic" else None)
+                    stored[n][i][...] = float32_to_bfloat16(wide[n][i], bits)
+
+        params = list(sig.parameters.values()) + [
+            inspect.Parameter("state_dtype", inspect.Parameter.KEYWORD_ONLY, default=None),
+            inspect.Parameter("rounding", inspect.Parameter.KEYWORD_ONLY, default="nearest"),
+            inspect.Parameter("seed", inspect.Parameter.KEYWORD_ONLY, default=0)]
+        update.__signature__ = sig.replace(parameters=params)
+        del update.__wrapped__
+        return update
+    return wrap
+
+
+@_stored_state(("momentum_buffers",),
+               lambda o: ("momentum_buffers",) if o["momentum"] != 0 else ())
 def sgd_(params, grads, momentum_buffers=None, steps=None, *, lr=1e-3, momentum=0.0,
          dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False):
     r"""Stochastic gradient descent, with optional (Nesterov) momentum.
@@ -162,6 +220,7 @@ def sgd_(params, grads, momentum_buffers=None, steps=None, *, lr=1e-3, momentum=
         p += _scalar(-lr, p) * g
 
 
+@_stored_state(("state_sums",), lambda o: ("state_sums",))
 def adagrad_(params, grads, state_sums, steps, *, lr=1e-2, lr_decay=0.0,
              weight_decay=0.0, eps=1e-10, maximize=False):
     r"""AdaGrad: per-coordinate steps scaled by the root of the summed squared grads.
@@ -188,6 +247,9 @@ def adagrad_(params, grads, state_sums, steps, *, lr=1e-2, lr_decay=0.0,
         p += (_scalar(-clr, p) * g) / (np.sqrt(s) + _scalar(eps, p))
 
 
+@_stored_state(("square_avgs", "grad_avgs", "momentum_buffers"),
+               lambda o: ("square_avgs",) + (("grad_avgs",) if o["centered"] else ())
+               + (("momentum_buffers",) if o["momentum"] > 0 else ()))
 def rmsprop_(params, grads, square_avgs, grad_avgs=None, momentum_buffers=None,
              steps=None, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
              momentum=0.0, centered=False, maximize=False):
@@ -233,10 +295,12 @@ def rmsprop_(params, grads, square_avgs, grad_avgs=None, momentum_buffers=None,
             p += (_scalar(-lr, p) * g) / avg
 
 
+@_stored_state(("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+               lambda o: ("exp_avgs", "exp_avg_sqs")
+               + (("max_exp_avg_sqs",) if o["amsgrad"] else ()))
 def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, steps=None, *,
           lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
-          maximize=False, decoupled_weight_decay=False, state_dtype=None,
-          rounding="nearest", seed=0):
+          maximize=False, decoupled_weight_decay=False):
     r"""Adam (L2 weight decay), or AdamW with ``decoupled_weight_decay=True``.
 
     .. math::
@@ -254,12 +318,8 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, steps=None
     reciprocal (computed once per step in double), which saves one division per element
     and differs from torch by at most an ulp of the denominator.
 
-    ``state_dtype="bfloat16"`` (float32 parameters only): m, v (and the amsgrad maximum)
-    are uint16 arrays of bfloat16 bits, widened to float32 for the arithmetic and rounded
-    once when stored (``rounding="nearest"``, ties to even, or ``"stochastic"``); this
-    step's parameter update uses the float32 values. Stochastic rounding draws element
-    k's 16 random bits as ``hash32(k * 0x9E3779B9 ^ key)``, ``key`` a hash of ``seed``,
-    the parameter's step and its position in the list.
+    ``state_dtype="bfloat16"``: m, v (and the amsgrad maximum) in bfloat16, as every
+    rule's state may be (see ``_stored_state``).
     """
     beta1, beta2 = betas
     params, grads = _as_list(params), _as_list(grads)
@@ -276,40 +336,16 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, steps=None
                 p *= _scalar(1 - lr * weight_decay, p)
             else:
                 g = g + _scalar(weight_decay, p) * p
-        if state_dtype == "bfloat16":
-            m, v = _adam_bf16_moments(p, g, ms[i], vs[i], vmaxs[i], betas, amsgrad,
-                                      rounding, seed, int(steps[i]), i)
-        else:
-            m, v = ms[i], vs[i]
-            m[...] = _lerp(m, g, _scalar(1 - beta1, p))
-            v[...] = v * _scalar(beta2, p) + (_scalar(1 - beta2, p) * g) * g
-            if amsgrad:
-                np.maximum(vmaxs[i], v, out=vmaxs[i])
-                v = vmaxs[i]
+        m, v = ms[i], vs[i]
+        m[...] = _lerp(m, g, _scalar(1 - beta1, p))
+        v[...] = v * _scalar(beta2, p) + (_scalar(1 - beta2, p) * g) * g
+        if amsgrad:
+            np.maximum(vmaxs[i], v, out=vmaxs[i])
+            v = vmaxs[i]
         step_size = lr / (1 - beta1 ** step)
         inv_bc2_sqrt = 1 / (1 - beta2 ** step) ** 0.5
         denom = np.sqrt(v) * _scalar(inv_bc2_sqrt, p) + _scalar(eps, p)
         p += (_scalar(-step_size, p) * m) / denom
-
-
-def _adam_bf16_moments(p, g, m16, v16, vmax16, betas, amsgrad, rounding, seed, step, i):
-    """Adam's moment updates on bfloat16 state; returns this step's float32 m and v."""
-    beta1, beta2 = betas
-    m = _lerp(bfloat16_to_float32(m16), g, _scalar(1 - beta1, p))
-    v = bfloat16_to_float32(v16) * _scalar(beta2, p) + (_scalar(1 - beta2, p) * g) * g
-    bits = {}
-    if rounding == "stochastic":
-        key = hash32(hash32(hash32(seed) ^ (step & 0xFFFFFFFF)) ^ i)
-        h = _memory_index(p)
-        h *= np.uint32(0x9E3779B9)
-        bits = {role: hash32(h ^ np.uint32(hash32(key ^ role))) for role in (1, 2, 3)}
-    m16[...] = float32_to_bfloat16(m, bits.get(1))
-    v16[...] = float32_to_bfloat16(v, bits.get(2))
-    if amsgrad:
-        vmax = bfloat16_to_float32(vmax16)
-        v = np.where((vmax > v) | np.isnan(vmax), vmax, v)
-        vmax16[...] = float32_to_bfloat16(v, bits.get(3))
-    return m, v
 
 
 def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, steps=None, *,

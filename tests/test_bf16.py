@@ -159,3 +159,109 @@ def test_bfloat16_state_converges_like_float32():
     assert losses["fp32"] < 1e-3
     for label in ("bf16-nearest", "bf16-stochastic"):
         assert losses[label] < 2 * losses["fp32"] + 1e-4, losses
+
+
+#: rules with bfloat16 state besides Adam: their state arguments in order, option mixes
+OTHER_RULES = {
+    "sgd_": (("momentum_buffers",),
+             [dict(momentum=0.9), dict(momentum=0.5, dampening=0.2, weight_decay=0.01),
+              dict(momentum=0.9, nesterov=True, maximize=True), dict(momentum=0.0)]),
+    "adagrad_": (("state_sums",), [dict(), dict(lr_decay=0.01, weight_decay=0.02,
+                                               maximize=True)]),
+    "rmsprop_": (("square_avgs", "grad_avgs", "momentum_buffers"),
+                 [dict(), dict(centered=True), dict(momentum=0.9),
+                  dict(centered=True, momentum=0.5, weight_decay=0.01, maximize=True)]),
+}
+
+
+def _run_rule(module, name, opts, shapes, nsteps, seed=0, order="C"):
+    rng = np.random.default_rng(seed)
+    params = [np.asarray(rng.standard_normal(s), np.float32, order=order) for s in shapes]
+    states = [[np.zeros(p.shape, np.uint16, order=order) for p in params]
+              for _ in OTHER_RULES[name][0]]
+    steps = np.zeros(len(params), np.int64)
+    for k in range(nsteps):
+        grads = [None if (k + i) % 5 == 4 else
+                 np.asarray(rng.standard_normal(p.shape), np.float32, order=order)
+                 for i, p in enumerate(params)]
+        getattr(module, name)(params, grads, *states, steps, lr=0.01,
+                              state_dtype="bfloat16", **opts)
+    return [params] + states + [[steps]]
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("name", list(OTHER_RULES))
+def test_every_rule_with_state_takes_bfloat16_state_bit_for_bit(name, rounding):
+    """SGD (momentum), Adagrad and RMSprop keep bfloat16 state through the same loops as
+    float state (storage.pxi): the kernel equals the reference bit for bit, each
+    option mix, both memory orders, both roundings."""
+    shapes = [(), (1,), (17,), (3, 5), (4099,), (40000,)]
+    for opts, order in itertools.product(OTHER_RULES[name][1], ["C", "F"]):
+        opts = dict(opts, rounding=rounding, seed=99)
+        got = _run_rule(F, name, opts, shapes, 12, order=order)
+        want = _run_rule(R, name, opts, shapes, 12, order=order)
+        for a, b in zip(got, want):
+            for x, y in zip(a, b):
+                np.testing.assert_array_equal(x, y, err_msg=f"{name} {opts} {order}")
+        if opts.get("momentum", 1) != 0:
+            assert any(np.any(s) for s in got[1]), "the state was written"
+
+
+CLASS_CASES = {
+    "SGD": ("sgd_", ("momentum_buffers",), ("momentum_buffer",),
+            dict(lr=0.01, momentum=0.9, nesterov=True)),
+    "Adagrad": ("adagrad_", ("state_sums",), ("sum",),
+                dict(lr=0.05, initial_accumulator_value=0.3)),
+    "RMSprop": ("rmsprop_", ("square_avgs", "grad_avgs", "momentum_buffers"),
+                ("square_avg", "grad_avg", "momentum_buffer"),
+                dict(lr=0.01, centered=True, momentum=0.5)),
+}
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("cls", list(CLASS_CASES))
+def test_classes_keep_bfloat16_state_for_every_rule(cls, rounding):
+    """The NumPy classes of SGD, Adagrad and RMSprop take state_dtype="bfloat16": their
+    steps are the reference's on bfloat16 state, a checkpoint resumes bit for bit, and
+    it loads into a float32-state optimizer with its values widened exactly."""
+    fn, args, names, opts = CLASS_CASES[cls]
+    rng = np.random.default_rng(4)
+    grads = [[rng.standard_normal(30).astype(np.float32),
+              rng.standard_normal((4, 3)).astype(np.float32)] for _ in range(8)]
+    params = [np.ones(30, np.float32), np.full((4, 3), 0.5, np.float32)]
+    opt = getattr(fastoptim, cls)(params, state_dtype="bfloat16", rounding=rounding,
+                                  seed=11, **opts)
+    ref = [p.copy() for p in params]
+    init = opts.get("initial_accumulator_value", 0.0)
+    state = [[np.full(p.shape, R.float32_to_bfloat16(np.float32(init)), np.uint16)
+              for p in ref] for _ in args]
+    steps = np.zeros(2, np.int64)
+    kw = {k: v for k, v in opts.items() if k != "initial_accumulator_value"}
+    for g in grads[:4]:
+        opt.step(g)
+        getattr(R, fn)(ref, g, *state, steps, state_dtype="bfloat16", rounding=rounding,
+                       seed=11, **kw)
+    for a, b in zip(params, ref):
+        np.testing.assert_array_equal(a, b)
+    for name, lists in zip(names, state):
+        for i in range(2):
+            assert opt.state[i][name].dtype == np.uint16
+            np.testing.assert_array_equal(opt.state[i][name], lists[i])
+    sd = opt.state_dict()
+    twin = [p.copy() for p in params]
+    resumed = getattr(fastoptim, cls)(twin, state_dtype="bfloat16", rounding=rounding,
+                                      seed=11, **opts)
+    resumed.load_state_dict(sd)
+    for g in grads[4:]:
+        opt.step(g)
+        resumed.step(g)
+    for a, b in zip(params, twin):
+        np.testing.assert_array_equal(a, b)
+    sd = opt.state_dict()
+    sd["param_groups"][0]["state_dtype"] = None
+    wide = getattr(fastoptim, cls)([p.copy() for p in params], **opts)
+    wide.load_state_dict(sd)
+    for name in names:
+        assert wide.state[0][name].dtype == np.float32
+        np.testing.assert_array_equal(wide.state[0][name],
+                                      R.bfloat16_to_float32(opt.state[0][name]))

@@ -428,6 +428,12 @@ cdef void _run_batch(Batch *b, segment_fn seg, scalars_fn scal, int n_threads,
     for t in range(b.n):
         if b.steps != NULL:
             b.steps[b.index[t]] += 1
+            if b.stochastic:
+                # stochastic rounding key: a pure function of seed, step and the array's
+                # position in the caller's list
+                b.tkey[t] = fo_hash32(fo_hash32(fo_hash32(b.seed)
+                                                ^ <uint32_t> b.steps[b.index[t]])
+                                      ^ <uint32_t> b.index[t])
         if scal != NULL:
             scal(b, t)
     if total == 0:

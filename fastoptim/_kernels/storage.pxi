@@ -72,3 +72,25 @@ cdef inline void _store(stored *s, Py_ssize_t i, floating x, Codec c,
         s[i].bits = fo_f32_to_bf16_sr(<float> x, fo_hash32(h ^ c.key[j]))
     else:
         s[i] = x
+
+
+cdef _take_storage(Step s, object state_dtype, object rounding, object seed):
+    """A prepare_*'s state format arguments: ``state_dtype`` None (the parameters'
+    dtype) or "bfloat16" (uint16 arrays of bfloat16 bits; float32 parameters only),
+    ``rounding`` "nearest" or "stochastic", ``seed`` of the stochastic rounding."""
+    if state_dtype is None or state_dtype == "float":
+        s.b.bf16 = False
+    elif state_dtype == "bfloat16":
+        s.b.bf16 = True
+    else:
+        raise ValueError(f"state_dtype must be None (the parameters' dtype) or "
+                         f"'bfloat16', got {state_dtype!r}")
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+    s.b.stochastic = rounding == "stochastic"
+    if type(seed) is not int and (isinstance(seed, bool)        # (int: the fast path)
+                                  or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"seed must be a non-negative int, got {seed!r}")
+    if seed < 0:
+        raise TypeError(f"seed must be a non-negative int, got {seed!r}")
+    s.b.seed = <uint32_t> (int(seed) & 0xFFFFFFFF)

@@ -28,6 +28,8 @@ class Optimizer(_StateDict):
             cls._all_state_names = cls._rule.state
             cls._has_step = cls._rule.counts_steps
             cls._kernel_call = staticmethod(F.caller(cls._rule))
+            if cls._rule.state_formats:
+                cls._storage_options = ("state_dtype", "rounding", "seed")
 
     def __init__(self, params, defaults, nonfinite="propagate"):
         if nonfinite not in ("propagate", "skip", "raise"):
@@ -128,7 +130,7 @@ class Optimizer(_StateDict):
 
     def _state_bf16(self, group):
         """Whether the group keeps its state in bfloat16 (uint16 bits)."""
-        return False
+        return group.get("state_dtype") == "bfloat16"
 
     def _new_state_array(self, name, group, p):
         dtype = np.uint16 if self._state_bf16(group) else p.dtype

@@ -6,6 +6,7 @@ import numbers
 import numpy as np
 
 from .. import functional as F
+from ..reference import float32_to_bfloat16
 from ..rules import spec
 from .base import Optimizer
 
@@ -15,15 +16,18 @@ class SGD(Optimizer):
 
     Same options and defaults as ``torch.optim.SGD``; formulas in
     :func:`fastoptim.reference.sgd_`. State: ``momentum_buffer`` (momentum != 0 only).
+    ``state_dtype``, ``rounding``, ``seed``: bfloat16 state, as :class:`Adam`'s.
     """
     _rule = spec("sgd")
     _optional_state = ("momentum_buffer",)
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, *, maximize=False, nonfinite="propagate"):
+                 nesterov=False, *, maximize=False, state_dtype=None, rounding="nearest",
+                 seed=0, nonfinite="propagate"):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov,
-                                      maximize=maximize), nonfinite)
+                                      maximize=maximize, state_dtype=state_dtype,
+                                      rounding=rounding, seed=seed), nonfinite)
 
     def _step_from_state(self, entry):
         return entry.get("momentum_buffer") is not None
@@ -32,15 +36,18 @@ class SGD(Optimizer):
 
 class Adagrad(Optimizer):
     """AdaGrad. Same options and defaults as ``torch.optim.Adagrad``; formulas in
-    :func:`fastoptim.reference.adagrad_`. State: ``step``, ``sum``."""
+    :func:`fastoptim.reference.adagrad_`. State: ``step``, ``sum``. ``state_dtype``,
+    ``rounding``, ``seed``: bfloat16 state, as :class:`Adam`'s (the initial value
+    rounded to nearest even)."""
     _rule = spec("adagrad")
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
                  initial_accumulator_value=0.0, eps=1e-10, *, maximize=False,
-                 nonfinite="propagate"):
+                 state_dtype=None, rounding="nearest", seed=0, nonfinite="propagate"):
         super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                                       initial_accumulator_value=initial_accumulator_value,
-                                      eps=eps, maximize=maximize), nonfinite)
+                                      eps=eps, maximize=maximize, state_dtype=state_dtype,
+                                      rounding=rounding, seed=seed), nonfinite)
 
     def _check_hyperparameters(self, group):
         value = group["initial_accumulator_value"]
@@ -53,7 +60,9 @@ class Adagrad(Optimizer):
 
     def _new_state_array(self, name, group, p):
         arr = super()._new_state_array(name, group, p)
-        arr[...] = group["initial_accumulator_value"]
+        value = group["initial_accumulator_value"]
+        # (bfloat16 state: the value rounded to nearest even, as its bits)
+        arr[...] = float32_to_bfloat16(np.float32(value)) if arr.dtype == np.uint16 else value
         return arr
 
     def _init_state(self, group, state):
@@ -66,14 +75,18 @@ class Adagrad(Optimizer):
 class RMSprop(Optimizer):
     """RMSProp. Same options and defaults as ``torch.optim.RMSprop``; formulas in
     :func:`fastoptim.reference.rmsprop_`. State: ``step``, ``square_avg``,
-    ``momentum_buffer`` (momentum > 0), ``grad_avg`` (centered)."""
+    ``momentum_buffer`` (momentum > 0), ``grad_avg`` (centered). ``state_dtype``,
+    ``rounding``, ``seed``: bfloat16 state, as :class:`Adam`'s."""
     _rule = spec("rmsprop")
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
-                 momentum=0.0, centered=False, *, maximize=False, nonfinite="propagate"):
+                 momentum=0.0, centered=False, *, maximize=False, state_dtype=None,
+                 rounding="nearest", seed=0, nonfinite="propagate"):
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps,
                                       weight_decay=weight_decay, momentum=momentum,
-                                      centered=centered, maximize=maximize), nonfinite)
+                                      centered=centered, maximize=maximize,
+                                      state_dtype=state_dtype, rounding=rounding,
+                                      seed=seed), nonfinite)
 
 
 
@@ -92,7 +105,6 @@ class Adam(Optimizer):
     nearest even, bfloat16 -> float32 exactly)."""
     _rule = spec("adam")
     _decoupled = False
-    _storage_options = ("state_dtype", "rounding", "seed")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, maximize=False, state_dtype=None, rounding="nearest",
@@ -102,9 +114,6 @@ class Adam(Optimizer):
                                       maximize=maximize, state_dtype=state_dtype,
                                       rounding=rounding, seed=seed), nonfinite)
 
-    def _state_bf16(self, group):
-        return group["state_dtype"] == "bfloat16"
-
     def _options_to_load(self, saved, gi):
         decoupled = saved.get("decoupled_weight_decay", False)    # torch.optim's
         where = f"state_dict['param_groups'][{gi}]['decoupled_weight_decay']"
@@ -113,13 +122,8 @@ class Adam(Optimizer):
         if decoupled and not self._decoupled:
             raise ValueError(f"{where} is True (AdamW's rule), which Adam does not "
                              "follow: load it into fastoptim.AdamW")
-        options = super()._options_to_load(
+        return super()._options_to_load(
             {k: v for k, v in saved.items() if k != "decoupled_weight_decay"}, gi)
-        if not (isinstance(saved.get("state_dtype"), str)
-                and saved["state_dtype"] == "bfloat16"):     # they shaped nothing there
-            options.pop("rounding", None)
-            options.pop("seed", None)
-        return options
 
 
 

@@ -38,7 +38,11 @@ class _StateDict:
 
     def _entry_state(self, state, i, copy_arrays):
         entry = {}
-        if self._has_step and (state.steps[i] > 0 or any(
+        # (bfloat16 state keeps its step even where torch's rule has none, SGD: the
+        # stochastic rounding draws from it, so a resumed run needs it)
+        counted = self._has_step or any(lst[i] is not None and lst[i].dtype == np.uint16
+                                        for lst in state.arrays.values())
+        if counted and (state.steps[i] > 0 or any(
                 lst[i] is not None for lst in state.arrays.values())):
             entry["step"] = int(state.steps[i])
         for name, lst in state.arrays.items():
@@ -199,8 +203,13 @@ class _StateDict:
                     raise ValueError(f"{where} has torch.optim's keys but not the option "
                                      f"{key!r}, which torch.optim.{name}'s groups have: is "
                                      "this another optimizer's state dict?")
-        return {key: copy.deepcopy(_option_from_tensor(saved[key], f"{where}[{key!r}]"))
-                for key in self.defaults if key in saved and key != "state_dtype"}
+        options = {key: copy.deepcopy(_option_from_tensor(saved[key], f"{where}[{key!r}]"))
+                   for key in self.defaults if key in saved and key != "state_dtype"}
+        if not (isinstance(saved.get("state_dtype"), str)
+                and saved["state_dtype"] == "bfloat16"):     # they shaped nothing there
+            options.pop("rounding", None)
+            options.pop("seed", None)
+        return options
 
     def _load_entry(self, group, gstate, i, key, entry):
         if not isinstance(entry, dict):
@@ -250,7 +259,10 @@ class _StateDict:
             else:
                 arr[...] = value
             gstate.arrays.setdefault(name, [None] * len(group["params"]))[i] = arr
-        if not self._has_step and self._step_from_state(entry):
+        if not self._has_step and "step" in entry:      # (bfloat16 state's, see above)
+            where = f"state_dict['state'][{key!r}]['step']"
+            gstate.steps[i] = _as_step(_from_tensor(entry["step"], where), where)
+        elif not self._has_step and self._step_from_state(entry):
             gstate.steps[i] = 1
 
     #: state names that a state entry may lack (SGD's buffer before a momentum step)

@@ -35,8 +35,9 @@ cdef void _adagrad_scalars(Batch *b, Py_ssize_t t) noexcept nogil:
 
 
 def prepare_adagrad(params, grads, state_sums, steps, lr, lr_decay, weight_decay, eps,
-                    maximize):
+                    maximize, state_dtype=None, rounding="nearest", seed=0):
     cdef Step s = Step()
+    _take_storage(s, state_dtype, rounding, seed)
     s.b.lr = _nonneg("learning rate", lr)
     s.b.lr_decay = _nonneg("lr_decay value", lr_decay)
     s.b.weight_decay = _nonneg("weight_decay value", weight_decay)

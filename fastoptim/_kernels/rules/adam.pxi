@@ -94,28 +94,13 @@ cdef void _adam_scalars(Batch *b, Py_ssize_t t) noexcept nogil:
     b.ts0[t] = b.lr / bc1            # step size
     b.ts1[t] = 1.0 / pow(bc2, 0.5)   # 1/sqrt of the second bias correction: one divide
                                      # per element fewer than torch's sqrt(v)/sqrt(bc2)
-    # stochastic rounding key: a pure function of seed, step and the array's position
-    b.tkey[t] = fo_hash32(fo_hash32(fo_hash32(b.seed) ^ <uint32_t> b.steps[b.index[t]])
-                          ^ <uint32_t> b.index[t])
 
 
 def prepare_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, betas,
                  eps, weight_decay, amsgrad, maximize, decoupled, state_dtype=None,
                  rounding="nearest", seed=0):
     cdef Step s = Step()
-    if state_dtype is None or state_dtype == "float":
-        s.b.bf16 = False
-    elif state_dtype == "bfloat16":
-        s.b.bf16 = True
-    else:
-        raise ValueError(f"state_dtype must be None (the parameters' dtype) or "
-                         f"'bfloat16', got {state_dtype!r}")
-    if rounding not in ("nearest", "stochastic"):
-        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-    s.b.stochastic = rounding == "stochastic"
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise TypeError(f"seed must be a non-negative int, got {seed!r}")
-    s.b.seed = <uint32_t> (int(seed) & 0xFFFFFFFF)
+    _take_storage(s, state_dtype, rounding, seed)
     s.b.lr = _nonneg("learning rate", lr)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")

@@ -70,8 +70,10 @@ cdef inline void _rmsprop_typed(const Batch *b, Py_ssize_t t, Py_ssize_t lo,
 
 
 def prepare_rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, lr,
-                    alpha, eps, weight_decay, momentum, centered, maximize):
+                    alpha, eps, weight_decay, momentum, centered, maximize, state_dtype=None,
+                    rounding="nearest", seed=0):
     cdef Step s = Step()
+    _take_storage(s, state_dtype, rounding, seed)
     s.b.lr = _nonneg("learning rate", lr)
     s.b.alpha = _nonneg("alpha value", alpha)
     s.b.eps = _nonneg("epsilon value", eps)

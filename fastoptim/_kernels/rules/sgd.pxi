@@ -48,8 +48,10 @@ cdef void _sgd_scalars(Batch *b, Py_ssize_t t) noexcept nogil:
 
 
 def prepare_sgd(params, grads, momentum_buffers, steps, lr, momentum, dampening,
-                nesterov, weight_decay, maximize):
+                nesterov, weight_decay, maximize, state_dtype=None, rounding="nearest",
+                seed=0):
     cdef Step s = Step()
+    _take_storage(s, state_dtype, rounding, seed)
     s.b.lr = _nonneg("learning rate", lr)
     s.b.momentum = _nonneg("momentum value", momentum)
     s.b.dampening = _real("dampening", dampening, -INFINITY, False, INFINITY, False)
