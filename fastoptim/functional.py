@@ -248,24 +248,31 @@ def prepare_newton(params, grads, hessians, steps=None, *, lr=1.0, damping=0.0,
 # --- the public in-place functions: prepare_*, then run ----------------------------------
 
 def _in_place(prepare_fn, doc):
-    """The public function of a prepare_*: the same signature, checks and errors (it
-    calls it); it runs the step at once on fastoptim's thread count. Written out from
-    the signature (a wrapper taking ``*args, **kwargs`` cost ~0.3 us a call more)."""
+    """The public function of a prepare_*: the same signature, checks and errors; it
+    runs the step at once on fastoptim's thread count. Written out from the signature,
+    calling the kernel module as the prepare_* does (the options positionally, in the
+    order of the keyword-only arguments of prepare_<kernel>; those this function does
+    not take are the registry's fixed ones, AdamW's decoupled weight decay): a wrapper
+    taking ``*args, **kwargs`` through the prepare_* cost ~0.3 us a call more."""
     sig = inspect.signature(prepare_fn)
-    name = prepare_fn.__name__[len("prepare_"):] + "_"
+    rule = prepare_fn.__name__[len("prepare_"):]
+    s = spec(rule)
+    kernel_sig = inspect.signature(globals()[f"prepare_{s.kernel}"])
     params = []
     for n, p in sig.parameters.items():
         if p.kind is p.KEYWORD_ONLY and "*" not in params:
             params.append("*")
         params.append(n if p.default is p.empty else f"{n}=defaults[{n!r}]")
-    passed = [n if p.kind is not p.KEYWORD_ONLY else f"{n}={n}"
-              for n, p in sig.parameters.items()]
-    src = (f"def {name}({', '.join(params)}):\n"
-           f"    prepare({', '.join(passed)}).run(threads())\n")
-    namespace = {"prepare": prepare_fn, "threads": _config.get_num_threads,
+    passed = [n for n, p in sig.parameters.items() if p.kind is not p.KEYWORD_ONLY]
+    passed += [n if n in sig.parameters else repr(s.kernel_options[n])
+               for n, p in kernel_sig.parameters.items() if p.kind is p.KEYWORD_ONLY]
+    src = (f"def {rule}_({', '.join(params)}):\n"
+           f"    kernel({', '.join(passed)}).run(threads())\n")
+    namespace = {"kernel": getattr(_k, f"prepare_{s.kernel}"),
+                 "threads": _config.get_num_threads,
                  "defaults": {n: p.default for n, p in sig.parameters.items()}}
-    exec(compile(src, f"<fastoptim.functional: {name}>", "exec"), namespace)
-    update = namespace[name]
+    exec(compile(src, f"<fastoptim.functional: {rule}_>", "exec"), namespace)
+    update = namespace[f"{rule}_"]
     update.__doc__ = doc
     update.__module__ = __name__
     return update
