@@ -32,8 +32,8 @@
 # (its state and step are left alone), as a missing ``.grad`` does in torch.
 
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
-from libc.math cimport sqrt, sqrtf, pow, isfinite, INFINITY
-from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t, uintptr_t, INT64_MAX
+from libc.math cimport sqrt, sqrtf, pow, fabs, fabsf, isfinite, INFINITY
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t, INT64_MAX
 from libc.stdlib cimport qsort
 from libc.string cimport memset
 from cython.parallel cimport prange

@@ -44,23 +44,27 @@ def prepare_sgd(params: _Arrays, grads: _Grads, momentum_buffers: _States | None
                 steps: _Steps | None, lr: _Real, momentum: _Real, dampening: _Real,
                 nesterov: bool, weight_decay: _Real, maximize: bool,
                 state_dtype: str | None = None, rounding: str = "nearest",
-                seed: int = 0) -> Step: ...
+                seed: int = 0,
+                absmaxes: Sequence[_States | None] | None = None) -> Step: ...
 def prepare_adagrad(params: _Arrays, grads: _Grads, state_sums: _States,
                     steps: _Steps | None, lr: _Real, lr_decay: _Real, weight_decay: _Real,
                     eps: _Real, maximize: bool, state_dtype: str | None = None,
-                    rounding: str = "nearest", seed: int = 0) -> Step: ...
+                    rounding: str = "nearest", seed: int = 0,
+                absmaxes: Sequence[_States | None] | None = None) -> Step: ...
 def prepare_rmsprop(params: _Arrays, grads: _Grads, square_avgs: _States,
                     grad_avgs: _States | None, momentum_buffers: _States | None,
                     steps: _Steps | None, lr: _Real, alpha: _Real, eps: _Real,
                     weight_decay: _Real, momentum: _Real, centered: bool,
                     maximize: bool, state_dtype: str | None = None,
-                    rounding: str = "nearest", seed: int = 0) -> Step: ...
+                    rounding: str = "nearest", seed: int = 0,
+                absmaxes: Sequence[_States | None] | None = None) -> Step: ...
 def prepare_adam(params: _Arrays, grads: _Grads, exp_avgs: _States, exp_avg_sqs: _States,
                  max_exp_avg_sqs: _States | None, steps: _Steps | None, lr: _Real,
                  betas: tuple[_Real, _Real] | Sequence[_Real], eps: _Real,
                  weight_decay: _Real, amsgrad: bool, maximize: bool, decoupled: bool,
                  state_dtype: str | None = None, rounding: str = "nearest",
-                 seed: int = 0) -> Step: ...
+                 seed: int = 0,
+                absmaxes: Sequence[_States | None] | None = None) -> Step: ...
 def prepare_adahessian(params: _Arrays, grads: _Grads, hessian_diags: _States,
                        exp_avgs: _States, exp_hessian_diag_sqs: _States,
                        steps: _Steps | None, lr: _Real,

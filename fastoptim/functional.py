@@ -11,7 +11,6 @@ and leaves every array, and ``steps``, unchanged.
 cannot fail; the optimizer classes use them to check every parameter group before
 updating any.
 """
-import functools
 import inspect
 
 import numpy as np
@@ -32,43 +31,44 @@ _k = _config._kernels
 
 def prepare_sgd(params, grads, momentum_buffers=None, steps=None, *, lr=1e-3,
                 momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
-                maximize=False, state_dtype=None, rounding="nearest", seed=0):
+                maximize=False, state_dtype=None, rounding="nearest", seed=0, absmaxes=None):
     return _k.prepare_sgd(params, grads, momentum_buffers, steps, lr, momentum, dampening,
-                          nesterov, weight_decay, maximize, state_dtype, rounding, seed)
+                          nesterov, weight_decay, maximize, state_dtype, rounding, seed,
+                          absmaxes)
 
 
 def prepare_adagrad(params, grads, state_sums, steps, *, lr=1e-2, lr_decay=0.0,
                     weight_decay=0.0, eps=1e-10, maximize=False, state_dtype=None,
-                    rounding="nearest", seed=0):
+                    rounding="nearest", seed=0, absmaxes=None):
     return _k.prepare_adagrad(params, grads, state_sums, steps, lr, lr_decay, weight_decay,
-                              eps, maximize, state_dtype, rounding, seed)
+                              eps, maximize, state_dtype, rounding, seed, absmaxes)
 
 
 def prepare_rmsprop(params, grads, square_avgs, grad_avgs=None, momentum_buffers=None,
                     steps=None, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
                     momentum=0.0, centered=False, maximize=False, state_dtype=None,
-                    rounding="nearest", seed=0):
+                    rounding="nearest", seed=0, absmaxes=None):
     return _k.prepare_rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, steps,
                               lr, alpha, eps, weight_decay, momentum, centered, maximize,
-                              state_dtype, rounding, seed)
+                              state_dtype, rounding, seed, absmaxes)
 
 
 def prepare_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, steps=None,
                  *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, maximize=False, decoupled_weight_decay=False,
-                 state_dtype=None, rounding="nearest", seed=0):
+                 state_dtype=None, rounding="nearest", seed=0, absmaxes=None):
     return _k.prepare_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr,
                            betas, eps, weight_decay, amsgrad, maximize,
-                           decoupled_weight_decay, state_dtype, rounding, seed)
+                           decoupled_weight_decay, state_dtype, rounding, seed, absmaxes)
 
 
 def prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, steps=None,
                   *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                   amsgrad=False, maximize=False, state_dtype=None, rounding="nearest",
-                  seed=0):
+                  seed=0, absmaxes=None):
     return _k.prepare_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr,
                            betas, eps, weight_decay, amsgrad, maximize, True, state_dtype,
-                           rounding, seed)
+                           rounding, seed, absmaxes)
 
 
 def prepare_adahessian(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_sqs,
@@ -100,9 +100,11 @@ def caller(rule):
     steps = "steps"
     if not s.counts_steps:              # (SGD: step counts only with a momentum buffer)
         steps = f"steps if {' or '.join(f'{x} is not None' for x in lists)} else None"
-    fast = [repr(s.kernel_options[n]) if n in s.kernel_options else f"options[{n!r}]"
+    fast = [repr(s.kernel_options[n]) if n in s.kernel_options
+            else f"states.get({n!r})" if n in _FROM_STATES else f"options[{n!r}]"
             for n, _ in opts]
     slow = [repr(s.kernel_options[n]) if n in s.kernel_options
+            else f"states.get({n!r})" if n in _FROM_STATES
             else f"(options[{n!r}] if {n!r} in options else defaults[{n!r}])"
             for n, _ in opts]
     inputs = "".join(f"{n}, " for n in s.inputs)
@@ -122,6 +124,9 @@ def caller(rule):
 
 
 _CALLERS = {}
+#: keyword arguments of prepare_* that are part of an optimizer's state, not options:
+#: :func:`prepare` takes them from ``states`` (8-bit state's block scales)
+_FROM_STATES = ("absmaxes",)
 
 
 def prepare(rule, params, grads, states, steps, options, *inputs):

@@ -128,7 +128,7 @@ def _memory_index(p):
     return np.arange(p.size, dtype=np.uint32).reshape(p.shape, order=order)
 
 
-def _stored_state(state, touched):
+def _stored_state(state, touched, unsigned=()):
     """A rule's reference, taking its state in another storage format too.
 
     ``state``: the rule's state arguments, in order; ``touched(options)``: those the
@@ -140,8 +140,15 @@ def _stored_state(state, touched):
     rounding draws element k's 16 random bits as ``hash32(k * 0x9E3779B9 ^ key_j)``,
     k its position in memory within its array, ``key_j = hash32(key ^ j)`` for the
     j-th of the rule's state arguments (from 1, whether the options use the others or
-    not), ``key`` a hash of ``seed``, the parameter's step and
-    its position in the list."""
+    not), ``key`` a hash of ``seed``, the parameter's step and its position in the list.
+
+    With ``state_dtype="8bit"``, a parameter's state arrays are uint8 codes, with their
+    float32 block scales in ``absmaxes`` (one list per state argument, in order), or
+    arrays in the parameter's dtype (a small parameter's): codes are decoded
+    (:func:`fastoptim.formats.dequantize_blockwise`), the rule runs on the float32
+    values, and each array is encoded again with new block scales
+    (:func:`~fastoptim.formats.quantize_blockwise`); ``unsigned`` names the state that
+    is never negative (the unsigned map), the rest take the signed map."""
     def wrap(rule):
         import functools
         import inspect
@@ -149,13 +156,16 @@ def _stored_state(state, touched):
         sig = inspect.signature(rule)
 
         @functools.wraps(rule)
-        def update(*args, state_dtype=None, rounding="nearest", seed=0, **kwargs):
+        def update(*args, state_dtype=None, rounding="nearest", seed=0, absmaxes=None,
+                   **kwargs):
             if state_dtype is None:
                 return rule(*args, **kwargs)
             bound = sig.bind(*args, **kwargs)
             bound.apply_defaults()
             a = bound.arguments
             names = touched(a)
+            if state_dtype == "8bit":
+                return _run_8bit(rule, a, names, absmaxes)
             stored = {n: _as_list(a[n]) for n in names}
             wide = {n: [None if x is None else np.asarray(bfloat16_to_float32(x))
                         for x in lst]
@@ -174,10 +184,29 @@ def _stored_state(state, touched):
                             if rounding == "stochastic" else None)
                     stored[n][i][...] = float32_to_bfloat16(wide[n][i], bits)
 
+        def _run_8bit(rule, a, names, absmaxes):
+            from .formats import dequantize_blockwise, quantize_blockwise
+            grads = _as_list(a["grads"])
+            stored = {n: _as_list(a[n]) for n in names}
+            scales = {n: _as_list(absmaxes[state.index(n)]) for n in names}
+            wide = {n: [x if x is None or x.dtype != np.uint8 else
+                        dequantize_blockwise(x, scales[n][i], n not in unsigned)
+                        for i, x in enumerate(lst)] for n, lst in stored.items()}
+            rule(**dict(a, **wide))
+            for i, g in enumerate(grads):
+                if g is None:
+                    continue
+                for n in names:
+                    if stored[n][i].dtype == np.uint8:
+                        codes, amax = quantize_blockwise(wide[n][i], n not in unsigned)
+                        stored[n][i][...] = codes
+                        scales[n][i][...] = amax
+
         params = list(sig.parameters.values()) + [
             inspect.Parameter("state_dtype", inspect.Parameter.KEYWORD_ONLY, default=None),
             inspect.Parameter("rounding", inspect.Parameter.KEYWORD_ONLY, default="nearest"),
-            inspect.Parameter("seed", inspect.Parameter.KEYWORD_ONLY, default=0)]
+            inspect.Parameter("seed", inspect.Parameter.KEYWORD_ONLY, default=0),
+            inspect.Parameter("absmaxes", inspect.Parameter.KEYWORD_ONLY, default=None)]
         update.__signature__ = sig.replace(parameters=params)
         del update.__wrapped__
         return update
@@ -220,7 +249,7 @@ def sgd_(params, grads, momentum_buffers=None, steps=None, *, lr=1e-3, momentum=
         p += _scalar(-lr, p) * g
 
 
-@_stored_state(("state_sums",), lambda o: ("state_sums",))
+@_stored_state(("state_sums",), lambda o: ("state_sums",), unsigned=("state_sums",))
 def adagrad_(params, grads, state_sums, steps, *, lr=1e-2, lr_decay=0.0,
              weight_decay=0.0, eps=1e-10, maximize=False):
     r"""AdaGrad: per-coordinate steps scaled by the root of the summed squared grads.
@@ -249,7 +278,8 @@ def adagrad_(params, grads, state_sums, steps, *, lr=1e-2, lr_decay=0.0,
 
 @_stored_state(("square_avgs", "grad_avgs", "momentum_buffers"),
                lambda o: ("square_avgs",) + (("grad_avgs",) if o["centered"] else ())
-               + (("momentum_buffers",) if o["momentum"] > 0 else ()))
+               + (("momentum_buffers",) if o["momentum"] > 0 else ()),
+               unsigned=("square_avgs",))
 def rmsprop_(params, grads, square_avgs, grad_avgs=None, momentum_buffers=None,
              steps=None, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
              momentum=0.0, centered=False, maximize=False):
@@ -297,7 +327,8 @@ def rmsprop_(params, grads, square_avgs, grad_avgs=None, momentum_buffers=None,
 
 @_stored_state(("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
                lambda o: ("exp_avgs", "exp_avg_sqs")
-               + (("max_exp_avg_sqs",) if o["amsgrad"] else ()))
+               + (("max_exp_avg_sqs",) if o["amsgrad"] else ()),
+               unsigned=("exp_avg_sqs", "max_exp_avg_sqs"))
 def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, steps=None, *,
           lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
           maximize=False, decoupled_weight_decay=False):
@@ -350,12 +381,12 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, steps=None
 
 def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, steps=None, *,
            lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
-           maximize=False, state_dtype=None, rounding="nearest", seed=0):
+           maximize=False, state_dtype=None, rounding="nearest", seed=0, absmaxes=None):
     """AdamW: :func:`adam_` with decoupled weight decay ``p *= 1 - lr*weight_decay``."""
     adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr,
           betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
           maximize=maximize, decoupled_weight_decay=True, state_dtype=state_dtype,
-          rounding=rounding, seed=seed)
+          rounding=rounding, seed=seed, absmaxes=absmaxes)
 
 
 def adahessian_(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_sqs, steps, *,

@@ -120,7 +120,7 @@ def test_the_kernels_dispatch_table_is_the_registry_s():
     """segments.pxi.tp instantiates each kernel's loops for the state formats its
     registry entries accept, and no others (AdaHessian has its own dispatch)."""
     t = _template_table()
-    formats = {"bfloat16": ["bf16_nearest", "bf16_stochastic"]}
+    formats = {"bfloat16": ["bf16_nearest", "bf16_stochastic"], "8bit": ["q8"]}
     want = {}
     for s in REGISTRY.values():
         if s.name == "adahessian":

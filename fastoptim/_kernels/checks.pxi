@@ -99,16 +99,23 @@ cdef str _layout(cnp.ndarray a):
 
 
 cdef cnp.ndarray _check_array(object obj, str name, Py_ssize_t i, bint written,
-                              cnp.ndarray like, str like_name, bint bf16=False):
+                              cnp.ndarray like, str like_name, bint bf16=False,
+                              bint q8=False):
     """Return obj as an ndarray after checking it; raise TypeError/ValueError naming it.
-    With bf16, obj must be a uint16 array of bfloat16 bits shaped like `like`."""
+    With bf16, obj must be a uint16 array of bfloat16 bits shaped like `like`; with q8,
+    a uint8 array of 8-bit codes shaped like `like`."""
     cdef cnp.ndarray a
     cdef int typenum
     if not cnp.PyArray_Check(obj):
         raise TypeError(f"{name}[{i}] must be a numpy.ndarray, got {type(obj).__name__}")
     a = <cnp.ndarray> obj
     typenum = cnp.PyArray_TYPE(a)
-    if bf16:
+    if q8:
+        if typenum != cnp.NPY_UINT8:
+            raise TypeError(f"{name}[{i}] must have dtype uint8 (8-bit codes) like the "
+                            f"parameter's other state, got {a.dtype}")
+        bf16 = True                      # (no dtype match with `like` below)
+    elif bf16:
         if typenum != cnp.NPY_UINT16:
             raise TypeError(f"{name}[{i}] must have dtype uint16 (bfloat16 bits) for "
                             f"bfloat16 state, got {a.dtype}")

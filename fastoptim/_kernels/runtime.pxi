@@ -133,6 +133,13 @@ cdef struct Batch:
     bint bf16, stochastic
     uint32_t seed
     uint32_t *tkey               # per-array key for stochastic rounding (from the step)
+    # 8-bit blockwise state (state_dtype="8bit"): per array, whether its state is 8-bit
+    # (uint8 codes; else the parameters' dtype, for small arrays), and per state role
+    # its block scales (float32, one per 256 elements) and which map it uses
+    bint q8mode
+    char *q8                     # q8[t]: array t's state is 8-bit
+    float **absmax[MAX_ROLES - 2]    # absmax[j][t]: block scales of state j of array t
+    char q8_signed[MAX_ROLES - 2]    # state j is quantized with the signed map
 
 
 ctypedef void (*segment_fn)(const Batch *b, Py_ssize_t t, Py_ssize_t lo,

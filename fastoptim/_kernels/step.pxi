@@ -53,6 +53,45 @@ def scatter_counts(cnp.ndarray addresses, cnp.ndarray doubles, cnp.ndarray count
             (<float *> <uintptr_t> a[i])[0] = <float> c[i]
 
 
+cdef bint _first_state_is_uint8(tuple lists, int nroles, Py_ssize_t i):
+    """8-bit state: whether parameter i's state is 8-bit (its first state array holds
+    uint8 codes; _check_array then holds the others to it)."""
+    cdef int r
+    for r in range(2, nroles):
+        if lists[r] is not None:
+            obj = lists[r][i] if i < len(lists[r]) else None
+            return cnp.PyArray_Check(obj) and cnp.PyArray_TYPE(<cnp.ndarray> obj) == cnp.NPY_UINT8
+    return False
+
+
+cdef cnp.ndarray _check_absmax(object obj, int j, Py_ssize_t i, Py_ssize_t size):
+    """absmaxes[j][i]: the float32 block scales of 8-bit state, one per 256 elements."""
+    cdef cnp.ndarray a
+    cdef Py_ssize_t want = (size + Q8_BLOCK - 1) // Q8_BLOCK
+    if not cnp.PyArray_Check(obj):
+        raise TypeError(f"absmaxes[{j}][{i}] must be a numpy.ndarray, got "
+                        f"{type(obj).__name__}")
+    a = <cnp.ndarray> obj
+    if cnp.PyArray_TYPE(a) != cnp.NPY_FLOAT or not cnp.PyArray_ISNOTSWAPPED(a):
+        raise TypeError(f"absmaxes[{j}][{i}] must have dtype float32, got {a.dtype}")
+    if a.ndim != 1 or a.shape[0] != want:
+        raise ValueError(f"absmaxes[{j}][{i}] must have shape ({want},) (one scale per "
+                         f"block of {Q8_BLOCK}), got {(<object>a).shape}")
+    if not cnp.PyArray_ISWRITEABLE(a):
+        raise ValueError(f"absmaxes[{j}][{i}] is read-only; it is updated in place")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(a) or not cnp.PyArray_ISALIGNED(a):
+        raise ValueError(f"absmaxes[{j}][{i}] must be contiguous and aligned")
+    return a
+
+
+cdef str _interval_name(tuple names, Interval a):
+    if a.role == -1:
+        return "steps"
+    if a.role <= -2:
+        return f"absmaxes[{-2 - a.role}][{a.index}]"
+    return f"{names[a.role]}[{a.index}]"
+
+
 cdef class Step:
     """A checked, ready-to-run update of a list of arrays. ``run()`` cannot fail."""
     cdef Batch b
@@ -87,6 +126,9 @@ cdef class Step:
         PyMem_Free(self.b.ts0)
         PyMem_Free(self.b.ts1)
         PyMem_Free(self.b.tkey)
+        PyMem_Free(self.b.q8)
+        for r in range(MAX_ROLES - 2):
+            PyMem_Free(self.b.absmax[r])
         PyMem_Free(self.wiv)
 
     @property
@@ -99,12 +141,15 @@ cdef class Step:
         """Number of arrays this step updates."""
         return self.b.n
 
-    cdef _gather(self, tuple names, tuple lists, tuple written, object steps):
+    cdef _gather(self, tuple names, tuple lists, tuple written, object steps,
+                 object absmaxes=None):
         """Check every array, copy grads whose layout differs from their parameter's,
         check that no updated array overlaps another array, and record pointers.
         ``written[r]``: whether the kernel writes the arrays of role r (read-only
         inputs, such as gradients and AdaHessian's Hessian diagonals, may overlap one
-        another)."""
+        another). With 8-bit state (``b.q8mode``): a parameter's state arrays are all
+        uint8 codes, or all in its dtype (a small parameter's); ``absmaxes[r - 2][i]``
+        holds the block scales of state role r of parameter i where it is 8-bit."""
         cdef list params = lists[0]
         cdef list grads = lists[1]
         cdef Py_ssize_t n = len(params), i, t, k, r, nint = 0
@@ -114,6 +159,8 @@ cdef class Step:
         cdef Py_ssize_t who = 0
         cdef Py_ssize_t nbytes
         cdef object obj, lst
+        cdef bint q8 = False
+        cdef cnp.ndarray h
 
         for r in range(1, nroles):
             lst = lists[r]
@@ -153,11 +200,26 @@ cdef class Step:
         if (self.b.is_double == NULL or self.b.offsets == NULL or self.b.index == NULL
                 or self.b.ts0 == NULL or self.b.ts1 == NULL or self.b.tkey == NULL):
             raise MemoryError()
+        if self.b.q8mode:
+            if absmaxes is None or len(absmaxes) != nroles - 2:
+                raise ValueError("8-bit state needs one list of block scales per state "
+                                 "list (absmaxes)")
+            for r in range(2, nroles):
+                if lists[r] is not None and len(absmaxes[r - 2]) != n:
+                    raise ValueError(f"absmaxes[{r - 2}] has {len(absmaxes[r - 2])} entries, "
+                                     f"expected {n} (one per parameter)")
+            self.b.q8 = <char *> PyMem_Malloc(max(n, 1) * sizeof(char))
+            if self.b.q8 == NULL:
+                raise MemoryError()
+            for r in range(nroles - 2):
+                self.b.absmax[r] = <float **> PyMem_Malloc(max(n, 1) * sizeof(float *))
+                if self.b.absmax[r] == NULL:
+                    raise MemoryError()
         for r in range(nroles):
             if self.b.ptr[r] == NULL:
                 raise MemoryError()
 
-        iv = <Interval *> PyMem_Malloc((n * nroles + 1) * sizeof(Interval))   # + steps
+        iv = <Interval *> PyMem_Malloc((n * (2 * nroles) + 1) * sizeof(Interval))  # + steps
         if iv == NULL:
             raise MemoryError()
         try:
@@ -173,6 +235,13 @@ cdef class Step:
                                     f"is for float32 parameters")
                 self.b.is_double[t] = cnp.PyArray_TYPE(p) == cnp.NPY_DOUBLE
                 self.b.index[t] = i
+                q8 = False
+                if self.b.q8mode:
+                    q8 = _first_state_is_uint8(lists, nroles, i)
+                    if q8 and cnp.PyArray_TYPE(p) != cnp.NPY_FLOAT:
+                        raise TypeError(f"{names[0]}[{i}] has dtype {p.dtype}; 8-bit state "
+                                        f"is for float32 parameters")
+                    self.b.q8[t] = q8
                 nbytes = cnp.PyArray_NBYTES(p)
                 for r in range(nroles):
                     lst = lists[r]
@@ -180,6 +249,8 @@ cdef class Step:
                         a = p
                     elif lst is None:
                         self.b.ptr[r][t] = NULL
+                        if self.b.q8mode:
+                            self.b.absmax[r - 2][t] = NULL
                         continue
                     elif r == ROLE_GRAD:
                         a = _check_array(obj, names[r], i, False, p, names[0])
@@ -195,8 +266,21 @@ cdef class Step:
                                              f"is not; state is needed for every updated "
                                              f"parameter")
                         a = _check_array(obj, names[r], i, True, p, names[0],
-                                         self.b.bf16)
+                                         self.b.bf16, q8)
                         obj = grads[i]
+                        if q8:
+                            h = _check_absmax(absmaxes[r - 2][i], r - 2, i,
+                                              cnp.PyArray_SIZE(p))
+                            self.b.absmax[r - 2][t] = <float *> cnp.PyArray_DATA(h)
+                            if cnp.PyArray_NBYTES(h) > 0:
+                                iv[nint].start = <uintptr_t> cnp.PyArray_DATA(h)
+                                iv[nint].end = iv[nint].start + <uintptr_t> cnp.PyArray_NBYTES(h)
+                                iv[nint].written = 1
+                                iv[nint].role = -2 - (r - 2)
+                                iv[nint].index = i
+                                nint += 1
+                        elif self.b.q8mode:
+                            self.b.absmax[r - 2][t] = NULL
                     self.b.ptr[r][t] = cnp.PyArray_DATA(a)
                     if nbytes > 0:
                         iv[nint].start = <uintptr_t> cnp.PyArray_DATA(a)
@@ -228,8 +312,8 @@ cdef class Step:
             self.b.steps = <int64_t *> cnp.PyArray_DATA(self.steps_arr)
 
     cdef _overlap_error(self, tuple names, Interval a, Interval b):
-        x = "steps" if a.role < 0 else f"{names[a.role]}[{a.index}]"
-        y = "steps" if b.role < 0 else f"{names[b.role]}[{b.index}]"
+        x = _interval_name(names, a)
+        y = _interval_name(names, b)
         if a.role == b.role and a.index == b.index:
             raise ValueError(f"{x} appears twice")
         raise ValueError(f"{x} overlaps {y} in memory; arrays that are updated in place "
@@ -241,6 +325,8 @@ cdef class Step:
     cdef Py_ssize_t _itemsize(self, Py_ssize_t t, int role) noexcept nogil:
         if role >= 2 and self.b.bf16:
             return 2
+        if role >= 2 and self.b.q8mode and self.b.q8[t]:
+            return 1
         return 8 if self.b.is_double[t] else 4
 
     def make_reusable(self):
@@ -251,6 +337,9 @@ cdef class Step:
         layout: the step holds only their addresses)."""
         cdef Py_ssize_t t, n = 0, nbytes, a, b
         cdef int r
+        if self.b.q8mode:
+            raise ValueError("a step with 8-bit state is not reusable (its block scales "
+                             "are further arrays that set_grads does not check)")
         if self.reusable:
             return
         if self.kind == KIND_ADAHESSIAN:
@@ -462,7 +551,7 @@ cdef Py_ssize_t _find(const Batch *b, Py_ssize_t pos) noexcept nogil:
 
 cdef Py_ssize_t _boundary(const Batch *b, Py_ssize_t c, Py_ssize_t nchunks) noexcept nogil:
     """Start of piece c: an even split, moved down to a cache-line boundary of the
-    parameter array it falls in. Depends only on (b, c, nchunks), so neighbours agree."""
+    parameter array it falls in (to a block of 256 elements where its state is 8-bit). Depends only on (b, c, nchunks), so neighbours agree."""
     cdef Py_ssize_t total = b.offsets[b.n], pos, t, local, itemsize, mis
     if c <= 0:
         return 0
@@ -471,6 +560,9 @@ cdef Py_ssize_t _boundary(const Batch *b, Py_ssize_t c, Py_ssize_t nchunks) noex
     pos = <Py_ssize_t> ((<double> total) * c / nchunks)
     t = _find(b, pos)
     local = pos - b.offsets[t]
+    if b.q8mode and b.q8[t]:
+        # 8-bit state: pieces start on quantization blocks (the granule of the format)
+        return b.offsets[t] + local - local % Q8_BLOCK
     itemsize = 8 if b.is_double[t] else 4
     mis = <Py_ssize_t> ((<uintptr_t> b.ptr[ROLE_PARAM][t] + local * itemsize) % ALIGN_BYTES)
     if mis % itemsize == 0:

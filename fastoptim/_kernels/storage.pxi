@@ -31,6 +31,8 @@ cdef enum:
     FORMAT_DOUBLE = 1
     FORMAT_BF16_NEAREST = 2
     FORMAT_BF16_STOCHASTIC = 3
+    FORMAT_Q8 = 4                 # 8-bit blockwise codes (see _run_q8)
+    Q8_BLOCK = 256                # elements per quantization block
 
 
 cdef struct Codec:
@@ -41,6 +43,8 @@ cdef struct Codec:
 
 
 cdef inline int _state_format(const Batch *b, Py_ssize_t t) noexcept nogil:
+    if b.q8mode and b.q8[t]:
+        return FORMAT_Q8
     if b.bf16:
         return FORMAT_BF16_STOCHASTIC if b.stochastic else FORMAT_BF16_NEAREST
     return FORMAT_DOUBLE if b.is_double[t] else FORMAT_FLOAT
@@ -76,15 +80,19 @@ cdef inline void _store(stored *s, Py_ssize_t i, floating x, Codec c,
 
 cdef _take_storage(Step s, object state_dtype, object rounding, object seed):
     """A prepare_*'s state format arguments: ``state_dtype`` None (the parameters'
-    dtype) or "bfloat16" (uint16 arrays of bfloat16 bits; float32 parameters only),
+    dtype), "bfloat16" (uint16 arrays of bfloat16 bits; float32 parameters only) or
+    "8bit" (uint8 codes with float32 block scales, or the parameters' dtype for a
+    parameter whose state arrays are given so),
     ``rounding`` "nearest" or "stochastic", ``seed`` of the stochastic rounding."""
     if state_dtype is None or state_dtype == "float":
         s.b.bf16 = False
     elif state_dtype == "bfloat16":
         s.b.bf16 = True
+    elif state_dtype == "8bit":
+        s.b.q8mode = True
     else:
-        raise ValueError(f"state_dtype must be None (the parameters' dtype) or "
-                         f"'bfloat16', got {state_dtype!r}")
+        raise ValueError(f"state_dtype must be None (the parameters' dtype), 'bfloat16' "
+                         f"or '8bit', got {state_dtype!r}")
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
     s.b.stochastic = rounding == "stochastic"
@@ -94,3 +102,128 @@ cdef _take_storage(Step s, object state_dtype, object rounding, object seed):
     if seed < 0:
         raise TypeError(f"seed must be a non-negative int, got {seed!r}")
     s.b.seed = <uint32_t> (int(seed) & 0xFFFFFFFF)
+
+
+# --- 8-bit blockwise state: a block codec around the rule's float32 loop --------------
+#
+# State of 256-element blocks, each a float32 scale (its largest magnitude) and a uint8
+# code per element, the index of the nearest value of a 256-entry map (bitsandbytes'
+# dynamic maps, fastoptim.formats: the spec these loops equal bit for bit). A block is
+# decoded into L1 buffers, the rule's float32 loop runs on it, and each state's new
+# block is measured and encoded again. Pieces of a parallel step start on blocks.
+
+ctypedef void (*q8_rule_fn)(const Batch *b, Py_ssize_t t, Py_ssize_t lo, Py_ssize_t hi,
+                            float *p, const float *g, float *s0, float *s1,
+                            float *s2) noexcept nogil
+
+cdef float _Q8_MAP[2][256]       # [0] the unsigned map, [1] the signed one, ascending
+cdef uint8_t _Q8_ZERO[2]         # the code of 0 in each
+
+
+def _load_q8_maps(signed_map, unsigned_map):
+    """Copy the two maps in (fastoptim.formats.dynamic_map, at import)."""
+    cdef int k, w
+    for w, m in ((1, signed_map), (0, unsigned_map)):
+        if len(m) != 256:
+            raise ValueError("a map has 256 values")
+        for k in range(256):
+            _Q8_MAP[w][k] = <float> m[k]
+            if m[k] == 0:
+                _Q8_ZERO[w] = k
+
+
+cdef inline uint8_t _q8_nearest(const float *m, float x) noexcept nogil:
+    # the index of the map value nearest to x (exact distances, ties to the smaller):
+    # k = how many values are < x (a branch-free binary search), then k-1 or k
+    cdef int k = 0, hi
+    cdef double d_lo, d_hi
+    # (the eight steps written out: straight-line code the compiler can vectorize)
+    k += 128 if m[k + 127] < x else 0
+    k += 64 if m[k + 63] < x else 0
+    k += 32 if m[k + 31] < x else 0
+    k += 16 if m[k + 15] < x else 0
+    k += 8 if m[k + 7] < x else 0
+    k += 4 if m[k + 3] < x else 0
+    k += 2 if m[k + 1] < x else 0
+    k += 1 if m[k] < x else 0
+    hi = 1 if k < 1 else (255 if k > 255 else k)
+    d_lo = fabs(<double> x - <double> m[hi - 1])
+    d_hi = fabs(<double> m[hi] - <double> x)
+    return <uint8_t> (hi if d_hi < d_lo else hi - 1)
+
+
+cdef void _run_q8(const Batch *b, Py_ssize_t t, Py_ssize_t lo, Py_ssize_t hi,
+                  q8_rule_fn rule) noexcept nogil:
+    """The rule on elements [lo, hi) of array t (lo on a block), its state 8-bit."""
+    cdef float buf[MAX_STATE][Q8_BLOCK]
+    cdef float *s[MAX_STATE]
+    cdef uint8_t *codes[MAX_STATE]
+    cdef float *scales[MAX_STATE]
+    cdef const float *m
+    cdef float *p = <float *> b.ptr[ROLE_PARAM][t]
+    cdef const float *g = <const float *> b.ptr[ROLE_GRAD][t]
+    cdef int j, ns = b.nroles - 2, w
+    cdef Py_ssize_t c = lo, n, i, k
+    cdef float a, v, amax
+    for j in range(MAX_STATE):
+        codes[j] = <uint8_t *> b.ptr[2 + j][t] if j < ns else NULL
+        scales[j] = b.absmax[j][t] if codes[j] != NULL else NULL
+        s[j] = &buf[j][0] if codes[j] != NULL else NULL
+    while c < hi:
+        n = hi - c if hi - c < Q8_BLOCK else Q8_BLOCK
+        k = c // Q8_BLOCK
+        for j in range(ns):
+            if codes[j] != NULL:
+                m = _Q8_MAP[b.q8_signed[j]]
+                a = scales[j][k]
+                for i in range(n):
+                    buf[j][i] = m[codes[j][c + i]] * a
+        rule(b, t, 0, n, p + c, g + c, s[0], s[1], s[2])
+        for j in range(ns):
+            if codes[j] != NULL:
+                w = b.q8_signed[j]
+                amax = 0
+                for i in range(n):          # the largest magnitude; NaN wins, as np.max
+                    v = fabsf(buf[j][i])
+                    amax = v if (v > amax or v != v) else amax
+                scales[j][k] = amax
+                if amax > 0 and amax < INFINITY:
+                    m = _Q8_MAP[w]
+                    for i in range(n):
+                        codes[j][c + i] = _q8_nearest(m, buf[j][i] / amax)
+                else:                       # zeros, or NaN/Inf: decodes to 0 or NaN
+                    for i in range(n):
+                        codes[j][c + i] = _Q8_ZERO[w]
+        c += n
+
+
+cdef _take_q8(Step s, tuple has_sign):
+    """8-bit state: which of the rule's state roles (in kernel order) are signed."""
+    cdef int j
+    for j in range(len(has_sign)):
+        s.b.q8_signed[j] = 1 if has_sign[j] else 0
+
+
+cdef object _absmaxes(Step s, object absmaxes, int k):
+    """A prepare_*'s ``absmaxes`` (8-bit state): a sequence of ``k`` lists of block
+    scales, one per state argument in order (None for one its options leave out), or
+    None without 8-bit state."""
+    if not s.b.q8mode:
+        if absmaxes is not None:
+            raise ValueError("absmaxes is for state_dtype='8bit'")
+        return None
+    if absmaxes is None:
+        raise ValueError("state_dtype='8bit' needs absmaxes: one list of float32 block "
+                         "scales per state argument")
+    if not isinstance(absmaxes, (tuple, list)) or len(absmaxes) != k:
+        raise TypeError(f"absmaxes must be a sequence of {k} lists (one per state "
+                        f"argument), got {type(absmaxes).__name__}"
+                        + (f" of {len(absmaxes)}" if isinstance(absmaxes, (tuple, list))
+                           else ""))
+    return tuple([] if x is None else _arrays(f"absmaxes[{j}]", x)
+                 for j, x in enumerate(absmaxes))
+
+
+from fastoptim.formats import dynamic_map as _dynamic_map     # (numpy only: no cycle)
+_load_q8_maps(_dynamic_map(True), _dynamic_map(False))
+del _dynamic_map

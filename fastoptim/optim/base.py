@@ -110,6 +110,10 @@ class Optimizer(_StateDict):
 
     def _check_hyperparameters(self, group):
         """Validate a group's options by preparing an update of no arrays."""
+        if group.get("state_dtype") == "8bit":
+            raise ValueError("state_dtype='8bit' is not in the optimizer classes yet: the "
+                             "kernels take it through fastoptim.functional (uint8 codes "
+                             "with float32 block scales, fastoptim.formats)")
         names = self._state_names(group)
         self._prepare(dict(group, params=[]), [], {n: [] for n in names},
                       np.zeros(0, dtype=np.int64))

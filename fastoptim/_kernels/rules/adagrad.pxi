@@ -35,9 +35,11 @@ cdef void _adagrad_scalars(Batch *b, Py_ssize_t t) noexcept nogil:
 
 
 def prepare_adagrad(params, grads, state_sums, steps, lr, lr_decay, weight_decay, eps,
-                    maximize, state_dtype=None, rounding="nearest", seed=0):
+                    maximize, state_dtype=None, rounding="nearest", seed=0,
+                    absmaxes=None):
     cdef Step s = Step()
     _take_storage(s, state_dtype, rounding, seed)
+    _take_q8(s, (False,))   # the signed map for signed state, in kernel order
     s.b.lr = _nonneg("learning rate", lr)
     s.b.lr_decay = _nonneg("lr_decay value", lr_decay)
     s.b.weight_decay = _nonneg("weight_decay value", weight_decay)
@@ -47,7 +49,8 @@ def prepare_adagrad(params, grads, state_sums, steps, lr, lr_decay, weight_decay
         raise ValueError("steps is required")
     s._gather(("params", "grads", "state_sums"),
               (_arrays("params", params), _arrays("grads", grads),
-               _arrays("state_sums", state_sums)), (True, False, True), steps)
+               _arrays("state_sums", state_sums)), (True, False, True), steps,
+              _absmaxes(s, absmaxes, 1))
     s.segment = _adagrad_segment
     s.kind = KIND_ADAGRAD
     s.scalars = _adagrad_scalars

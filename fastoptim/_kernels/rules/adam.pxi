@@ -98,9 +98,10 @@ cdef void _adam_scalars(Batch *b, Py_ssize_t t) noexcept nogil:
 
 def prepare_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, betas,
                  eps, weight_decay, amsgrad, maximize, decoupled, state_dtype=None,
-                 rounding="nearest", seed=0):
+                 rounding="nearest", seed=0, absmaxes=None):
     cdef Step s = Step()
     _take_storage(s, state_dtype, rounding, seed)
+    _take_q8(s, (True, False, False))   # the signed map for signed state, in kernel order
     s.b.lr = _nonneg("learning rate", lr)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
@@ -119,7 +120,7 @@ def prepare_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, l
               (_arrays("params", params), _arrays("grads", grads),
                _arrays("exp_avgs", exp_avgs), _arrays("exp_avg_sqs", exp_avg_sqs),
                _arrays("max_exp_avg_sqs", max_exp_avg_sqs) if s.b.amsgrad else None),
-              (True, False, True, True, True), steps)
+              (True, False, True, True, True), steps, _absmaxes(s, absmaxes, 3))
     s.segment = _adam_segment
     s.kind = KIND_ADAM_BF16 if s.b.bf16 else KIND_ADAM
     s.scalars = _adam_scalars

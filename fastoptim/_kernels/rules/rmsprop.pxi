@@ -71,9 +71,10 @@ cdef inline void _rmsprop_typed(const Batch *b, Py_ssize_t t, Py_ssize_t lo,
 
 def prepare_rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, lr,
                     alpha, eps, weight_decay, momentum, centered, maximize, state_dtype=None,
-                    rounding="nearest", seed=0):
+                    rounding="nearest", seed=0, absmaxes=None):
     cdef Step s = Step()
     _take_storage(s, state_dtype, rounding, seed)
+    _take_q8(s, (False, True, True))   # the signed map for signed state, in kernel order
     s.b.lr = _nonneg("learning rate", lr)
     s.b.alpha = _nonneg("alpha value", alpha)
     s.b.eps = _nonneg("epsilon value", eps)
@@ -90,7 +91,7 @@ def prepare_rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, ste
                _arrays("square_avgs", square_avgs),
                _arrays("grad_avgs", grad_avgs) if s.b.centered else None,
                _arrays("momentum_buffers", momentum_buffers) if s.b.momentum > 0.0 else None),
-              (True, False, True, True, True), steps)
+              (True, False, True, True, True), steps, _absmaxes(s, absmaxes, 3))
     s.segment = _rmsprop_segment
     s.kind = KIND_RMSPROP
     s.scalars = NULL

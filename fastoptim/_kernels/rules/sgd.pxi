@@ -49,9 +49,10 @@ cdef void _sgd_scalars(Batch *b, Py_ssize_t t) noexcept nogil:
 
 def prepare_sgd(params, grads, momentum_buffers, steps, lr, momentum, dampening,
                 nesterov, weight_decay, maximize, state_dtype=None, rounding="nearest",
-                seed=0):
+                seed=0, absmaxes=None):
     cdef Step s = Step()
     _take_storage(s, state_dtype, rounding, seed)
+    _take_q8(s, (True,))   # the signed map for signed state, in kernel order
     s.b.lr = _nonneg("learning rate", lr)
     s.b.momentum = _nonneg("momentum value", momentum)
     s.b.dampening = _real("dampening", dampening, -INFINITY, False, INFINITY, False)
@@ -65,10 +66,12 @@ def prepare_sgd(params, grads, momentum_buffers, steps, lr, momentum, dampening,
             raise ValueError("momentum_buffers and steps are required when momentum != 0")
         s._gather(("params", "grads", "momentum_buffers"),
                   (_arrays("params", params), _arrays("grads", grads),
-                   _arrays("momentum_buffers", momentum_buffers)), (True, False, True), steps)
+                   _arrays("momentum_buffers", momentum_buffers)), (True, False, True), steps,
+                  _absmaxes(s, absmaxes, 1))
     else:
         s._gather(("params", "grads"), (_arrays("params", params), _arrays("grads", grads)),
-                  (True, False), steps)
+                  (True, False), steps,
+                  (_absmaxes(s, absmaxes, 1) or ())[:0])
     s.segment = _sgd_segment
     s.kind = KIND_SGD
     s.scalars = _sgd_scalars

@@ -1,0 +1,164 @@
+"""8-bit blockwise optimizer state (state_dtype="8bit") in the kernels: every rule with
+state, on every kernel path, equals its reference (fastoptim.reference on the codec of
+fastoptim.formats) bit for bit, for any thread count; bad input is refused with nothing
+changed."""
+import itertools
+
+import numpy as np
+import pytest
+
+import fastoptim
+from fastoptim import formats as FM, functional as F, reference as R
+
+#: rule: (its state arguments in order, those never negative, option mixes)
+RULES = {
+    "sgd_": (("momentum_buffers",), (),
+             [dict(momentum=0.9), dict(momentum=0.5, dampening=0.2, weight_decay=0.01,
+                                       maximize=True)]),
+    "adagrad_": (("state_sums",), ("state_sums",), [dict(), dict(lr_decay=0.01)]),
+    "rmsprop_": (("square_avgs", "grad_avgs", "momentum_buffers"), ("square_avgs",),
+                 [dict(), dict(centered=True, momentum=0.5, weight_decay=0.01)]),
+    "adam_": (("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+              ("exp_avg_sqs", "max_exp_avg_sqs"),
+              [dict(), dict(amsgrad=True, weight_decay=0.1, maximize=True),
+               dict(decoupled_weight_decay=True, weight_decay=0.1)]),
+    "adamw_": (("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+               ("exp_avg_sqs", "max_exp_avg_sqs"), [dict(amsgrad=True)]),
+}
+SHAPES = [(), (7,), (256,), (1000,), (33, 17), (5000,)]
+
+
+def _zero_code(signed):
+    return int(np.flatnonzero(FM.dynamic_map(signed) == 0)[0])
+
+
+def _problem(name, order="C", small=(1,), seed=0):
+    """Float32 parameters; 8-bit state (codes and scales) for all but the ``small``
+    ones, which keep float32 state (as optimizers keep it for small tensors)."""
+    names, unsigned, _ = RULES[name]
+    rng = np.random.default_rng(seed)
+    params = [np.asarray(rng.standard_normal(s), np.float32, order=order) for s in SHAPES]
+    states, scales = [], []
+    for n in names:
+        codes = [np.zeros(p.shape, np.float32, order=order) if i in small else
+                 np.full(p.shape, _zero_code(n not in unsigned), np.uint8, order=order)
+                 for i, p in enumerate(params)]
+        states.append(codes)
+        scales.append([np.zeros(-(-p.size // FM.BLOCK), np.float32) for p in params])
+    return params, states, scales, np.zeros(len(params), np.int64)
+
+
+def _run(module, name, opts, nsteps=8, order="C", nan_at=None):
+    params, states, scales, steps = _problem(name, order)
+    rng = np.random.default_rng(1)
+    for k in range(nsteps):
+        grads = [None if (k + i) % 5 == 4 else
+                 np.asarray(rng.standard_normal(p.shape) * (1 + 10 * k), np.float32,
+                            order=order) for i, p in enumerate(params)]
+        if nan_at is not None and k == nan_at:
+            np.ravel(grads[3], order="K")[300] = np.nan
+        getattr(module, name)(params, grads, *states, steps, lr=0.01, state_dtype="8bit",
+                              absmaxes=scales, **opts)
+    return [params, steps] + states + scales
+
+
+def _equal(a, b, what):
+    for x, y in zip(a, b):
+        for xx, yy in zip(x, y) if isinstance(x, list) else [(x, y)]:
+            np.testing.assert_array_equal(xx, yy, err_msg=what)
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_kernel_equals_reference_bit_for_bit(name):
+    for opts, order in itertools.product(RULES[name][2], ["C", "F"]):
+        _equal(_run(F, name, opts, order=order), _run(R, name, opts, order=order),
+               f"{name} {opts} {order}")
+
+
+@pytest.mark.parametrize("name", ["adam_", "rmsprop_"])
+def test_threads_split_on_blocks_and_do_not_change_results(name):
+    opts = RULES[name][2][-1]
+    try:
+        fastoptim.set_serial_threshold(0)          # every step parallel
+        results = []
+        for n in (1, 2):
+            fastoptim.set_num_threads(n)
+            results.append(_run(F, name, opts))
+    finally:
+        fastoptim.set_num_threads(None)
+        fastoptim.set_serial_threshold(None)
+    _equal(results[0], results[1], name)
+    _equal(results[1], _run(R, name, opts), name)
+
+
+def test_a_nan_gradient_poisons_its_block_as_the_reference_says():
+    got = _run(F, "adam_", {}, nan_at=3)
+    _equal(got, _run(R, "adam_", {}, nan_at=3), "nan")
+    scales = got[2 + 3]                               # exp_avgs' block scales
+    assert np.isnan(scales[3][1]) and np.isfinite(scales[3][0])
+
+
+def test_state_takes_a_quarter_of_the_bytes():
+    p = np.zeros(1 << 20, np.float32)
+    codes, absmax = FM.quantize_blockwise(p)
+    assert (codes.nbytes + absmax.nbytes) / p.size <= 1.02        # 1 + 4/256 bytes
+
+
+def test_bad_8bit_input_is_refused_and_changes_nothing():
+    params, states, scales, steps = _problem("adam_")
+    grads = [np.ones(p.shape, np.float32) for p in params]
+    snapshot = [a.copy() for a in params + states[0] + states[1] + scales[0] + scales[1]
+                + [steps]]
+
+    def call(**kw):
+        args = dict(absmaxes=(scales[0], scales[1], None))
+        args.update(kw)
+        F.adam_(params, grads, states[0], states[1], None, steps, state_dtype="8bit", **args)
+
+    bad = [scales[0][:3] + [np.zeros(1, np.float32)] + scales[0][4:], scales[1], None]
+    with pytest.raises(ValueError, match=r"absmaxes\[0\]\[3\] must have shape"):
+        call(absmaxes=bad)
+    bad = [scales[0], [s.astype(np.float64) for s in scales[1]], None]
+    with pytest.raises(TypeError, match=r"absmaxes\[1\]\[0\] must have dtype float32"):
+        call(absmaxes=bad)
+    ro = [s.copy() for s in scales[0]]
+    ro[2].setflags(write=False)
+    with pytest.raises(ValueError, match=r"absmaxes\[0\]\[2\] is read-only"):
+        call(absmaxes=[ro, scales[1], None])
+    with pytest.raises(ValueError, match="needs absmaxes"):
+        call(absmaxes=None)
+    with pytest.raises(TypeError, match="a sequence of 3 lists"):
+        call(absmaxes=(scales[0], scales[1]))
+    mixed = [s.copy() for s in states[1]]
+    mixed[2] = np.zeros(mixed[2].shape, np.float32)
+    with pytest.raises(TypeError, match=r"exp_avg_sqs\[2\] must have dtype uint8"):
+        F.adam_(params, grads, states[0], mixed, None, steps, state_dtype="8bit",
+                absmaxes=(scales[0], scales[1], None))
+    overlap = [scales[0], [s for s in scales[1]], None]
+    overlap[1][3] = scales[0][3]
+    with pytest.raises(ValueError, match=r"absmaxes\[\d\]\[3\] appears twice|overlaps"):
+        call(absmaxes=overlap)
+    with pytest.raises(ValueError, match="absmaxes is for state_dtype='8bit'"):
+        F.adam_(params, grads, states[0], states[1], None, steps,
+                absmaxes=(scales[0], scales[1], None))
+    p64 = [p.astype(np.float64) for p in params]
+    with pytest.raises(TypeError, match=r"8-bit state is for float32 parameters"):
+        F.adam_(p64, [g.astype(np.float64) for g in grads], states[0], states[1], None,
+                steps, state_dtype="8bit", absmaxes=(scales[0], scales[1], None))
+    for a, b in zip(params + states[0] + states[1] + scales[0] + scales[1] + [steps],
+                    snapshot):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_an_8bit_step_is_not_reusable():
+    params, states, scales, steps = _problem("adam_")
+    step = F.prepare_adam(params, [np.ones(p.shape, np.float32) for p in params],
+                          states[0], states[1], None, steps, state_dtype="8bit",
+                          absmaxes=(scales[0], scales[1], None))
+    with pytest.raises(ValueError, match="not reusable"):
+        step.make_reusable()
+
+
+def test_the_classes_say_8bit_state_is_not_theirs_yet():
+    with pytest.raises(ValueError, match="not in the optimizer classes yet"):
+        fastoptim.Adam([np.zeros(3, np.float32)], state_dtype="8bit")
