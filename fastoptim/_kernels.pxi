@@ -33,7 +33,7 @@
 
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from libc.math cimport sqrt, sqrtf, pow, fabs, fabsf, isfinite, INFINITY
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t, INT64_MAX
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t, INT64_MAX
 from libc.stdlib cimport qsort
 from libc.string cimport memset
 from cython.parallel cimport prange
@@ -51,6 +51,7 @@ cnp.import_array()
 
 cdef extern from "fo_bf16.h" nogil:
     float fo_bf16_to_f32(uint16_t h)
+    uint32_t fo_f32_bits(float f)
     uint16_t fo_f32_to_bf16_rne(float f)
     uint16_t fo_f32_to_bf16_sr(float f, uint32_t random_bits)
     uint32_t fo_hash32(uint32_t x)

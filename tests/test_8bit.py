@@ -162,3 +162,29 @@ def test_an_8bit_step_is_not_reusable():
 def test_the_classes_say_8bit_state_is_not_theirs_yet():
     with pytest.raises(ValueError, match="not in the optimizer classes yet"):
         fastoptim.Adam([np.zeros(3, np.float32)], state_dtype="8bit")
+
+
+def test_the_kernels_encoder_is_the_spec_on_edge_values():
+    """SGD's first momentum step stores the gradient itself, so its 8-bit buffer is the
+    kernel's encoding of the gradient: on map values, the midpoints between neighbours
+    (ties), values just off them, tiny, subnormal and signed-zero values it equals
+    fastoptim.formats.quantize_blockwise."""
+    m = FM.dynamic_map(True).astype(np.float64)
+    mids = (m[:-1] + m[1:]) / 2
+    vals = np.concatenate([m, mids, np.nextafter(mids.astype(np.float32), 2),
+                           np.nextafter(mids.astype(np.float32), -2),
+                           [2.0 ** -22, -(2.0 ** -22), 2.0 ** -23, 1e-45, -1e-45, 0.0, -0.0,
+                            2.4e-7, -2.4e-7, 3e-7, 2.9e-7]]).astype(np.float32)
+    rng = np.random.default_rng(3)
+    vals = np.concatenate([vals, rng.uniform(-1, 1, 3000).astype(np.float32)
+                           * np.float32(10.0) ** rng.uniform(-8, 0, 3000).astype(np.float32)])
+    g = vals.astype(np.float32)
+    g[::FM.BLOCK] = 1.0                                  # each block's scale: 1
+    p = np.zeros_like(g)
+    buf = np.full(g.shape, _zero_code(True), np.uint8)
+    scale = np.zeros(-(-g.size // FM.BLOCK), np.float32)
+    F.sgd_([p], [g], [buf], np.zeros(1, np.int64), lr=0.0, momentum=0.9,
+           state_dtype="8bit", absmaxes=([scale],))
+    codes, absmax = FM.quantize_blockwise(g, True)
+    np.testing.assert_array_equal(scale, absmax)
+    np.testing.assert_array_equal(buf, codes)
