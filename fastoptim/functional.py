@@ -94,8 +94,7 @@ def caller(rule):
     if call is not None:
         return call
     s = spec(name)
-    sig = inspect.signature(globals()[f"prepare_{s.kernel}"])
-    opts = [(n, p.default) for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY]
+    opts = _kernel_options(s)
     lists = [f"states.get({n!r})" for n in s.kernel_state]
     steps = "steps"
     if not s.counts_steps:              # (SGD: step counts only with a momentum buffer)
@@ -121,6 +120,14 @@ def caller(rule):
     exec(compile(src, f"<fastoptim.functional: prepare {name}>", "exec"), namespace)
     _CALLERS[name] = call = namespace["call"]
     return call
+
+
+def _kernel_options(s):
+    """``(name, default)`` of the options of rule ``s``'s kernel: the keyword-only
+    arguments of this module's prepare_<kernel>, in the order it passes them on to the
+    kernel module (positionally, after the arrays and the steps)."""
+    sig = inspect.signature(globals()[f"prepare_{s.kernel}"])
+    return [(n, p.default) for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY]
 
 
 _CALLERS = {}
@@ -262,7 +269,6 @@ def _in_place(prepare_fn, doc):
     sig = inspect.signature(prepare_fn)
     rule = prepare_fn.__name__[len("prepare_"):]
     s = spec(rule)
-    kernel_sig = inspect.signature(globals()[f"prepare_{s.kernel}"])
     params = []
     for n, p in sig.parameters.items():
         if p.kind is p.KEYWORD_ONLY and "*" not in params:
@@ -270,7 +276,7 @@ def _in_place(prepare_fn, doc):
         params.append(n if p.default is p.empty else f"{n}=defaults[{n!r}]")
     passed = [n for n, p in sig.parameters.items() if p.kind is not p.KEYWORD_ONLY]
     passed += [n if n in sig.parameters else repr(s.kernel_options[n])
-               for n, p in kernel_sig.parameters.items() if p.kind is p.KEYWORD_ONLY]
+               for n, _ in _kernel_options(s)]
     src = (f"def {rule}_({', '.join(params)}):\n"
            f"    kernel({', '.join(passed)}).run(threads())\n")
     namespace = {"kernel": getattr(_k, f"prepare_{s.kernel}"),
