@@ -33,6 +33,9 @@ class RuleSpec:
     How the kernels run it (:func:`fastoptim.functional.prepare` reads these):
     ``kernel``, the ``functional.prepare_<kernel>`` that does (default: the rule's name);
     ``kernel_state``, the state in the order that function takes it (default: ``state``);
+    ``unsigned_state``: the state that is never negative (8-bit state quantizes it
+    with the unsigned map; the rest with the signed one).
+
     ``bounds``: ``(option, bound, label)`` in the order torch.optim's constructor checks
     them; ``bound`` is how torch writes the test (see _BOUNDS), ``label`` names the
     option in torch's error text, ``Invalid <label>: <value>`` (the kernels' checks use
@@ -57,6 +60,7 @@ class RuleSpec:
     state_formats: tuple = ()
     inputs: tuple = ()
     bounds: tuple = ()
+    unsigned_state: tuple = ()
 
     def __post_init__(self):
         if not self.kernel:
@@ -152,7 +156,7 @@ REGISTRY = {s.name: s for s in (
     RuleSpec("adagrad", "Adagrad",
              (("lr", 1e-2), ("lr_decay", 0.0), ("weight_decay", 0.0),
               ("initial_accumulator_value", 0.0), ("eps", 1e-10), ("maximize", False)),
-             ("sum",), state_formats=("bfloat16", "8bit"),
+             ("sum",), state_formats=("bfloat16", "8bit"), unsigned_state=("sum",),
              bounds=(("lr", "nonneg", "learning rate"), ("lr_decay", "nonneg", "lr_decay value"),
                      ("weight_decay", "nonneg", "weight_decay value"),
                      ("initial_accumulator_value", "nonneg",
@@ -164,24 +168,26 @@ REGISTRY = {s.name: s for s in (
              ("square_avg", "momentum_buffer", "grad_avg"),
              {"momentum_buffer": "momentum", "grad_avg": "centered"},
              kernel_state=("square_avg", "grad_avg", "momentum_buffer"),
-             state_formats=("bfloat16", "8bit"),
+             state_formats=("bfloat16", "8bit"), unsigned_state=("square_avg",),
              bounds=(("lr", "nonneg", "learning rate"), ("eps", "nonneg", "epsilon value"),
                      ("momentum", "nonneg", "momentum value"),
                      ("weight_decay", "nonneg", "weight_decay value"),
                      ("alpha", "nonneg", "alpha value"))),
     RuleSpec("adam", "Adam", _ADAM, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
              {"max_exp_avg_sq": "amsgrad"}, kernel_options={"decoupled_weight_decay": False},
-             state_formats=("bfloat16", "8bit"), bounds=_ADAM_BOUNDS),
+             state_formats=("bfloat16", "8bit"), bounds=_ADAM_BOUNDS,
+             unsigned_state=("exp_avg_sq", "max_exp_avg_sq")),
     RuleSpec("adamw", "AdamW", tuple((k, 1e-2 if k == "weight_decay" else v)
                                      for k, v in _ADAM),
              ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), {"max_exp_avg_sq": "amsgrad"},
              kernel="adam", kernel_options={"decoupled_weight_decay": True},
-             state_formats=("bfloat16", "8bit"), bounds=_ADAM_BOUNDS),
+             state_formats=("bfloat16", "8bit"), bounds=_ADAM_BOUNDS,
+             unsigned_state=("exp_avg_sq", "max_exp_avg_sq")),
     RuleSpec("adahessian", "AdaHessian",
              (("lr", 0.15), ("betas", (0.9, 0.999)), ("eps", 1e-4), ("weight_decay", 0.0),
               ("hessian_power", 1.0), ("maximize", False)),
              ("exp_avg", "exp_hessian_diag_sq"), inputs=("hessian_diags",),
-             bounds=_ADAM_BOUNDS),
+             bounds=_ADAM_BOUNDS, unsigned_state=("exp_hessian_diag_sq",)),
 )}
 
 

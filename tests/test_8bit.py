@@ -159,32 +159,100 @@ def test_an_8bit_step_is_not_reusable():
         step.make_reusable()
 
 
-def test_the_classes_say_8bit_state_is_not_theirs_yet():
-    with pytest.raises(ValueError, match="not in the optimizer classes yet"):
-        fastoptim.Adam([np.zeros(3, np.float32)], state_dtype="8bit")
+CLASSES = {   # class: (functional rule, state arguments, state names, options)
+    "SGD": ("sgd_", ("momentum_buffers",), ("momentum_buffer",),
+            dict(lr=0.01, momentum=0.9)),
+    "Adagrad": ("adagrad_", ("state_sums",), ("sum",),
+                dict(lr=0.05, initial_accumulator_value=0.3)),
+    "RMSprop": ("rmsprop_", ("square_avgs", "grad_avgs", "momentum_buffers"),
+                ("square_avg", "grad_avg", "momentum_buffer"),
+                dict(lr=0.01, centered=True, momentum=0.5)),
+    "Adam": ("adam_", ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+             ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), dict(lr=0.01, amsgrad=True)),
+    "AdamW": ("adamw_", ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+              ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), dict(lr=0.01)),
+}
 
 
-def test_the_kernels_encoder_is_the_spec_on_edge_values():
-    """SGD's first momentum step stores the gradient itself, so its 8-bit buffer is the
-    kernel's encoding of the gradient: on map values, the midpoints between neighbours
-    (ties), values just off them, tiny, subnormal and signed-zero values it equals
-    fastoptim.formats.quantize_blockwise."""
-    m = FM.dynamic_map(True).astype(np.float64)
-    mids = (m[:-1] + m[1:]) / 2
-    vals = np.concatenate([m, mids, np.nextafter(mids.astype(np.float32), 2),
-                           np.nextafter(mids.astype(np.float32), -2),
-                           [2.0 ** -22, -(2.0 ** -22), 2.0 ** -23, 1e-45, -1e-45, 0.0, -0.0,
-                            2.4e-7, -2.4e-7, 3e-7, 2.9e-7]]).astype(np.float32)
-    rng = np.random.default_rng(3)
-    vals = np.concatenate([vals, rng.uniform(-1, 1, 3000).astype(np.float32)
-                           * np.float32(10.0) ** rng.uniform(-8, 0, 3000).astype(np.float32)])
-    g = vals.astype(np.float32)
-    g[::FM.BLOCK] = 1.0                                  # each block's scale: 1
-    p = np.zeros_like(g)
-    buf = np.full(g.shape, _zero_code(True), np.uint8)
-    scale = np.zeros(-(-g.size // FM.BLOCK), np.float32)
-    F.sgd_([p], [g], [buf], np.zeros(1, np.int64), lr=0.0, momentum=0.9,
-           state_dtype="8bit", absmaxes=([scale],))
-    codes, absmax = FM.quantize_blockwise(g, True)
-    np.testing.assert_array_equal(scale, absmax)
-    np.testing.assert_array_equal(buf, codes)
+@pytest.mark.parametrize("cls", list(CLASSES))
+def test_the_classes_keep_8bit_state_and_checkpoint_it(cls):
+    """state_dtype="8bit": parameters of at least min_8bit_size elements keep uint8 codes
+    beside float32 block scales (``<name>_absmax``), smaller ones float32; the steps
+    are the reference's on that layout; a checkpoint resumes bit for bit, and loads
+    into a float32-state optimizer as its decoded values (and back, re-encoded)."""
+    fn, args, names, opts = CLASSES[cls]
+    spec = getattr(fastoptim, cls)._rule
+    rng = np.random.default_rng(8)
+    shapes = [(5000,), (100,), (64, 70)]
+    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(8)]
+    opt = getattr(fastoptim, cls)(params, state_dtype="8bit", **opts)
+    init = np.float32(opts.get("initial_accumulator_value", 0.0))
+    kept = spec.state_names(dict(spec.defaults, **opts))
+    ref = [p.copy() for p in params]
+    state, scales = [], []
+    for a, n in zip(args, spec.kernel_state):
+        signed = n not in spec.unsigned_state
+        pairs = [FM.quantize_blockwise(np.full(p.shape, init, np.float32), signed)
+                 if p.size >= 4096 else (np.full(p.shape, init, np.float32), None)
+                 for p in ref]
+        state.append([c for c, _ in pairs] if n in kept else None)
+        scales.append([s_ for _, s_ in pairs] if n in kept else None)
+    steps = np.zeros(len(shapes), np.int64)
+    kw = {k: v for k, v in opts.items() if k != "initial_accumulator_value"}
+    for g in grads[:4]:
+        opt.step(g)
+        getattr(R, fn)(ref, g, *state, steps, state_dtype="8bit", absmaxes=scales, **kw)
+    _equal([params], [ref], cls)
+    for n, lst, sc in zip(spec.kernel_state, state, scales):
+        if n not in kept:
+            continue
+        for i, p in enumerate(params):
+            got = opt.state[i][n]
+            assert got.dtype == (np.uint8 if p.size >= 4096 else np.float32)
+            np.testing.assert_array_equal(got, lst[i])
+            if p.size >= 4096:
+                np.testing.assert_array_equal(opt.state[i][n + "_absmax"], sc[i])
+            else:
+                assert n + "_absmax" not in opt.state[i]
+    sd = opt.state_dict()
+    twin = [p.copy() for p in params]
+    resumed = getattr(fastoptim, cls)(twin, state_dtype="8bit", **opts)
+    resumed.load_state_dict(sd)
+    for g in grads[4:]:
+        opt.step(g)
+        resumed.step(g)
+    _equal([params], [twin], cls)
+    sd = opt.state_dict()
+    sd["param_groups"][0]["state_dtype"] = None
+    wide = getattr(fastoptim, cls)([p.copy() for p in params], **opts)
+    wide.load_state_dict(sd)
+    n = kept[0]
+    signed = n not in spec.unsigned_state
+    np.testing.assert_array_equal(
+        wide.state[0][n], FM.dequantize_blockwise(opt.state[0][n], opt.state[0][n + "_absmax"],
+                                                  signed))
+    back = getattr(fastoptim, cls)([p.copy() for p in params], state_dtype="8bit", **opts)
+    wsd = wide.state_dict()
+    wsd["param_groups"][0]["state_dtype"] = "8bit"
+    back.load_state_dict(wsd)
+    codes, absmax = FM.quantize_blockwise(wide.state[0][n], signed)
+    np.testing.assert_array_equal(back.state[0][n], codes)
+    np.testing.assert_array_equal(back.state[0][n + "_absmax"], absmax)
+
+
+def test_8bit_adam_state_takes_about_2_bytes_an_element_and_min_8bit_size_holds():
+    p = [np.zeros(1 << 20, np.float32), np.zeros(3000, np.float32)]
+    opt = fastoptim.Adam(p, state_dtype="8bit")
+    opt.step([np.ones_like(x) for x in p])
+    big = sum(a.nbytes for k, a in opt.state[0].items() if k != "step")
+    assert big / p[0].size <= 2.1
+    assert opt.state[1]["exp_avg"].dtype == np.float32           # under 4096 elements
+    small = fastoptim.Adam([np.zeros(3000, np.float32)], state_dtype="8bit",
+                           min_8bit_size=1000)
+    small.step([np.ones(3000, np.float32)])
+    assert small.state[0]["exp_avg"].dtype == np.uint8
+    import pickle
+    assert pickle.loads(pickle.dumps(small)).min_8bit_size == 1000
+    with pytest.raises(ValueError, match="min_8bit_size must be >= 0"):
+        fastoptim.Adam(p, state_dtype="8bit", min_8bit_size=-1)

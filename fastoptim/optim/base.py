@@ -1,8 +1,12 @@
 """The optimizer base class: parameter groups, the hooks a rule's class fills, the
 step, and where new state arrays go (the state and state dicts are in state_dict.py)."""
+import numbers
+
 import numpy as np
 
 from .. import _config, _placement, functional as F
+from ..formats import quantize_blockwise
+from ..reference import float32_to_bfloat16
 from .state_dict import _GroupState, _StateDict
 
 _k = _config._kernels
@@ -110,10 +114,6 @@ class Optimizer(_StateDict):
 
     def _check_hyperparameters(self, group):
         """Validate a group's options by preparing an update of no arrays."""
-        if group.get("state_dtype") == "8bit":
-            raise ValueError("state_dtype='8bit' is not in the optimizer classes yet: the "
-                             "kernels take it through fastoptim.functional (uint8 codes "
-                             "with float32 block scales, fastoptim.formats)")
         names = self._state_names(group)
         self._prepare(dict(group, params=[]), [], {n: [] for n in names},
                       np.zeros(0, dtype=np.int64))
@@ -126,7 +126,11 @@ class Optimizer(_StateDict):
 
     def _prepare(self, group, grads, arrays, steps):
         """The group's prepared step (the registry maps state and options to the rule's
-        ``functional.prepare_*``)."""
+        ``functional.prepare_*``); 8-bit state adds its block scales."""
+        if group.get("state_dtype") == "8bit":
+            none = [None] * len(group["params"])
+            arrays = dict(arrays, absmaxes=tuple(arrays.get(n + "_absmax") or none
+                                                 for n in self._rule.kernel_state))
         return self._kernel_call(group["params"], grads, arrays, steps, group)
 
     def _init_state(self, group, state):
@@ -136,9 +140,47 @@ class Optimizer(_StateDict):
         """Whether the group keeps its state in bfloat16 (uint16 bits)."""
         return group.get("state_dtype") == "bfloat16"
 
-    def _new_state_array(self, name, group, p):
+    #: with state_dtype="8bit", parameters with fewer elements keep float32 state, as
+    #: bitsandbytes' optimizers do (an optimizer setting, not a group option: state
+    #: dicts keep torch's group layout)
+    min_8bit_size = 4096
+
+    def _take_min_8bit_size(self, size):
+        if isinstance(size, (bool, np.bool_)) or not isinstance(size, numbers.Integral):
+            raise TypeError(f"min_8bit_size must be an int, got {type(size).__name__}")
+        if size < 0:
+            raise ValueError(f"min_8bit_size must be >= 0, got {size}")
+        self.min_8bit_size = int(size)
+
+    def _state_8bit(self, group, p):
+        """Whether parameter p keeps 8-bit state (float32, at least min_8bit_size
+        elements: smaller ones keep float32 state)."""
+        return (group.get("state_dtype") == "8bit" and p.dtype == np.float32
+                and p.size >= self.min_8bit_size)
+
+    def _initial_state_value(self, group):
+        """What a new state array holds (Adagrad: its initial accumulator value)."""
+        return 0
+
+    def _new_state_entry(self, name, group, p):
+        """A parameter's new state array ``name``, in the group's format, holding
+        ``_initial_state_value``: ``{name: array}``, and for 8-bit state also
+        ``{name + "_absmax": block scales}``."""
+        slot = self._all_state_names.index(name) + 1
+        value = self._initial_state_value(group)
+        if self._state_8bit(group, p):
+            codes, absmax = quantize_blockwise(
+                np.full(p.shape, value, np.float32, order="F" if _f_order(p) else "C"),
+                name not in self._rule.unsigned_state)
+            arr = _placed_zeros(p, slot, np.uint8)
+            arr[...] = codes
+            return {name: arr, name + "_absmax": absmax}
         dtype = np.uint16 if self._state_bf16(group) else p.dtype
-        return _placed_zeros(p, self._all_state_names.index(name) + 1, dtype)
+        arr = _placed_zeros(p, slot, dtype)
+        if value != 0:
+            # (bfloat16 state: the value rounded to nearest even, as its bits)
+            arr[...] = float32_to_bfloat16(np.float32(value)) if dtype == np.uint16 else value
+        return {name: arr}
 
     # --- the step --------------------------------------------------------------------
 
@@ -183,15 +225,18 @@ class Optimizer(_StateDict):
             return state.arrays, None
         arrays = {}
         complete = True
+        n = len(group["params"])
         for name in names:
-            lst = list(state.arrays.get(name) or [None] * len(group["params"]))
+            arrays[name] = list(state.arrays.get(name) or [None] * n)
             for i, (p, g) in enumerate(zip(group["params"], grads)):
-                if lst[i] is None:
+                if arrays[name][i] is None:
                     if g is not None:
-                        lst[i] = self._new_state_array(name, group, p)
+                        for key, arr in self._new_state_entry(name, group, p).items():
+                            if key not in arrays:
+                                arrays[key] = list(state.arrays.get(key) or [None] * n)
+                            arrays[key][i] = arr
                     else:
                         complete = False
-            arrays[name] = lst
         for name, lst in state.arrays.items():
             arrays.setdefault(name, lst)
         return arrays, (names if complete else None)
@@ -274,9 +319,11 @@ class Optimizer(_StateDict):
     def __getstate__(self):
         return {"defaults": self.defaults, "param_groups": self.param_groups,
                 "_gstate": [(s.steps, s.arrays, s.complete_for) for s in self._gstate],
-                "nonfinite": self.nonfinite, "skipped_steps": self.skipped_steps}
+                "nonfinite": self.nonfinite, "skipped_steps": self.skipped_steps,
+                "min_8bit_size": self.min_8bit_size}
 
     def __setstate__(self, d):
+        self.min_8bit_size = d.get("min_8bit_size", type(self).min_8bit_size)
         self.nonfinite = d.get("nonfinite", "propagate")
         self.skipped_steps = d.get("skipped_steps", 0)
         self.defaults = d["defaults"]

@@ -6,7 +6,6 @@ import numbers
 import numpy as np
 
 from .. import functional as F
-from ..reference import float32_to_bfloat16
 from ..rules import spec
 from .base import Optimizer
 
@@ -23,7 +22,8 @@ class SGD(Optimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, state_dtype=None, rounding="nearest",
-                 seed=0, nonfinite="propagate"):
+                 seed=0, min_8bit_size=4096, nonfinite="propagate"):
+        self._take_min_8bit_size(min_8bit_size)
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov,
                                       maximize=maximize, state_dtype=state_dtype,
@@ -43,7 +43,9 @@ class Adagrad(Optimizer):
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
                  initial_accumulator_value=0.0, eps=1e-10, *, maximize=False,
-                 state_dtype=None, rounding="nearest", seed=0, nonfinite="propagate"):
+                 state_dtype=None, rounding="nearest", seed=0, min_8bit_size=4096,
+                 nonfinite="propagate"):
+        self._take_min_8bit_size(min_8bit_size)
         super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                                       initial_accumulator_value=initial_accumulator_value,
                                       eps=eps, maximize=maximize, state_dtype=state_dtype,
@@ -58,16 +60,13 @@ class Adagrad(Optimizer):
             raise ValueError(f"Invalid initial_accumulator_value value: {value}")
         super()._check_hyperparameters(group)
 
-    def _new_state_array(self, name, group, p):
-        arr = super()._new_state_array(name, group, p)
-        value = group["initial_accumulator_value"]
-        # (bfloat16 state: the value rounded to nearest even, as its bits)
-        arr[...] = float32_to_bfloat16(np.float32(value)) if arr.dtype == np.uint16 else value
-        return arr
+    def _initial_state_value(self, group):
+        return group["initial_accumulator_value"]
 
     def _init_state(self, group, state):
-        state.arrays["sum"] = [self._new_state_array("sum", group, p)
-                               for p in group["params"]]
+        for i, p in enumerate(group["params"]):
+            for key, arr in self._new_state_entry("sum", group, p).items():
+                state.arrays.setdefault(key, [None] * len(group["params"]))[i] = arr
         state.complete_for = ("sum",)
 
 
@@ -81,7 +80,9 @@ class RMSprop(Optimizer):
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
                  momentum=0.0, centered=False, *, maximize=False, state_dtype=None,
-                 rounding="nearest", seed=0, nonfinite="propagate"):
+                 rounding="nearest", seed=0, min_8bit_size=4096,
+                 nonfinite="propagate"):
+        self._take_min_8bit_size(min_8bit_size)
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps,
                                       weight_decay=weight_decay, momentum=momentum,
                                       centered=centered, maximize=maximize,
@@ -108,7 +109,8 @@ class Adam(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, maximize=False, state_dtype=None, rounding="nearest",
-                 seed=0, nonfinite="propagate"):
+                 seed=0, min_8bit_size=4096, nonfinite="propagate"):
+        self._take_min_8bit_size(min_8bit_size)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps,
                                       weight_decay=weight_decay, amsgrad=amsgrad,
                                       maximize=maximize, state_dtype=state_dtype,
@@ -136,10 +138,11 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, state_dtype=None, rounding="nearest",
-                 seed=0, nonfinite="propagate"):
+                 seed=0, min_8bit_size=4096, nonfinite="propagate"):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, state_dtype=state_dtype,
-                         rounding=rounding, seed=seed, nonfinite=nonfinite)
+                         rounding=rounding, seed=seed, min_8bit_size=min_8bit_size,
+                         nonfinite=nonfinite)
 
 
 class _CurvatureOptimizer(Optimizer):

@@ -9,7 +9,15 @@ import sys
 
 import numpy as np
 
+from ..formats import BLOCK, dequantize_blockwise, quantize_blockwise
 from ..reference import bfloat16_to_float32, float32_to_bfloat16
+
+
+def _float32_values(value):
+    """A state array's values as float32 (bfloat16 bits widened exactly)."""
+    if value.dtype == np.uint16:
+        return bfloat16_to_float32(value)
+    return np.asarray(value, np.float32)
 
 
 class _GroupState:
@@ -229,6 +237,11 @@ class _StateDict:
             gstate.steps[i] = _as_step(_from_tensor(entry["step"], where), where)
         present = {name for name in entry if name in self._all_state_names and not (
             entry[name] is None and name in self._optional_state)}   # (torch: None)
+        for name in entry:                      # 8-bit state's block scales
+            if (isinstance(name, str) and name.endswith("_absmax")
+                    and name[:-len("_absmax")] not in entry):
+                raise ValueError(f"state_dict['state'][{key!r}] has {name!r} without "
+                                 f"{name[:-len('_absmax')]!r}")
         for name in names:
             if name not in present:
                 if name in self._optional_state:
@@ -245,20 +258,44 @@ class _StateDict:
                                     f"{type(value).__name__}") from None
             if value.dtype.kind not in "fiu":
                 raise TypeError(f"{where} must hold real numbers, got dtype {value.dtype}")
-            if value.dtype.kind != "f" and value.dtype != np.uint16:
+            coded = value.dtype == np.uint8 and name + "_absmax" in entry
+            if value.dtype.kind != "f" and value.dtype != np.uint16 and not coded:
                 raise TypeError(f"{where} has dtype {value.dtype}: state arrays hold "
-                                "floating-point values, or bfloat16 bits as uint16")
+                                "floating-point values, bfloat16 bits as uint16, or 8-bit "
+                                f"codes as uint8 beside their block scales ({name}_absmax)")
             if value.shape != p.shape:
                 raise ValueError(f"{where} has shape {value.shape}, but the parameter has "
                                  f"shape {p.shape}")
-            arr = self._new_state_array(name, group, p)
-            if arr.dtype == np.uint16:            # bfloat16 state
+            signed = name not in self._rule.unsigned_state
+            scales = None
+            if coded:                              # 8-bit codes: their block scales too
+                w = f"state_dict['state'][{key!r}][{name + '_absmax'!r}]"
+                scales = _from_tensor(entry.get(name + "_absmax"), w)
+                if not isinstance(scales, np.ndarray) or scales.dtype != np.float32 or \
+                        scales.shape != (-(-p.size // BLOCK),):
+                    raise ValueError(f"{w} must be float32 block scales of shape "
+                                     f"({-(-p.size // BLOCK)},), one per {BLOCK} values")
+            made = self._new_state_entry(name, group, p)
+            arr = made[name]
+            if arr.dtype == np.uint8:             # 8-bit state
+                if scales is not None:
+                    arr[...] = value
+                    made[name + "_absmax"][...] = scales
+                else:
+                    codes, absmax = quantize_blockwise(_float32_values(value), signed)
+                    arr[...] = codes
+                    made[name + "_absmax"][...] = absmax
+            elif scales is not None:              # 8-bit codes -> this format
+                wide = dequantize_blockwise(value, scales, signed)
+                arr[...] = float32_to_bfloat16(wide) if arr.dtype == np.uint16 else wide
+            elif arr.dtype == np.uint16:          # bfloat16 state
                 arr[...] = value if value.dtype == np.uint16 else float32_to_bfloat16(value)
             elif value.dtype == np.uint16:        # bfloat16 bits -> the parameter's dtype
                 arr[...] = bfloat16_to_float32(value)
             else:
                 arr[...] = value
-            gstate.arrays.setdefault(name, [None] * len(group["params"]))[i] = arr
+            for k, a in made.items():
+                gstate.arrays.setdefault(k, [None] * len(group["params"]))[i] = a
         if not self._has_step and "step" in entry:      # (bfloat16 state's, see above)
             where = f"state_dict['state'][{key!r}]['step']"
             gstate.steps[i] = _as_step(_from_tensor(entry["step"], where), where)
