@@ -14,7 +14,8 @@ agree to rounding: ``x.add_(y, alpha=a)`` is ``x + a*y``, ``addcmul`` is
 Every scalar that depends only on the step is computed in double precision, then used
 in the arrays' dtype (NumPy 2 treats Python floats as weak scalars).
 """
-import math
+import functools
+import inspect
 
 import numpy as np
 
@@ -150,9 +151,6 @@ def _stored_state(state, touched, unsigned=()):
     (:func:`~fastoptim.formats.quantize_blockwise`); ``unsigned`` names the state that
     is never negative (the unsigned map), the rest take the signed map."""
     def wrap(rule):
-        import functools
-        import inspect
-
         sig = inspect.signature(rule)
 
         @functools.wraps(rule)

@@ -551,7 +551,8 @@ cdef Py_ssize_t _find(const Batch *b, Py_ssize_t pos) noexcept nogil:
 
 cdef Py_ssize_t _boundary(const Batch *b, Py_ssize_t c, Py_ssize_t nchunks) noexcept nogil:
     """Start of piece c: an even split, moved down to a cache-line boundary of the
-    parameter array it falls in (to a block of 256 elements where its state is 8-bit). Depends only on (b, c, nchunks), so neighbours agree."""
+    parameter array it falls in (to a block of 256 elements where its state is 8-bit).
+    Depends only on (b, c, nchunks), so neighbours agree."""
     cdef Py_ssize_t total = b.offsets[b.n], pos, t, local, itemsize, mis
     if c <= 0:
         return 0
