@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fastoptim
-from fastoptim import formats as FM, functional as F, reference as R
+from fastoptim import _config, formats as FM, functional as F, reference as R
 
 #: rule: (its state arguments in order, those never negative, option mixes)
 RULES = {
@@ -66,6 +66,27 @@ def _equal(a, b, what):
     for x, y in zip(a, b):
         for xx, yy in zip(x, y) if isinstance(x, list) else [(x, y)]:
             np.testing.assert_array_equal(xx, yy, err_msg=what)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_encoders_thresholds_are_the_midpoints_of_the_spec(signed):
+    # code j + 1 from just over thr[j], code j at it (ties to the smaller value): as
+    # fastoptim.formats encodes, in blocks whose scale is 1
+    thr = _config._kernels._q8_thresholds(signed)
+    assert thr.dtype == np.float32 and thr.shape == (255,) and np.all(np.diff(thr) > 0)
+    at = np.concatenate([thr, np.nextafter(thr, np.float32(2)), [1.0]]).astype(np.float32)
+    codes, scale = FM.quantize_blockwise(at, signed, block=at.size)
+    assert scale[0] == 1
+    np.testing.assert_array_equal(codes[:255], np.arange(255))
+    np.testing.assert_array_equal(codes[255:510], np.arange(1, 256))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_encoder_gives_every_float32_in_unit_range_its_code(signed):
+    # all 2.1e9 float32 values of [-1, 1], through this kernel path's (SIMD) encoder,
+    # against the count of thresholds below each
+    wrong, bits = _config._kernels._q8_selfcheck(signed)
+    assert wrong == 0, f"{wrong} values encoded wrongly, e.g. bits {bits:#010x}"
 
 
 @pytest.mark.parametrize("name", list(RULES))

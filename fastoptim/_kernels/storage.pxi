@@ -116,91 +116,51 @@ ctypedef void (*q8_rule_fn)(const Batch *b, Py_ssize_t t, Py_ssize_t lo, Py_ssiz
                             float *p, const float *g, float *s0, float *s1,
                             float *s2) noexcept nogil
 
-cdef enum:
-    Q8_TINY_EXP = 105             # |x| < 2**(105 - 127) = 2**-22: one cell, around 0
-    Q8_EXPS = 23                  # the exponents of 2**-22 <= |x| <= 1
-    Q8_CELLS = 1 + 2 * Q8_EXPS * 256
-
-cdef float _Q8_MAP[2][256]       # [0] the unsigned map, [1] the signed one, ascending
-cdef uint8_t _Q8_ZERO[2]         # the code of 0 in each
-# The encoder's cells: the float32 values in [-1, 1] cut by sign, exponent and the top
-# 8 bits of the mantissa (and one cell for |x| < 2**-22). _Q8_CELL[w][cell] is how many
-# map values lie below the cell's smallest value; no cell holds more than one map value
-# (checked when the table is made), so one compare finds how many lie below any x in
-# it, and one more, of exact distances, the nearest: a few loads a value in place of a
-# binary search. (GCC 12 does not vectorize this loop yet: the codec runs scalar.)
-cdef int32_t _Q8_CELL[2][Q8_CELLS]
-
-
-cdef inline int32_t _q8_cell(float x) noexcept nogil:
-    cdef uint32_t u = fo_f32_bits(x)
-    cdef int32_t e = <int32_t> ((u >> 23) & 0xFF)
-    if e < Q8_TINY_EXP:
-        return 0
-    return <int32_t> (1 + (u >> 31) * (Q8_EXPS * 256) + (e - Q8_TINY_EXP) * 256
-                      + ((u >> 15) & 0xFF))
+cdef extern from "fo_q8.h" nogil:
+    # the codec, SIMD per ISA path: see src_c/fo_q8.h for how a code is found
+    ctypedef struct fo_q8_map:
+        float map[256]
+        float thr[256]
+        uint8_t zero
+    fo_q8_map fo_q8_maps[2]              # [0] the unsigned map, [1] the signed one
+    int fo_q8_init(int w, const float *values, int is_signed)
+    void fo_q8_decode(const fo_q8_map *q, const uint8_t *codes, float scale, float *out,
+                      int64_t n)
+    float fo_q8_absmax(const float *x, int64_t n)
+    void fo_q8_encode(const fo_q8_map *q, const float *x, float scale, uint8_t *codes,
+                      int64_t n)
+    int64_t fo_q8_selfcheck(int w, uint32_t *bad)
 
 
 def _load_q8_maps(signed_map, unsigned_map):
     """Copy the two maps in (fastoptim.formats.dynamic_map, at import) and make their
-    encoder cells."""
-    cdef int k, w, sgn, e, mt, below, inside
-    cdef int32_t cell
-    cdef float lo, hi
-    cdef uint32_t bits
+    encoder tables."""
+    cdef float values[256]
+    cdef int k, w
     for w, m in ((1, signed_map), (0, unsigned_map)):
         if len(m) != 256:
             raise ValueError("a map has 256 values")
         for k in range(256):
-            _Q8_MAP[w][k] = <float> m[k]
-            if m[k] == 0:
-                _Q8_ZERO[w] = k
-        for cell in range(Q8_CELLS):
-            if cell == 0:
-                lo, hi = -(2.0 ** -22), 2.0 ** -22
-            else:
-                sgn = (cell - 1) // (Q8_EXPS * 256)
-                e = Q8_TINY_EXP + ((cell - 1) % (Q8_EXPS * 256)) // 256
-                mt = (cell - 1) % 256
-                bits = (<uint32_t> e << 23) | (<uint32_t> mt << 15)
-                lo = (<float *> &bits)[0]
-                bits = bits | 0x7FFF
-                hi = (<float *> &bits)[0]
-                if sgn:
-                    lo, hi = -hi, -lo
-            below = 0
-            inside = 0
-            for k in range(256):
-                below += _Q8_MAP[w][k] < lo
-                inside += lo <= _Q8_MAP[w][k] <= hi
-            if inside > 1:
-                raise ValueError("a map with two values in one encoder cell")
-            _Q8_CELL[w][cell] = below if below < 255 else 255
+            values[k] = <float> m[k]
+        if fo_q8_init(w, values, w) != 0:
+            raise ValueError("a map without the dynamic map's layout")
 
 
-cdef inline void _q8_decode(const float *m, const uint8_t *codes, float scale, float *out,
-                            Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(n):
-        out[i] = m[codes[i]] * scale
+def _q8_thresholds(bint signed):
+    """The encoder's 255 thresholds (float32): value v gets code j + 1 over thr[j]."""
+    return np.array([fo_q8_maps[1 if signed else 0].thr[j] for j in range(255)],
+                    np.float32)
 
 
-cdef inline void _q8_encode(const float *m, const int32_t *cells, const float *x,
-                            float scale, uint8_t *out, Py_ssize_t n) noexcept nogil:
-    # each x / scale to the index of the nearest map value (exact distances, ties to the
-    # smaller): below = how many values are < it, from its cell and one compare
-    cdef Py_ssize_t i
-    cdef float v
-    cdef int32_t t, hi
-    cdef double d_lo, d_hi
-    for i in range(n):
-        v = x[i] / scale
-        t = cells[_q8_cell(v)]
-        t = t + (1 if m[t] < v else 0)
-        hi = 1 if t < 1 else (255 if t > 255 else t)
-        d_lo = fabs(<double> v - <double> m[hi - 1])
-        d_hi = fabs(<double> m[hi] - <double> v)
-        out[i] = <uint8_t> (hi if d_hi < d_lo else hi - 1)
+def _q8_selfcheck(bint signed):
+    """Encode every float32 in [-1, 1] with this module's encoder and compare each code
+    with its definition (the number of midpoints below the value): (how many differ,
+    the bits of one that does, or 0)."""
+    cdef uint32_t bad = 0
+    cdef int64_t wrong
+    with nogil:
+        wrong = fo_q8_selfcheck(1 if signed else 0, &bad)
+    return int(wrong), int(bad)
 
 
 cdef void _run_q8(const Batch *b, Py_ssize_t t, Py_ssize_t lo, Py_ssize_t hi,
@@ -213,8 +173,8 @@ cdef void _run_q8(const Batch *b, Py_ssize_t t, Py_ssize_t lo, Py_ssize_t hi,
     cdef float *p = <float *> b.ptr[ROLE_PARAM][t]
     cdef const float *g = <const float *> b.ptr[ROLE_GRAD][t]
     cdef int j, ns = b.nroles - 2, w
-    cdef Py_ssize_t c = lo, n, i, k
-    cdef float v, amax
+    cdef Py_ssize_t c = lo, n, k
+    cdef float amax
     for j in range(MAX_STATE):
         codes[j] = <uint8_t *> b.ptr[2 + j][t] if j < ns else NULL
         scales[j] = b.absmax[j][t] if codes[j] != NULL else NULL
@@ -224,21 +184,18 @@ cdef void _run_q8(const Batch *b, Py_ssize_t t, Py_ssize_t lo, Py_ssize_t hi,
         k = c // Q8_BLOCK
         for j in range(ns):
             if codes[j] != NULL:
-                _q8_decode(_Q8_MAP[b.q8_signed[j]], codes[j] + c, scales[j][k], buf[j], n)
+                w = b.q8_signed[j]
+                fo_q8_decode(&fo_q8_maps[w], codes[j] + c, scales[j][k], buf[j], n)
         rule(b, t, 0, n, p + c, g + c, s[0], s[1], s[2])
         for j in range(ns):
             if codes[j] != NULL:
                 w = b.q8_signed[j]
-                amax = 0
-                for i in range(n):          # the largest magnitude; NaN wins, as np.max
-                    v = fabsf(buf[j][i])
-                    amax = v if (v > amax or v != v) else amax
+                amax = fo_q8_absmax(buf[j], n)   # NaN if any is NaN, as np.max
                 scales[j][k] = amax
                 if amax > 0 and amax < INFINITY:
-                    _q8_encode(_Q8_MAP[w], _Q8_CELL[w], buf[j], amax, codes[j] + c, n)
+                    fo_q8_encode(&fo_q8_maps[w], buf[j], amax, codes[j] + c, n)
                 else:                       # zeros, or NaN/Inf: decodes to 0 or NaN
-                    for i in range(n):
-                        codes[j][c + i] = _Q8_ZERO[w]
+                    memset(codes[j] + c, fo_q8_maps[w].zero, n)
         c += n
 
 
