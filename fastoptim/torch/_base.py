@@ -10,6 +10,7 @@ from torch.optim.optimizer import Optimizer as _TorchOptimizer
 
 from .. import _config
 from .. import functional as F
+from . import _compressed
 from ._plan import _GroupPlan, _Planning
 from ._reuse import _Keeping, _State
 from ._tensors import _DTYPES, _new_step, _placeable, _state_like
@@ -144,6 +145,8 @@ class _Optimizer(_Keeping, _Planning, _TorchOptimizer):
                 f"set capturable=False")
         for i, p in enumerate(group["params"]):
             self._check_param(gi, group, i, p)
+        if _compressed.compressed(group) or "min_8bit_size" in group:
+            _compressed.check(self._rule, group, f"param_groups[{gi}]")
         # the hyperparameters, by preparing an update of no parameters
         self._prepare(group, [], [], {n: [] for n in self._state_names(group)},
                       np.zeros(0, dtype=np.int64))
@@ -219,22 +222,64 @@ class _Optimizer(_Keeping, _Planning, _TorchOptimizer):
         """A new state tensor ``name`` of ``p``, as torch makes it, placed when large."""
         return _state_like(p, self._rule.state.index(name) + 1, fill)
 
+    def _state_entries(self, group, p, name, fill=0):
+        """A new state tensor ``name`` of ``p`` in the group's state format: ``{name:
+        tensor}`` (and ``{name + "_absmax": block scales}`` for 8-bit state)."""
+        return _compressed.new_entries(
+            p, name, fill, _compressed.param_format(group, p),
+            name not in self._rule.unsigned_state,
+            lambda: self._state_tensor(p, name, fill))
+
     def load_state_dict(self, state_dict):
-        """torch's ``load_state_dict``; then each large state tensor is copied into
-        placed memory (as a new state tensor would be): the loaded ones are torch's
-        allocations, or the very tensors of ``state_dict``."""
-        super().load_state_dict(state_dict)
-        for p, st in self.state.items():
-            if not isinstance(p, torch.Tensor) or not isinstance(st, dict) \
-                    or not _placeable(p):
-                continue
-            for name in self._rule.state:
-                t = st.get(name)
-                if (isinstance(t, torch.Tensor) and t.shape == p.shape
-                        and t.dtype == p.dtype and t.is_cpu):
-                    placed = self._state_tensor(p, name)
-                    placed.copy_(t)
-                    st[name] = placed
+        """torch's ``load_state_dict``, with the optimizer's own state format kept:
+        state saved in another format (float32, bfloat16, 8-bit codes with their block
+        scales, or a bitsandbytes 8-bit optimizer's nested state) is converted to it,
+        never through a float32 copy made by torch (which casts every floating state
+        tensor to the parameter's dtype); the groups keep the optimizer's
+        compressed-state keys. A bitsandbytes state dict's groups carry none of torch's
+        flags: those keep the optimizer's values (a torch checkpoint's missing keys
+        take torch's defaults, as torch loads them). Then each large state tensor
+        in the parameter's dtype is copied into placed memory (as a new state tensor
+        would be): the loaded ones are torch's allocations, or the very tensors of
+        ``state_dict``."""
+        own = [dict(g) for g in self.param_groups]
+        saved, kept, bnb = _compressed.set_aside(state_dict, self._rule.state)
+        super().load_state_dict(saved)
+        ids = [i for g in saved["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = dict(zip(ids, params))
+        for g, o, sg in zip(self.param_groups, own, saved["param_groups"]):
+            for k in _compressed.KEYS:
+                g.pop(k, None)
+            for k, v in o.items():
+                if k in _compressed.KEYS or (bnb and k not in sg):
+                    g[k] = v
+            if bnb:
+                for k in _compressed.BNB_GROUP_KEYS:
+                    if k not in o:
+                        g.pop(k, None)
+        for key, entries in kept.items():
+            p = by_id.get(key)
+            if p is not None:
+                self.state[p].update(entries)
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                st = self.state.get(p)
+                if not isinstance(st, dict):
+                    continue
+                fmt = _compressed.param_format(group, p)
+                for name in self._rule.state:
+                    _compressed.convert(st, name, fmt, p,
+                                        name not in self._rule.unsigned_state,
+                                        f"the state of {self._param_name(gi, group, i)}")
+                if fmt is None and isinstance(p, torch.Tensor) and _placeable(p):
+                    for name in self._rule.state:
+                        t = st.get(name)
+                        if (isinstance(t, torch.Tensor) and t.shape == p.shape
+                                and t.dtype == p.dtype and t.is_cpu):
+                            placed = self._state_tensor(p, name)
+                            placed.copy_(t)
+                            st[name] = placed
 
     # --- class hooks -------------------------------------------------------------------
 
@@ -253,7 +298,7 @@ class _Optimizer(_Keeping, _Planning, _TorchOptimizer):
         then a zero tensor per state name, in the registry's order."""
         state = {"step": self._step_tensor(group, p)} if self._has_step else {}
         for name in self._state_names(group):
-            state[name] = self._state_tensor(p, name)
+            state.update(self._state_entries(group, p, name))
         return state
 
     def _step_tensor(self, group, p):
@@ -262,6 +307,8 @@ class _Optimizer(_Keeping, _Planning, _TorchOptimizer):
     def _prepare(self, group, params, grads, states, steps):
         """The kernel call for ``params`` (their state lists by name), through the
         registry; options are read as plain numbers (see _Options)."""
+        if group.get("state_dtype") == "8bit" and "absmaxes" not in states:
+            states = dict(states, absmaxes=tuple([] for _ in self._rule.kernel_state))
         return F.prepare(self._kernel_rule(group), params, grads, states, steps,
                          _Options(group, self._rule.defaults))
 

@@ -110,7 +110,7 @@ class Adagrad(_Optimizer):
                 init_value = (
                     complex(initial_accumulator_value, initial_accumulator_value)
                     if torch.is_complex(p) else initial_accumulator_value)
-                state["sum"] = self._state_tensor(p, "sum", init_value)
+                state.update(self._state_entries(group, p, "sum", init_value))
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -144,7 +144,7 @@ class Adagrad(_Optimizer):
         iav = self.defaults["initial_accumulator_value"]
         init_value = complex(iav, iav) if torch.is_complex(p) else iav
         return {"step": _new_step({"fused": group["fused"]}, p),
-                "sum": self._state_tensor(p, "sum", init_value)}
+                **self._state_entries(group, p, "sum", init_value)}
 
 
 class RMSprop(_Optimizer):

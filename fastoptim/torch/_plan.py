@@ -5,6 +5,7 @@ import re
 import numpy as np
 import torch
 
+from . import _compressed
 from ._tensors import (_COMPLEX_DTYPES, _FLOAT_DTYPES, _STRIDED, _DTensor, _dense, _like,
                        _local, _meta, _same_order, _shares_memory)
 
@@ -101,6 +102,11 @@ class _Planning:
             plan.written.append(p)
         if not kparams:
             return plan
+        if _compressed.compressed(group):
+            plan.reusable = False
+            if group["state_dtype"] == "8bit":
+                kstates["absmaxes"] = tuple(kstates.pop(n + _compressed.ABSMAX, None)
+                                            for n in self._rule.kernel_state)
         plan.steps = self._step_counts(gi, group, names, steps, fresh, where)
         if self._has_step:
             plan.step_views = steps
@@ -161,14 +167,21 @@ class _Planning:
             if state:
                 plan.new_state.append((self.state, p, state))
         vstates = v.states
+        fmt = _compressed.param_format(group, p) if _compressed.compressed(group) else None
         for sname in names:
             t = state.get(sname)
             c = vstates.get(sname)
             # a state tensor is only ever replaced (load_state_dict, ZeRO) or moved
             # (share_memory_, .data = ...), which changes its identity or pointer
             if c is None or c[0] is not t or c[1] != t.data_ptr():
-                c = self._state_views(gi, group, i, v, sname, state, t)
+                c = self._state_views(gi, group, i, v, sname, state, t, fmt)
             kstates[sname].append(c[2])
+            if group.get("state_dtype") == "8bit":
+                scales = None
+                if fmt:
+                    scales = self._absmax_view(gi, group, i, p, sname, state)
+                    plan.written.append(state[sname + _compressed.ABSMAX])
+                kstates.setdefault(sname + _compressed.ABSMAX, []).append(scales)
             if c[3] is not None:
                 plan.fills.append((c[3][0], c[3][1]))
                 plan.backs.append((c[3][1], c[3][0]))
@@ -264,12 +277,15 @@ class _Planning:
             g = torch.view_as_real(g.resolve_conj())
         return g.resolve_neg().numpy()
 
-    def _state_views(self, gi, group, i, v, sname, state, t):
+    def _state_views(self, gi, group, i, v, sname, state, t, fmt=None):
         """(tensor, data_ptr, kernel array, (buffer view, memory) or None) for one state
         tensor; state in another memory order than the parameter goes through a
-        buffer that is filled before the run and copied back after."""
+        buffer that is filled before the run and copied back after (compressed state,
+        ``fmt``: see _compressed, must be in the parameter's order)."""
         p = v.p
         label = self._param_name(gi, group, i)
+        if fmt is not None:
+            return self._compressed_views(gi, group, i, v, sname, state, t, fmt, label)
         if t is None:
             raise ValueError(
                 f"the state of {label} has no {sname!r} (were the group's options "
@@ -295,6 +311,44 @@ class _Planning:
             c = (t, t.data_ptr(), buf, (view, sa))
         v.states[sname] = c
         return c
+
+    def _compressed_views(self, gi, group, i, v, sname, state, t, fmt, label):
+        """_state_views of a bfloat16 or 8-bit state tensor (its bits, as the kernel
+        takes them), which must have the parameter's shape and memory order."""
+        p = v.p
+        want = _compressed.state_dtype(fmt, p)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state[{sname!r}] of {label} must be a tensor, got "
+                            f"{type(t).__name__ if t is not None else None}")
+        if not (t.is_cpu and t.layout is _STRIDED and t.dtype is want
+                and t.shape == p.shape):
+            raise ValueError(f"state[{sname!r}] of {label} is a {t.dtype} tensor of shape "
+                             f"{tuple(t.shape)} on {t.device}, but state_dtype={fmt!r} "
+                             f"keeps {want} state of the parameter's shape "
+                             f"{tuple(p.shape)} on the CPU")
+        bits = t.detach().view(torch.int16) if want is torch.bfloat16 else t.detach()
+        sa = bits.numpy()
+        if want is torch.bfloat16:
+            sa = sa.view(np.uint16)
+        if not _same_order(sa, v.layout):
+            raise ValueError(f"state[{sname!r}] of {label} is not laid out in memory as "
+                             f"the parameter is (strides {t.stride()} against "
+                             f"{p.stride()}); {fmt} state keeps the parameter's order")
+        c = (t, t.data_ptr(), sa.ravel("K"), None)
+        v.states[sname] = c
+        return c
+
+    def _absmax_view(self, gi, group, i, p, sname, state):
+        """The NumPy view of 8-bit state ``sname``'s block scales."""
+        a = state.get(sname + _compressed.ABSMAX)
+        n = -(-p.numel() // _compressed.BLOCK)
+        if not (isinstance(a, torch.Tensor) and a.dtype is torch.float32 and a.is_cpu
+                and a.shape == (n,) and a.is_contiguous()):
+            raise ValueError(f"state[{sname + _compressed.ABSMAX!r}] of "
+                             f"{self._param_name(gi, group, i)} must be a contiguous "
+                             f"float32 CPU tensor of {n} block scales, got "
+                             f"{a if not isinstance(a, torch.Tensor) else (a.dtype, tuple(a.shape))}")
+        return a.detach().numpy()
 
     def _step_view(self, gi, group, i, v, t):
         """(tensor, data_ptr, 0-d NumPy view) of state["step"]: making the view costs
