@@ -324,3 +324,82 @@ def test_a_bitsandbytes_state_dict_with_another_map_is_refused():
                       "state_dtype": "8bit"}])
     with pytest.raises(ValueError, match="qmap1"):
         opt.load_state_dict(sd)
+
+
+def _fastoptim_8bit_run(steps=3):
+    gen = torch.Generator().manual_seed(3)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen))
+          for s in ((64, 128), (10,), (33, 300))]
+    opt = fot.AdamW([{"params": ps, "state_dtype": "8bit"}], lr=1e-3, weight_decay=0.01)
+    for _ in range(steps):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return ps, opt
+
+
+def test_to_bitsandbytes_loads_into_adamw8bit_and_comes_back():
+    bnb = _bnb()
+    ps, opt = _fastoptim_8bit_run()
+    sd = opt.state_dict()
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    b = bnb.optim.AdamW8bit(theirs, lr=1e-3, weight_decay=0.01)
+    b.load_state_dict(fot.to_bitsandbytes(sd))
+    st = b.state[theirs[0]]
+    assert torch.equal(st["state1"], sd["state"][0]["exp_avg"])
+    assert torch.equal(st["absmax2"], sd["state"][0]["exp_avg_sq_absmax"])
+    assert st["step"] == 3
+    small = b.state[theirs[1]]["state1"]                             # float32 state
+    assert small.dtype == torch.float32 and torch.equal(small, sd["state"][1]["exp_avg"])
+    for p in theirs:
+        p.grad = torch.ones_like(p)
+    b.step()                                                         # it trains on
+    mine = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    back = fot.AdamW([{"params": mine, "state_dtype": "8bit"}], lr=1e-3, weight_decay=0.01)
+    back.load_state_dict(fot.to_bitsandbytes(sd))
+    for key in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"):
+        assert torch.equal(back.state[mine[0]][key], sd["state"][0][key])
+    # (33, 300): 8-bit here; a round trip keeps its codes
+    assert torch.equal(back.state[mine[2]]["exp_avg"], sd["state"][2]["exp_avg"])
+
+
+def test_to_torchao_loads_into_adamw8bit_and_comes_back():
+    try:
+        from torchao.optim import AdamW8bit
+    except ImportError:
+        pytest.skip("torchao is not installed (pip install torchao==0.18.0: the test "
+                    "extras install it on Linux x86-64)")
+    ps, opt = _fastoptim_8bit_run()
+    sd = opt.state_dict()
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    a = AdamW8bit(theirs, lr=1e-3, weight_decay=0.01)
+    a.load_state_dict(fot.to_torchao(sd))
+    st = a.state[theirs[0]]
+    assert type(st["exp_avg"]).__name__ == "OptimState8bit"
+    assert torch.equal(st["exp_avg"].codes, sd["state"][0]["exp_avg"])
+    assert torch.equal(st["exp_avg_sq"].scale, sd["state"][0]["exp_avg_sq_absmax"])
+    # 33 x 300 is not whole blocks, which torchao's format needs: float32, dequantized
+    wide = a.state[theirs[2]]["exp_avg"]
+    want = FM.dequantize_blockwise(sd["state"][2]["exp_avg"].numpy(),
+                                   sd["state"][2]["exp_avg_absmax"].numpy())
+    np.testing.assert_array_equal(wide.numpy(), want)
+    mine = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    back = fot.AdamW([{"params": mine, "state_dtype": "8bit"}], lr=1e-3, weight_decay=0.01)
+    back.load_state_dict(a.state_dict())
+    for key in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"):
+        assert torch.equal(back.state[mine[0]][key], sd["state"][0][key])
+    assert back.param_groups[0]["decoupled_weight_decay"] is True
+    for p in mine:
+        p.grad = torch.ones_like(p)
+    back.step()                                          # (a tensor lr, as torchao's)
+
+
+def test_conversions_refuse_what_the_other_formats_cannot_hold():
+    p = torch.nn.Parameter(torch.randn(5000))
+    opt = fot.Adam([{"params": [p], "state_dtype": "8bit"}], amsgrad=True)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    with pytest.raises(ValueError, match="amsgrad"):
+        fot.to_bitsandbytes(opt.state_dict())
+    with pytest.raises(TypeError, match="state_dict"):
+        fot.to_torchao([1, 2])

@@ -73,23 +73,35 @@ How a step runs, point by point:
   kernels work outside autograd and on CPU memory. No class claims
   ``_step_supports_amp_scaling``, so ``GradScaler`` unscales the gradients (and skips
   steps with infs) itself before calling ``step()``.
+* Compressed state, per parameter group (torch's constructors are unchanged, so the
+  choice is a group key): ``{"params": ..., "state_dtype": "bfloat16"}`` keeps state
+  tensors in ``torch.bfloat16``; ``"8bit"`` keeps bitsandbytes' blockwise format, a
+  uint8 ``exp_avg`` of codes shaped like the parameter beside ``exp_avg_absmax``
+  (float32, one scale per 256 elements in the parameter's memory order), for float32
+  parameters of at least ``min_8bit_size`` (another group key, default 4096) elements.
+  Also ``rounding`` ("nearest"/"stochastic", bfloat16) and ``seed``. Steps equal the
+  NumPy classes' bit for bit. ``load_state_dict`` keeps compressed tensors from
+  torch's cast to the parameter's dtype and converts loaded state to the group's
+  format; it reads bitsandbytes' and torchao's 8-bit Adam/AdamW state dicts, and
+  :func:`to_bitsandbytes` / :func:`to_torchao` write them (see ``_convert``).
 * Threads: the kernels use ``fastoptim.set_num_threads(n)`` when it was called, else
   ``torch.get_num_threads()``. On Linux, torch's wheel and fastoptim both load
   ``libgomp.so.1``; the dynamic linker loads it once, so both share one OpenMP runtime
   and thread pool (no oversubscription).
 """
 from ._classes import SGD, Adagrad, Adam, AdamW, RMSprop
+from ._convert import to_bitsandbytes, to_torchao
 
 # (read by tests and tools; a kept step reads them from _probes at each step)
 from ._base import _threads  # noqa: F401
 from ._probes import _EXACT, _LAYOUT_GUARD, _READER  # noqa: F401
 
-__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
+__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "to_bitsandbytes", "to_torchao"]
 
 # The code lives in submodules (_base: the optimizer base class; _plan and _reuse: the
 # planned and the kept step; _tensors: tensors as the kernels see them; _probes: torch
 # internals a kept step reads; _classes: one class per rule); the classes' public home,
 # for reprs and pickles, is this package.
-for _cls in (SGD, Adagrad, RMSprop, Adam, AdamW):
+for _cls in (SGD, Adagrad, RMSprop, Adam, AdamW, to_bitsandbytes, to_torchao):
     _cls.__module__ = __name__
 del _cls

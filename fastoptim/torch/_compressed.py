@@ -196,10 +196,10 @@ BNB_GROUP_KEYS = ("alpha", "t_alpha", "t_beta3")
 
 def set_aside(state_dict, names):
     """(the state dict torch's ``load_state_dict`` gets, {saved key: entries set aside},
-    whether it is bitsandbytes'): compressed state tensors (bfloat16, uint8 codes and
-    their ``_absmax`` scales) of the state ``names`` are set aside, so that torch does
-    not cast them to the parameter's dtype; bitsandbytes' nested state is unpacked
-    first."""
+    whether it is bitsandbytes' or torchao's): compressed state tensors (bfloat16,
+    uint8 codes and their ``_absmax`` scales) of the state ``names`` are set aside, so
+    that torch does not cast them to the parameter's dtype; bitsandbytes' nested state
+    and torchao's OptimState8bit tensors are unpacked first."""
     state = state_dict.get("state") if isinstance(state_dict, dict) else None
     if not isinstance(state, dict):
         return state_dict, {}, False
@@ -207,6 +207,16 @@ def set_aside(state_dict, names):
     for key, entry in state.items():
         if isinstance(entry, dict) and BNB_KEY in entry:
             entry = from_bitsandbytes(entry, key)
+            changed = bnb = True
+        if isinstance(entry, dict) and any(isinstance(v, torch.Tensor) and hasattr(v, "codes")
+                                           for v in entry.values()):
+            from ._convert import from_torchao            # (it imports this module)
+            entry = dict(entry)
+            for n in list(entry):
+                got = from_torchao(entry[n], f"state_dict['state'][{key!r}][{n!r}]") \
+                    if isinstance(entry[n], torch.Tensor) else None
+                if got is not None:
+                    entry[n], entry[n + ABSMAX] = got
             changed = bnb = True
         if isinstance(entry, dict):
             aside = {n: v for n, v in entry.items() if isinstance(v, torch.Tensor) and (
