@@ -1,13 +1,16 @@
-"""bfloat16 optimizer state: speed past the fp32 ceiling, and convergence.
+"""Compressed optimizer state (bfloat16, 8-bit): speed past the fp32 ceiling, and convergence.
 
     python bench/bf16_state.py [--plot docs/images/bf16.png] [--size 25] [--reps 15]
 
 1. Speed: Adam at 2^size float32 elements, all threads. Contenders run interleaved, rep
    by rep in rotated order, each after an untimed call, on arrays carved from one
    buffer at staggered offsets (the same layout for everyone): fastoptim with float32
-   state, with bfloat16 state (nearest and stochastic rounding), the float32 same-traffic
-   ceiling (28 B/element), and torch's fused Adam when torch is installed. Also the
-   196-array transformer list of the benchmark command.
+   state, with bfloat16 state (nearest and stochastic rounding) and with 8-bit blockwise
+   state; the same-traffic ceilings of each (a compiled loop moving exactly the bytes
+   the rule moves, no arithmetic: 28 B/element with float32 state, 20 with bfloat16,
+   16 with 8-bit); torch's fused Adam, and bitsandbytes' and torchao's 8-bit Adam
+   where installed. Each is given against the fp32 ceiling and against its own. Also
+   the 196-array transformer list of the benchmark command.
 2. Convergence: a two-layer MLP on scikit-learn's digits (bundled, no download), plain
    NumPy forward/backward, trained with fastoptim.Adam with float32, bfloat16 and 8-bit
    state (8-bit for the 64x128 weight, float32 for the arrays under 4096 values); the
@@ -19,7 +22,7 @@ import time
 import numpy as np
 
 import fastoptim
-from fastoptim import _config
+from fastoptim import _config, formats as FM
 from fastoptim.bench import transformer_shapes
 
 _k = _config._kernels
@@ -66,16 +69,33 @@ def speed(shapes, reps, torch):
         a[...] = rng.standard_normal(a.size)
     b16 = carve(sizes * 2, np.uint16)
     bm, bv = b16[:n], b16[n:]
+    q8 = carve(sizes * 2, np.uint8)                   # 8-bit codes, and block scales
+    qm, qv = q8[:n], q8[n:]
+    zero = int(np.flatnonzero(FM.dynamic_map(True) == 0)[0])
+    for a in qm:
+        a[...] = zero
+    am = [np.zeros(-(-k // FM.BLOCK), np.float32) for k in sizes]
+    av = [np.zeros(-(-k // FM.BLOCK), np.float32) for k in sizes]
     steps = [np.zeros(n, np.int64) for _ in range(4)]
+    threads = _config.get_num_threads()
+    F = fastoptim.functional
     c = {
-        "fp32 state": lambda: fastoptim.functional.adam_(p, g, m, v, None, steps[0]),
-        "bf16 state, nearest": lambda: fastoptim.functional.adam_(
+        "fp32 state": lambda: F.adam_(p, g, m, v, None, steps[0]),
+        "bf16 state, nearest": lambda: F.adam_(
             p, g, bm, bv, None, steps[1], state_dtype="bfloat16"),
-        "bf16 state, stochastic": lambda: fastoptim.functional.adam_(
+        "bf16 state, stochastic": lambda: F.adam_(
             p, g, bm, bv, None, steps[2], state_dtype="bfloat16", rounding="stochastic"),
-        "fp32 ceiling (28 B/el)": lambda: _k.prepare_traffic(p, g, [m, v]).run(
-            _config.get_num_threads()),
+        "8-bit state": lambda: F.adam_(p, g, qm, qv, None, steps[3], state_dtype="8bit",
+                                       absmaxes=[am, av, None]),
+        "fp32 ceiling (28 B/el)": lambda: _k.prepare_traffic(p, g, [m, v]).run(threads),
+        "bf16 ceiling (20 B/el)": lambda: _k.prepare_traffic(p, g, [bm, bv]).run(threads),
+        "8-bit ceiling (16 B/el)": lambda: _k.prepare_traffic(
+            p, g, [qm, qv], [am, av]).run(threads),
     }
+    own = {"fp32 state": "fp32 ceiling (28 B/el)",
+           "bf16 state, nearest": "bf16 ceiling (20 B/el)",
+           "bf16 state, stochastic": "bf16 ceiling (20 B/el)",
+           "8-bit state": "8-bit ceiling (16 B/el)"}
     if torch is not None:
         tp = [torch.from_numpy(x) for x in p]
         for t, x in zip(tp, g):
@@ -86,15 +106,39 @@ def speed(shapes, reps, torch):
             opt.state[t]["exp_avg"] = torch.from_numpy(x)
             opt.state[t]["exp_avg_sq"] = torch.from_numpy(y)
         c["torch fused (fp32)"] = opt.step
+        for label, make in _others(torch):
+            # their own copies of the parameters (they allocate their own state)
+            theirs = [torch.from_numpy(x.copy()).requires_grad_() for x in p]
+            for t, x in zip(theirs, g):
+                t.grad = torch.from_numpy(x)
+            c[label] = make(theirs).step
     t = interleave(c, reps)
     base = np.median(t["fp32 ceiling (28 B/el)"])
     total = sum(sizes)
-    print(f"  {'contender':26s} {'time/step':>11s} {'x fp32 ceiling':>15s} {'x torch fused':>14s}")
+    print(f"  {'contender':26s} {'time/step':>11s} {'x fp32 ceiling':>15s} "
+          f"{'x own ceiling':>14s} {'x torch fused':>14s}")
     for name, ts in t.items():
         med = np.median(ts)
         vs_torch = (np.median(t["torch fused (fp32)"]) / med) if torch is not None else float("nan")
-        print(f"  {name:26s} {med * 1e3:9.2f} ms {base / med:15.2f} {vs_torch:14.2f}")
+        mine = f"{np.median(t[own[name]]) / med:14.2f}" if name in own else f"{'':14s}"
+        print(f"  {name:26s} {med * 1e3:9.2f} ms {base / med:15.2f} {mine} {vs_torch:14.2f}")
     return total
+
+
+def _others(torch):
+    """The other CPU 8-bit Adams, where installed: (label, optimizer factory)."""
+    out = []
+    try:
+        import bitsandbytes as bnb
+        out.append(("bitsandbytes Adam8bit", lambda ps: bnb.optim.Adam8bit(ps)))
+    except ImportError:
+        print("  (bitsandbytes not installed: pip install bitsandbytes==0.50.2)")
+    try:
+        from torchao.optim import Adam8bit as AoAdam8bit
+        out.append(("torchao Adam8bit", lambda ps: AoAdam8bit(ps)))
+    except ImportError:
+        print("  (torchao not installed: pip install torchao)")
+    return out
 
 
 def mlp_digits(state_kw, epochs=60, seed=0):
