@@ -19,8 +19,8 @@ from . import _config
 from .reference import bfloat16_to_float32, float32_to_bfloat16   # bfloat16 state format
 from .rules import RuleSpec, spec
 
-__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adahessian_", "newton_",
-           "bfloat16_to_float32", "float32_to_bfloat16"]
+__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adamax_", "adahessian_",
+           "newton_", "bfloat16_to_float32", "float32_to_bfloat16"]
 
 _k = _config._kernels
 
@@ -69,6 +69,13 @@ def prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, st
     return _k.prepare_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr,
                            betas, eps, weight_decay, amsgrad, maximize, True, state_dtype,
                            rounding, seed, absmaxes)
+
+
+def prepare_adamax(params, grads, exp_avgs, exp_infs, steps, *, lr=2e-3,
+                   betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False,
+                   state_dtype=None, rounding="nearest", seed=0, absmaxes=None):
+    return _k.prepare_adamax(params, grads, exp_avgs, exp_infs, steps, lr, betas, eps,
+                             weight_decay, maximize, state_dtype, rounding, seed, absmaxes)
 
 
 def prepare_adahessian(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_sqs,
@@ -299,6 +306,7 @@ adam_ = _in_place(prepare_adam, """Adam (or AdamW with ``decoupled_weight_decay`
     See :func:`reference.adam_` (also for ``state_dtype="bfloat16"``).""")
 adamw_ = _in_place(prepare_adamw, """AdamW (decoupled weight decay), in place. See
     :func:`reference.adamw_`.""")
+adamax_ = _in_place(prepare_adamax, """Adamax, in place. See :func:`reference.adamax_`.""")
 adahessian_ = _in_place(prepare_adahessian, """AdaHessian, in place, from Hessian-diagonal
     estimates (one per parameter). See :func:`reference.adahessian_`; estimate the
     diagonals with :func:`fastoptim.hessian.hutchinson_diag` (or

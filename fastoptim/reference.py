@@ -19,8 +19,8 @@ import inspect
 
 import numpy as np
 
-__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adahessian_", "newton_",
-           "bfloat16_to_float32", "float32_to_bfloat16"]
+__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adamax_", "adahessian_",
+           "newton_", "bfloat16_to_float32", "float32_to_bfloat16"]
 
 
 def _as_list(x):
@@ -385,6 +385,40 @@ def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, steps=Non
           betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
           maximize=maximize, decoupled_weight_decay=True, state_dtype=state_dtype,
           rounding=rounding, seed=seed, absmaxes=absmaxes)
+
+
+@_stored_state(("exp_avgs", "exp_infs"), lambda o: ("exp_avgs", "exp_infs"),
+               unsigned=("exp_infs",))
+def adamax_(params, grads, exp_avgs, exp_infs, steps, *, lr=2e-3, betas=(0.9, 0.999),
+            eps=1e-8, weight_decay=0.0, maximize=False):
+    r"""Adamax: Adam with the infinity norm in place of the second moment
+    (Kingma & Ba, 2015, section 7.1), as torch.optim.Adamax.
+
+    .. math::
+        t &\leftarrow t + 1, \quad g \leftarrow \pm\nabla + \lambda p \\
+        m &\leftarrow m + (1-\beta_1)(g - m) \\
+        u &\leftarrow \max(\beta_2 u,\ |g| + \epsilon) \\
+        p &\leftarrow p - \frac{\gamma}{1-\beta_1^t}\,\frac{m}{u}
+
+    ``steps`` is required (the bias correction). ``max`` propagates NaN, as
+    ``torch.maximum``. ``u`` is never negative: 8-bit state keeps it with the unsigned
+    map.
+    """
+    beta1, beta2 = betas
+    params, grads = _as_list(params), _as_list(grads)
+    ms, us = _as_list(exp_avgs), _as_list(exp_infs)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        steps[i] += 1
+        g = -g if maximize else g
+        if weight_decay != 0:
+            g = g + _scalar(weight_decay, p) * p
+        m, u = ms[i], us[i]
+        m[...] = _lerp(m, g, _scalar(1 - beta1, p))
+        np.maximum(u * _scalar(beta2, p), np.abs(g) + _scalar(eps, p), out=u)
+        clr = lr / (1 - beta1 ** float(steps[i]))
+        p += (_scalar(-clr, p) * m) / u
 
 
 def adahessian_(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_sqs, steps, *,

@@ -39,6 +39,8 @@ RULES = {
                   amsgrad=[True], maximize=[True]),
     "adamw": _grid("adamw", lr=[0.01], betas=[(0.3, 0.9)], eps=[1e-6],
                    weight_decay=[0.0, 0.1], amsgrad=[True], maximize=[True]),
+    "adamax": _grid("adamax", lr=[0.01], betas=[(0.3, 0.9)], eps=[1e-6],
+                    weight_decay=[0.01], maximize=[True]),
 }
 
 
@@ -59,6 +61,8 @@ def state_names(rule, opts):
         names += ["grad_avgs"] if opts.get("centered") else []
         names += ["momentum_buffers"] if opts.get("momentum", 0) > 0 else []
         return names
+    if rule == "adamax":
+        return ["exp_avgs", "exp_infs"]
     names = ["exp_avgs", "exp_avg_sqs"]
     return names + (["max_exp_avg_sqs"] if opts.get("amsgrad") else [])
 
@@ -81,6 +85,8 @@ def call(module, rule, params, grads, state, steps, opts):
     if rule == "rmsprop":
         return fn(params, grads, state["square_avgs"], state.get("grad_avgs"),
                   state.get("momentum_buffers"), steps, **opts)
+    if rule == "adamax":
+        return fn(params, grads, state["exp_avgs"], state["exp_infs"], steps, **opts)
     return fn(params, grads, state["exp_avgs"], state["exp_avg_sqs"],
               state.get("max_exp_avg_sqs"), steps, **opts)
 
@@ -106,6 +112,11 @@ def prepare(kernels, rule, params, grads, state, steps, opts):
                                        o.get("eps", 1e-8), o.get("weight_decay", 0.0),
                                        o.get("momentum", 0.0), o.get("centered", False),
                                        o.get("maximize", False))
+    if rule == "adamax":
+        return kernels.prepare_adamax(params, grads, state["exp_avgs"], state["exp_infs"],
+                                      steps, o.get("lr", 2e-3), o.get("betas", (0.9, 0.999)),
+                                      o.get("eps", 1e-8), o.get("weight_decay", 0.0),
+                                      o.get("maximize", False))
     return kernels.prepare_adam(params, grads, state["exp_avgs"], state["exp_avg_sqs"],
                                 state.get("max_exp_avg_sqs"), steps, o.get("lr", 1e-3),
                                 o.get("betas", (0.9, 0.999)), o.get("eps", 1e-8),

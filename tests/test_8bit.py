@@ -24,6 +24,8 @@ RULES = {
                dict(decoupled_weight_decay=True, weight_decay=0.1)]),
     "adamw_": (("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
                ("exp_avg_sqs", "max_exp_avg_sqs"), [dict(amsgrad=True)]),
+    "adamax_": (("exp_avgs", "exp_infs"), ("exp_infs",),
+                [dict(), dict(weight_decay=0.1, maximize=True, betas=(0.4, 0.9))]),
 }
 SHAPES = [(), (7,), (256,), (1000,), (33, 17), (5000,)]
 
@@ -192,6 +194,8 @@ CLASSES = {   # class: (functional rule, state arguments, state names, options)
              ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), dict(lr=0.01, amsgrad=True)),
     "AdamW": ("adamw_", ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
               ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), dict(lr=0.01)),
+    "Adamax": ("adamax_", ("exp_avgs", "exp_infs"), ("exp_avg", "exp_inf"),
+               dict(lr=0.01, weight_decay=0.01)),
 }
 
 

@@ -171,6 +171,8 @@ OTHER_RULES = {
     "rmsprop_": (("square_avgs", "grad_avgs", "momentum_buffers"),
                  [dict(), dict(centered=True), dict(momentum=0.9),
                   dict(centered=True, momentum=0.5, weight_decay=0.01, maximize=True)]),
+    "adamax_": (("exp_avgs", "exp_infs"),
+                [dict(), dict(betas=(0.4, 0.9), eps=1e-3, weight_decay=0.02, maximize=True)]),
 }
 
 
@@ -215,6 +217,8 @@ CLASS_CASES = {
     "RMSprop": ("rmsprop_", ("square_avgs", "grad_avgs", "momentum_buffers"),
                 ("square_avg", "grad_avg", "momentum_buffer"),
                 dict(lr=0.01, centered=True, momentum=0.5)),
+    "Adamax": ("adamax_", ("exp_avgs", "exp_infs"), ("exp_avg", "exp_inf"),
+               dict(lr=0.01, weight_decay=0.01)),
 }
 
 

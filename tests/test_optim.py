@@ -18,6 +18,7 @@ CLASSES = {
     "rmsprop": (fastoptim.RMSprop, dict(lr=0.01, momentum=0.5, centered=True)),
     "adam": (fastoptim.Adam, dict(lr=0.01, amsgrad=True, weight_decay=0.1)),
     "adamw": (fastoptim.AdamW, dict(lr=0.01, maximize=True)),
+    "adamax": (fastoptim.Adamax, dict(lr=0.01, weight_decay=0.1, betas=(0.4, 0.95))),
 }
 
 SHAPES = [(), (0,), (7,), (3, 4), (1000 + 5,)]
@@ -46,6 +47,9 @@ def _reference_state(name, params, kw):
         return dict(square_avgs=[np.zeros_like(p) for p in params],
                     grad_avgs=[np.zeros_like(p) for p in params],
                     momentum_buffers=[np.zeros_like(p) for p in params])
+    if name == "adamax":
+        return dict(exp_avgs=[np.zeros_like(p) for p in params],
+                    exp_infs=[np.zeros_like(p) for p in params])
     return dict(exp_avgs=[np.zeros_like(p) for p in params],
                 exp_avg_sqs=[np.zeros_like(p) for p in params],
                 max_exp_avg_sqs=[np.zeros_like(p) for p in params])
@@ -53,7 +57,7 @@ def _reference_state(name, params, kw):
 
 def _reference_step(name, params, grads, state, steps, kw):
     fn = {"sgd": R.sgd_, "sgd-plain": R.sgd_, "adagrad": R.adagrad_, "rmsprop": R.rmsprop_,
-          "adam": R.adam_, "adamw": R.adamw_}[name]
+          "adam": R.adam_, "adamw": R.adamw_, "adamax": R.adamax_}[name]
     kw = {k: v for k, v in kw.items() if k != "initial_accumulator_value"}
     fn(params, grads, *state.values(), steps, **kw)
 

@@ -13,7 +13,7 @@ from fastoptim import functional as F
 from fastoptim.rules import REGISTRY, spec
 
 CLASSES = {"sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop", "adam": "Adam",
-           "adamw": "AdamW", "adahessian": "AdaHessian"}
+           "adamw": "AdamW", "adamax": "Adamax", "adahessian": "AdaHessian"}
 
 
 def _defaults(fn, skip=("self", "params")):
@@ -154,6 +154,7 @@ OPTION_MIXES = {
     "rmsprop": [{}, {"momentum": 0.9}, {"centered": True}, {"centered": True, "momentum": 0.5}],
     "adam": [{}, {"amsgrad": True, "weight_decay": 0.1}],
     "adamw": [{}, {"amsgrad": True, "maximize": True}],
+    "adamax": [{}, {"weight_decay": 0.1, "maximize": True, "betas": (0.5, 0.9)}],
     "adahessian": [{}, {"hessian_power": 0.5, "weight_decay": 0.1}],
 }
 

@@ -18,7 +18,8 @@ RULES = {"SGD": dict(momentum=0.9, weight_decay=0.01),
          "Adagrad": dict(lr_decay=0.01, initial_accumulator_value=0.1),
          "RMSprop": dict(centered=True, momentum=0.5),
          "Adam": dict(weight_decay=0.1, amsgrad=True),
-         "AdamW": dict()}
+         "AdamW": dict(),
+         "Adamax": dict(weight_decay=0.01)}
 SHAPES = [(64, 128), (10,), (300, 20), (7, 700)]
 
 

@@ -4,6 +4,7 @@ Every test runs the same thing through torch.optim's default (for-loop) path and
 through fastoptim.torch, and compares parameters and state element-wise.
 """
 import copy
+import inspect
 import io
 import os
 import subprocess
@@ -20,9 +21,9 @@ import fastoptim.torch as fot  # noqa: E402
 
 from rules import RULES, valid  # noqa: E402
 
-NAMES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
+NAMES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax"]
 RULE = {"SGD": "sgd", "Adagrad": "adagrad", "RMSprop": "rmsprop", "Adam": "adam",
-        "AdamW": "adamw"}
+        "AdamW": "adamw", "Adamax": "adamax"}
 # options that make each class keep every kind of state it can
 RICH = {
     "SGD": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
@@ -30,6 +31,7 @@ RICH = {
     "RMSprop": dict(lr=0.01, momentum=0.5, centered=True),
     "Adam": dict(lr=0.01, amsgrad=True, weight_decay=0.1),
     "AdamW": dict(lr=0.01, amsgrad=True),
+    "Adamax": dict(lr=0.01, weight_decay=0.1, betas=(0.4, 0.95)),
 }
 
 # Kernel vs torch's for-loop path: the same operations in the same order, but torch's
@@ -181,7 +183,7 @@ def test_parity_with_param_groups_and_foreach_fused_flags(name):
     kinds = _param_kinds(torch.float32, gen)
     keys = list(kinds)
     flags = [{}, {"foreach": True}, {"foreach": False}]
-    if name != "RMSprop":
+    if "fused" in inspect.signature(getattr(torch.optim, name).__init__).parameters:
         flags.append({"fused": True})
     for extra in flags:
         pt, pf = _make(kinds), _make(kinds)
@@ -654,6 +656,9 @@ BAD_ARGS = {
              dict(fused=True, foreach=True), dict(fused=True, differentiable=True)],
 }
 BAD_ARGS["AdamW"] = BAD_ARGS["Adam"]
+BAD_ARGS["Adamax"] = [dict(lr=-1.0), dict(eps=-1.0), dict(betas=(1.0, 0.999)),
+                      dict(betas=(0.9, -0.1)), dict(weight_decay=-1.0),
+                      dict(lr=torch.tensor([0.1, 0.2]))]
 
 
 def _outcome(fn):

@@ -77,6 +77,7 @@ CLASSES = {
     "rmsprop": (fastoptim.RMSprop, torch.optim.RMSprop),
     "adam": (fastoptim.Adam, torch.optim.Adam),
     "adamw": (fastoptim.AdamW, torch.optim.AdamW),
+    "adamax": (fastoptim.Adamax, torch.optim.Adamax),
 }
 
 # Options shared by every combination of a rule (not defaults, so that the class
@@ -87,6 +88,7 @@ BASE = {
     "rmsprop": dict(lr=0.01),
     "adam": dict(lr=0.01),
     "adamw": dict(lr=0.01),
+    "adamax": dict(lr=0.01),
 }
 GRID = {
     "sgd": dict(momentum=[0.0, 0.9], dampening=[0.0, 0.25], nesterov=[False, True],
@@ -102,10 +104,13 @@ GRID = {
                  weight_decay=[0.0, 0.05], amsgrad=[False, True], maximize=[False, True]),
     "adamw": dict(betas=[(0.9, 0.999), (0.4, 0.95)], eps=[1e-8, 1e-3],
                   weight_decay=[0.0, 0.1], amsgrad=[False, True], maximize=[False, True]),
+    "adamax": dict(betas=[(0.9, 0.999), (0.4, 0.95)], eps=[1e-8, 1e-3],
+                   weight_decay=[0.0, 0.05], maximize=[False, True]),
 }
 # Pairs of numeric options that vary together rather than factorially (keeps the grid
 # small; each value is still covered with every boolean combination).
-TIED = {"rmsprop": ("alpha", "eps"), "adam": ("betas", "eps"), "adamw": ("betas", "eps")}
+TIED = {"rmsprop": ("alpha", "eps"), "adam": ("betas", "eps"), "adamw": ("betas", "eps"),
+        "adamax": ("betas", "eps")}
 
 
 def _valid(rule, opts):
@@ -341,6 +346,8 @@ FUNCTIONAL_CASES = {
                           amsgrad=True, maximize=True)],
     "adamw": [dict(), dict(lr=0.01, betas=(0.4, 0.95), eps=1e-3, weight_decay=0.1,
                            amsgrad=True, maximize=True)],
+    "adamax": [dict(), dict(lr=0.01, betas=(0.4, 0.95), eps=1e-3, weight_decay=0.05,
+                            maximize=True)],
 }
 # torch's state names, in the order of the functional API's state arguments
 STATE_ARGS = {
@@ -349,6 +356,7 @@ STATE_ARGS = {
     "rmsprop": ["square_avg", "grad_avg", "momentum_buffer"],
     "adam": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
     "adamw": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
+    "adamax": ["exp_avg", "exp_inf"],
 }
 
 
@@ -361,6 +369,8 @@ def _state_names(rule, opts):
     if rule == "rmsprop":
         return (["square_avg"] + (["grad_avg"] if opts.get("centered") else [])
                 + (["momentum_buffer"] if opts.get("momentum", 0.0) > 0 else []))
+    if rule == "adamax":
+        return ["exp_avg", "exp_inf"]
     return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if opts.get("amsgrad") else [])
 
 
@@ -419,6 +429,7 @@ THREAD_OPTS = {
     "rmsprop": dict(lr=0.01, momentum=0.8, centered=True, weight_decay=0.02),
     "adam": dict(lr=0.01, amsgrad=True, weight_decay=0.05),
     "adamw": dict(lr=0.01, amsgrad=True, weight_decay=0.1),
+    "adamax": dict(lr=0.01, weight_decay=0.05),
 }
 
 

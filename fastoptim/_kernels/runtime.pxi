@@ -43,7 +43,7 @@ def build_cflags():
 # sets a threshold, _serial_threshold applies.
 
 cdef enum:
-    N_KINDS = 8                  # rule kinds (Step.kind), see the prepare_* functions
+    N_KINDS = 16                 # rule kinds (Step.kind), see the prepare_* functions
     KIND_SGD = 0
     KIND_ADAGRAD = 1
     KIND_RMSPROP = 2
@@ -51,6 +51,7 @@ cdef enum:
     KIND_ADAM_BF16 = 4
     KIND_TRAFFIC = 5
     KIND_ADAHESSIAN = 6
+    KIND_ADAMAX = 7
     CALIBRATION_RUNS = 3
     CALIBRATION_MIN = 4096
     CALIBRATION_MAX = 1 << 18
@@ -83,8 +84,8 @@ def get_serial_threshold():
 
 def calibration():
     """{"rule/dtype": threshold} for the rules calibrated so far, and the region cost."""
-    names = ("sgd", "adagrad", "rmsprop", "adam", "adam-bf16", "traffic", "adahessian",
-             "kind7")
+    names = (("sgd", "adagrad", "rmsprop", "adam", "adam-bf16", "traffic", "adahessian",
+              "adamax") + tuple(f"kind{k}" for k in range(8, N_KINDS)))
     out = {}
     cdef int k, d
     for k in range(N_KINDS):

@@ -50,6 +50,9 @@ RULES = {r.key: r for r in (
          lambda m, P, G, S, st: m.adamw_(P, G, S[0], S[1], None, st, lr=1e-3,
                                          weight_decay=1e-2),
          "adamw", dict(lr=1e-3, weight_decay=1e-2), True, "adam"),
+    Rule("adamax", "Adamax",
+         lambda m, P, G, S, st: m.adamax_(P, G, S[0], S[1], st, lr=2e-3),
+         "adamax", dict(lr=2e-3), False, "adamax"),
 )}
 
 
