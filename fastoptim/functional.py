@@ -19,7 +19,8 @@ from . import _config
 from .reference import bfloat16_to_float32, float32_to_bfloat16   # bfloat16 state format
 from .rules import RuleSpec, spec
 
-__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adamax_", "adahessian_",
+__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adamax_", "adadelta_",
+           "adahessian_",
            "newton_", "bfloat16_to_float32", "float32_to_bfloat16"]
 
 _k = _config._kernels
@@ -76,6 +77,14 @@ def prepare_adamax(params, grads, exp_avgs, exp_infs, steps, *, lr=2e-3,
                    state_dtype=None, rounding="nearest", seed=0, absmaxes=None):
     return _k.prepare_adamax(params, grads, exp_avgs, exp_infs, steps, lr, betas, eps,
                              weight_decay, maximize, state_dtype, rounding, seed, absmaxes)
+
+
+def prepare_adadelta(params, grads, square_avgs, acc_deltas, steps, *, lr=1.0, rho=0.9,
+                     eps=1e-6, weight_decay=0.0, maximize=False, state_dtype=None,
+                     rounding="nearest", seed=0, absmaxes=None):
+    return _k.prepare_adadelta(params, grads, square_avgs, acc_deltas, steps, lr, rho, eps,
+                               weight_decay, maximize, state_dtype, rounding, seed,
+                               absmaxes)
 
 
 def prepare_adahessian(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_sqs,
@@ -307,6 +316,8 @@ adam_ = _in_place(prepare_adam, """Adam (or AdamW with ``decoupled_weight_decay`
 adamw_ = _in_place(prepare_adamw, """AdamW (decoupled weight decay), in place. See
     :func:`reference.adamw_`.""")
 adamax_ = _in_place(prepare_adamax, """Adamax, in place. See :func:`reference.adamax_`.""")
+adadelta_ = _in_place(prepare_adadelta, """Adadelta, in place. See
+    :func:`reference.adadelta_`.""")
 adahessian_ = _in_place(prepare_adahessian, """AdaHessian, in place, from Hessian-diagonal
     estimates (one per parameter). See :func:`reference.adahessian_`; estimate the
     diagonals with :func:`fastoptim.hessian.hutchinson_diag` (or

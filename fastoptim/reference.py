@@ -19,7 +19,8 @@ import inspect
 
 import numpy as np
 
-__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adamax_", "adahessian_",
+__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adamax_", "adadelta_",
+           "adahessian_",
            "newton_", "bfloat16_to_float32", "float32_to_bfloat16"]
 
 
@@ -419,6 +420,38 @@ def adamax_(params, grads, exp_avgs, exp_infs, steps, *, lr=2e-3, betas=(0.9, 0.
         np.maximum(u * _scalar(beta2, p), np.abs(g) + _scalar(eps, p), out=u)
         clr = lr / (1 - beta1 ** float(steps[i]))
         p += (_scalar(-clr, p) * m) / u
+
+
+@_stored_state(("square_avgs", "acc_deltas"), lambda o: ("square_avgs", "acc_deltas"),
+               unsigned=("square_avgs", "acc_deltas"))
+def adadelta_(params, grads, square_avgs, acc_deltas, steps, *, lr=1.0, rho=0.9, eps=1e-6,
+              weight_decay=0.0, maximize=False):
+    r"""Adadelta (Zeiler, 2012): steps scaled by the ratio of two decayed root mean
+    squares, of past updates and of gradients, as torch.optim.Adadelta.
+
+    .. math::
+        t &\leftarrow t + 1, \quad g \leftarrow \pm\nabla + \lambda p \\
+        v &\leftarrow \rho v + (1-\rho) g^2 \\
+        \Delta &= \frac{\sqrt{u + \epsilon}}{\sqrt{v + \epsilon}}\, g \\
+        u &\leftarrow \rho u + (1-\rho) \Delta^2 \\
+        p &\leftarrow p - \gamma \Delta
+
+    ``steps`` counts steps (torch keeps the count; the update does not use it).
+    """
+    params, grads = _as_list(params), _as_list(grads)
+    vs, us = _as_list(square_avgs), _as_list(acc_deltas)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        steps[i] += 1
+        g = -g if maximize else g
+        if weight_decay != 0:
+            g = g + _scalar(weight_decay, p) * p
+        v, u = vs[i], us[i]
+        v[...] = v * _scalar(rho, p) + (_scalar(1 - rho, p) * g) * g
+        delta = (np.sqrt(u + _scalar(eps, p)) / np.sqrt(v + _scalar(eps, p))) * g
+        u[...] = u * _scalar(rho, p) + (_scalar(1 - rho, p) * delta) * delta
+        p += _scalar(-lr, p) * delta
 
 
 def adahessian_(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_sqs, steps, *,

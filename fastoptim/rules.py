@@ -123,9 +123,10 @@ class RuleSpec:
 
 #: how torch.optim's constructors bound an option, as it writes the tests: "nonneg" is
 #: ``not 0.0 <= x`` (NaN refused), "not_negative" is ``x < 0.0`` (NaN passes: SGD's),
-#: "unit" is ``not 0.0 <= x < 1.0`` (Adam's betas)
+#: "unit" is ``not 0.0 <= x < 1.0`` (Adam's betas), "closed_unit" ``not 0.0 <= x <= 1.0``
+#: (Adadelta's rho)
 _BOUNDS = {"nonneg": lambda x: not 0.0 <= x, "not_negative": lambda x: x < 0.0,
-           "unit": lambda x: not 0.0 <= x < 1.0}
+           "unit": lambda x: not 0.0 <= x < 1.0, "closed_unit": lambda x: not 0.0 <= x <= 1.0}
 
 
 def _keeps(v):
@@ -188,6 +189,14 @@ REGISTRY = {s.name: s for s in (
               ("maximize", False)),
              ("exp_avg", "exp_inf"), state_formats=("bfloat16", "8bit"),
              bounds=_ADAM_BOUNDS, unsigned_state=("exp_inf",)),
+    RuleSpec("adadelta", "Adadelta",
+             (("lr", 1.0), ("rho", 0.9), ("eps", 1e-6), ("weight_decay", 0.0),
+              ("maximize", False)),
+             ("square_avg", "acc_delta"), state_formats=("bfloat16", "8bit"),
+             unsigned_state=("square_avg", "acc_delta"),
+             bounds=(("lr", "nonneg", "learning rate"), ("rho", "closed_unit", "rho value"),
+                     ("eps", "nonneg", "epsilon value"),
+                     ("weight_decay", "nonneg", "weight_decay value"))),
     RuleSpec("adahessian", "AdaHessian",
              (("lr", 0.15), ("betas", (0.9, 0.999)), ("eps", 1e-4), ("weight_decay", 0.0),
               ("hessian_power", 1.0), ("maximize", False)),

@@ -41,6 +41,8 @@ RULES = {
                    weight_decay=[0.0, 0.1], amsgrad=[True], maximize=[True]),
     "adamax": _grid("adamax", lr=[0.01], betas=[(0.3, 0.9)], eps=[1e-6],
                     weight_decay=[0.01], maximize=[True]),
+    "adadelta": _grid("adadelta", lr=[0.5], rho=[0.4], eps=[1e-3], weight_decay=[0.01],
+                      maximize=[True]),
 }
 
 
@@ -63,6 +65,8 @@ def state_names(rule, opts):
         return names
     if rule == "adamax":
         return ["exp_avgs", "exp_infs"]
+    if rule == "adadelta":
+        return ["square_avgs", "acc_deltas"]
     names = ["exp_avgs", "exp_avg_sqs"]
     return names + (["max_exp_avg_sqs"] if opts.get("amsgrad") else [])
 
@@ -87,6 +91,8 @@ def call(module, rule, params, grads, state, steps, opts):
                   state.get("momentum_buffers"), steps, **opts)
     if rule == "adamax":
         return fn(params, grads, state["exp_avgs"], state["exp_infs"], steps, **opts)
+    if rule == "adadelta":
+        return fn(params, grads, state["square_avgs"], state["acc_deltas"], steps, **opts)
     return fn(params, grads, state["exp_avgs"], state["exp_avg_sqs"],
               state.get("max_exp_avg_sqs"), steps, **opts)
 
@@ -112,6 +118,11 @@ def prepare(kernels, rule, params, grads, state, steps, opts):
                                        o.get("eps", 1e-8), o.get("weight_decay", 0.0),
                                        o.get("momentum", 0.0), o.get("centered", False),
                                        o.get("maximize", False))
+    if rule == "adadelta":
+        return kernels.prepare_adadelta(params, grads, state["square_avgs"],
+                                        state["acc_deltas"], steps, o.get("lr", 1.0),
+                                        o.get("rho", 0.9), o.get("eps", 1e-6),
+                                        o.get("weight_decay", 0.0), o.get("maximize", False))
     if rule == "adamax":
         return kernels.prepare_adamax(params, grads, state["exp_avgs"], state["exp_infs"],
                                       steps, o.get("lr", 2e-3), o.get("betas", (0.9, 0.999)),

@@ -26,6 +26,8 @@ RULES = {
                ("exp_avg_sqs", "max_exp_avg_sqs"), [dict(amsgrad=True)]),
     "adamax_": (("exp_avgs", "exp_infs"), ("exp_infs",),
                 [dict(), dict(weight_decay=0.1, maximize=True, betas=(0.4, 0.9))]),
+    "adadelta_": (("square_avgs", "acc_deltas"), ("square_avgs", "acc_deltas"),
+                  [dict(), dict(weight_decay=0.1, maximize=True, rho=0.4)]),
 }
 SHAPES = [(), (7,), (256,), (1000,), (33, 17), (5000,)]
 
@@ -196,6 +198,8 @@ CLASSES = {   # class: (functional rule, state arguments, state names, options)
               ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), dict(lr=0.01)),
     "Adamax": ("adamax_", ("exp_avgs", "exp_infs"), ("exp_avg", "exp_inf"),
                dict(lr=0.01, weight_decay=0.01)),
+    "Adadelta": ("adadelta_", ("square_avgs", "acc_deltas"), ("square_avg", "acc_delta"),
+                 dict(lr=0.5, weight_decay=0.01)),
 }
 
 

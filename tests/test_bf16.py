@@ -173,6 +173,8 @@ OTHER_RULES = {
                   dict(centered=True, momentum=0.5, weight_decay=0.01, maximize=True)]),
     "adamax_": (("exp_avgs", "exp_infs"),
                 [dict(), dict(betas=(0.4, 0.9), eps=1e-3, weight_decay=0.02, maximize=True)]),
+    "adadelta_": (("square_avgs", "acc_deltas"),
+                  [dict(), dict(rho=0.4, eps=1e-3, weight_decay=0.02, maximize=True)]),
 }
 
 
@@ -219,6 +221,8 @@ CLASS_CASES = {
                 dict(lr=0.01, centered=True, momentum=0.5)),
     "Adamax": ("adamax_", ("exp_avgs", "exp_infs"), ("exp_avg", "exp_inf"),
                dict(lr=0.01, weight_decay=0.01)),
+    "Adadelta": ("adadelta_", ("square_avgs", "acc_deltas"), ("square_avg", "acc_delta"),
+                 dict(lr=0.5, weight_decay=0.01)),
 }
 
 

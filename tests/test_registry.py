@@ -13,7 +13,8 @@ from fastoptim import functional as F
 from fastoptim.rules import REGISTRY, spec
 
 CLASSES = {"sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop", "adam": "Adam",
-           "adamw": "AdamW", "adamax": "Adamax", "adahessian": "AdaHessian"}
+           "adamw": "AdamW", "adamax": "Adamax", "adadelta": "Adadelta",
+           "adahessian": "AdaHessian"}
 
 
 def _defaults(fn, skip=("self", "params")):
@@ -155,6 +156,7 @@ OPTION_MIXES = {
     "adam": [{}, {"amsgrad": True, "weight_decay": 0.1}],
     "adamw": [{}, {"amsgrad": True, "maximize": True}],
     "adamax": [{}, {"weight_decay": 0.1, "maximize": True, "betas": (0.5, 0.9)}],
+    "adadelta": [{}, {"weight_decay": 0.1, "maximize": True, "rho": 0.5}],
     "adahessian": [{}, {"hessian_power": 0.5, "weight_decay": 0.1}],
 }
 

@@ -19,7 +19,8 @@ RULES = {"SGD": dict(momentum=0.9, weight_decay=0.01),
          "RMSprop": dict(centered=True, momentum=0.5),
          "Adam": dict(weight_decay=0.1, amsgrad=True),
          "AdamW": dict(),
-         "Adamax": dict(weight_decay=0.01)}
+         "Adamax": dict(weight_decay=0.01),
+         "Adadelta": dict(weight_decay=0.01, rho=0.5)}
 SHAPES = [(64, 128), (10,), (300, 20), (7, 700)]
 
 

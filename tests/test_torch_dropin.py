@@ -21,9 +21,9 @@ import fastoptim.torch as fot  # noqa: E402
 
 from rules import RULES, valid  # noqa: E402
 
-NAMES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax"]
+NAMES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "Adadelta"]
 RULE = {"SGD": "sgd", "Adagrad": "adagrad", "RMSprop": "rmsprop", "Adam": "adam",
-        "AdamW": "adamw", "Adamax": "adamax"}
+        "AdamW": "adamw", "Adamax": "adamax", "Adadelta": "adadelta"}
 # options that make each class keep every kind of state it can
 RICH = {
     "SGD": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
@@ -32,6 +32,7 @@ RICH = {
     "Adam": dict(lr=0.01, amsgrad=True, weight_decay=0.1),
     "AdamW": dict(lr=0.01, amsgrad=True),
     "Adamax": dict(lr=0.01, weight_decay=0.1, betas=(0.4, 0.95)),
+    "Adadelta": dict(lr=0.5, rho=0.4, weight_decay=0.1),
 }
 
 # Kernel vs torch's for-loop path: the same operations in the same order, but torch's
@@ -659,6 +660,8 @@ BAD_ARGS["AdamW"] = BAD_ARGS["Adam"]
 BAD_ARGS["Adamax"] = [dict(lr=-1.0), dict(eps=-1.0), dict(betas=(1.0, 0.999)),
                       dict(betas=(0.9, -0.1)), dict(weight_decay=-1.0),
                       dict(lr=torch.tensor([0.1, 0.2]))]
+BAD_ARGS["Adadelta"] = [dict(lr=-1.0), dict(rho=1.5), dict(rho=-0.1), dict(eps=-1.0),
+                        dict(weight_decay=-1.0), dict(lr=torch.tensor([0.1, 0.2]))]
 
 
 def _outcome(fn):

@@ -78,6 +78,7 @@ CLASSES = {
     "adam": (fastoptim.Adam, torch.optim.Adam),
     "adamw": (fastoptim.AdamW, torch.optim.AdamW),
     "adamax": (fastoptim.Adamax, torch.optim.Adamax),
+    "adadelta": (fastoptim.Adadelta, torch.optim.Adadelta),
 }
 
 # Options shared by every combination of a rule (not defaults, so that the class
@@ -89,6 +90,7 @@ BASE = {
     "adam": dict(lr=0.01),
     "adamw": dict(lr=0.01),
     "adamax": dict(lr=0.01),
+    "adadelta": dict(lr=0.5),
 }
 GRID = {
     "sgd": dict(momentum=[0.0, 0.9], dampening=[0.0, 0.25], nesterov=[False, True],
@@ -106,11 +108,13 @@ GRID = {
                   weight_decay=[0.0, 0.1], amsgrad=[False, True], maximize=[False, True]),
     "adamax": dict(betas=[(0.9, 0.999), (0.4, 0.95)], eps=[1e-8, 1e-3],
                    weight_decay=[0.0, 0.05], maximize=[False, True]),
+    "adadelta": dict(rho=[0.9, 0.4, 1.0], eps=[1e-6, 1e-3], weight_decay=[0.0, 0.05],
+                     maximize=[False, True]),
 }
 # Pairs of numeric options that vary together rather than factorially (keeps the grid
 # small; each value is still covered with every boolean combination).
 TIED = {"rmsprop": ("alpha", "eps"), "adam": ("betas", "eps"), "adamw": ("betas", "eps"),
-        "adamax": ("betas", "eps")}
+        "adamax": ("betas", "eps"), "adadelta": ("rho", "eps")}
 
 
 def _valid(rule, opts):
@@ -348,6 +352,7 @@ FUNCTIONAL_CASES = {
                            amsgrad=True, maximize=True)],
     "adamax": [dict(), dict(lr=0.01, betas=(0.4, 0.95), eps=1e-3, weight_decay=0.05,
                             maximize=True)],
+    "adadelta": [dict(), dict(lr=0.5, rho=0.4, eps=1e-3, weight_decay=0.05, maximize=True)],
 }
 # torch's state names, in the order of the functional API's state arguments
 STATE_ARGS = {
@@ -357,6 +362,7 @@ STATE_ARGS = {
     "adam": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
     "adamw": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
     "adamax": ["exp_avg", "exp_inf"],
+    "adadelta": ["square_avg", "acc_delta"],
 }
 
 
@@ -371,6 +377,8 @@ def _state_names(rule, opts):
                 + (["momentum_buffer"] if opts.get("momentum", 0.0) > 0 else []))
     if rule == "adamax":
         return ["exp_avg", "exp_inf"]
+    if rule == "adadelta":
+        return ["square_avg", "acc_delta"]
     return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if opts.get("amsgrad") else [])
 
 
@@ -430,6 +438,7 @@ THREAD_OPTS = {
     "adam": dict(lr=0.01, amsgrad=True, weight_decay=0.05),
     "adamw": dict(lr=0.01, amsgrad=True, weight_decay=0.1),
     "adamax": dict(lr=0.01, weight_decay=0.05),
+    "adadelta": dict(lr=0.5, weight_decay=0.05),
 }
 
 

@@ -52,6 +52,7 @@ cdef enum:
     KIND_TRAFFIC = 5
     KIND_ADAHESSIAN = 6
     KIND_ADAMAX = 7
+    KIND_ADADELTA = 8
     CALIBRATION_RUNS = 3
     CALIBRATION_MIN = 4096
     CALIBRATION_MAX = 1 << 18
@@ -85,7 +86,7 @@ def get_serial_threshold():
 def calibration():
     """{"rule/dtype": threshold} for the rules calibrated so far, and the region cost."""
     names = (("sgd", "adagrad", "rmsprop", "adam", "adam-bf16", "traffic", "adahessian",
-              "adamax") + tuple(f"kind{k}" for k in range(8, N_KINDS)))
+              "adamax", "adadelta") + tuple(f"kind{k}" for k in range(9, N_KINDS)))
     out = {}
     cdef int k, d
     for k in range(N_KINDS):

@@ -53,6 +53,9 @@ RULES = {r.key: r for r in (
     Rule("adamax", "Adamax",
          lambda m, P, G, S, st: m.adamax_(P, G, S[0], S[1], st, lr=2e-3),
          "adamax", dict(lr=2e-3), False, "adamax"),
+    Rule("adadelta", "Adadelta",
+         lambda m, P, G, S, st: m.adadelta_(P, G, S[0], S[1], st, lr=1.0),
+         "adadelta", dict(lr=1.0), False, "adadelta"),
 )}
 
 

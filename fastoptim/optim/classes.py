@@ -162,6 +162,22 @@ class Adamax(Optimizer):
                                       seed=seed), nonfinite)
 
 
+class Adadelta(Optimizer):
+    """Adadelta. Same options and defaults as ``torch.optim.Adadelta`` (lr 1.0);
+    formulas in :func:`fastoptim.reference.adadelta_`. State: ``step``, ``square_avg``,
+    ``acc_delta``. ``state_dtype``, ``rounding``, ``seed``, ``min_8bit_size``:
+    compressed state, as :class:`Adam`'s."""
+    _rule = spec("adadelta")
+
+    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *,
+                 maximize=False, state_dtype=None, rounding="nearest", seed=0,
+                 min_8bit_size=4096, nonfinite="propagate"):
+        self._take_min_8bit_size(min_8bit_size)
+        super().__init__(params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay,
+                                      maximize=maximize, state_dtype=state_dtype,
+                                      rounding=rounding, seed=seed), nonfinite)
+
+
 class _CurvatureOptimizer(Optimizer):
     """Base of the second-order optimizers, whose step takes, besides one gradient per
     parameter, one curvature input per parameter (a Hessian diagonal for AdaHessian, a

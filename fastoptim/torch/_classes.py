@@ -338,3 +338,46 @@ class Adamax(_Optimizer):
                 if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
                     p_state["step"] = torch.tensor(float(p_state["step"]),
                                                    dtype=_scalar_dtype())
+
+
+class Adadelta(_Optimizer):
+    """``torch.optim.Adadelta`` on fastoptim's kernel.
+
+    Same signature, defaults, checks and state as torch 2.13's Adadelta: ``step``,
+    ``square_avg`` and ``acc_delta``. See :func:`fastoptim.reference.adadelta_` for
+    the update.
+    """
+    _rule = spec("adadelta")
+
+    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0, foreach=None, *,
+                 capturable=False, maximize=False, differentiable=False):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        self._rule.check_bounds(
+            {"lr": lr, "rho": rho, "eps": eps, "weight_decay": weight_decay})
+
+        defaults = {
+            "lr": lr,
+            "rho": rho,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "maximize": maximize,
+            "capturable": capturable,
+            "foreach": foreach,
+            "differentiable": differentiable,
+        }
+        super().__init__(params, defaults)
+        self._fastoptim_init()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("capturable", False)
+            for p in group["params"]:
+                p_state = self.state.get(p, [])
+                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = torch.tensor(float(p_state["step"]),
+                                                   dtype=_scalar_dtype())
