@@ -20,7 +20,7 @@ from .reference import bfloat16_to_float32, float32_to_bfloat16   # bfloat16 sta
 from .rules import RuleSpec, spec
 
 __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adamax_", "adadelta_",
-           "adahessian_",
+           "radam_", "adahessian_",
            "newton_", "bfloat16_to_float32", "float32_to_bfloat16"]
 
 _k = _config._kernels
@@ -85,6 +85,15 @@ def prepare_adadelta(params, grads, square_avgs, acc_deltas, steps, *, lr=1.0, r
     return _k.prepare_adadelta(params, grads, square_avgs, acc_deltas, steps, lr, rho, eps,
                                weight_decay, maximize, state_dtype, rounding, seed,
                                absmaxes)
+
+
+def prepare_radam(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr=1e-3,
+                  betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                  decoupled_weight_decay=False, maximize=False, state_dtype=None,
+                  rounding="nearest", seed=0, absmaxes=None):
+    return _k.prepare_radam(params, grads, exp_avgs, exp_avg_sqs, steps, lr, betas, eps,
+                            weight_decay, decoupled_weight_decay, maximize, state_dtype,
+                            rounding, seed, absmaxes)
 
 
 def prepare_adahessian(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_sqs,
@@ -318,6 +327,8 @@ adamw_ = _in_place(prepare_adamw, """AdamW (decoupled weight decay), in place. S
 adamax_ = _in_place(prepare_adamax, """Adamax, in place. See :func:`reference.adamax_`.""")
 adadelta_ = _in_place(prepare_adadelta, """Adadelta, in place. See
     :func:`reference.adadelta_`.""")
+radam_ = _in_place(prepare_radam, """RAdam (rectified Adam), in place. See
+    :func:`reference.radam_`.""")
 adahessian_ = _in_place(prepare_adahessian, """AdaHessian, in place, from Hessian-diagonal
     estimates (one per parameter). See :func:`reference.adahessian_`; estimate the
     diagonals with :func:`fastoptim.hessian.hutchinson_diag` (or

@@ -20,7 +20,7 @@ import inspect
 import numpy as np
 
 __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adamax_", "adadelta_",
-           "adahessian_",
+           "radam_", "adahessian_",
            "newton_", "bfloat16_to_float32", "float32_to_bfloat16"]
 
 
@@ -452,6 +452,60 @@ def adadelta_(params, grads, square_avgs, acc_deltas, steps, *, lr=1.0, rho=0.9,
         delta = (np.sqrt(u + _scalar(eps, p)) / np.sqrt(v + _scalar(eps, p))) * g
         u[...] = u * _scalar(rho, p) + (_scalar(1 - rho, p) * delta) * delta
         p += _scalar(-lr, p) * delta
+
+
+@_stored_state(("exp_avgs", "exp_avg_sqs"), lambda o: ("exp_avgs", "exp_avg_sqs"),
+               unsigned=("exp_avg_sqs",))
+def radam_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr=1e-3, betas=(0.9, 0.999),
+           eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, maximize=False):
+    r"""RAdam (Liu et al., 2020): Adam whose adaptive step is switched on, and scaled, by
+    the variance rectification once the approximated SMA length passes 5, as
+    torch.optim.RAdam.
+
+    .. math::
+        m &\leftarrow m + (1-\beta_1)(g - m), \quad
+            v \leftarrow \beta_2 v + (1-\beta_2) g^2 \\
+        \rho_\infty &= \frac{2}{1-\beta_2} - 1, \quad
+            \rho_t = \rho_\infty - \frac{2 t \beta_2^t}{1-\beta_2^t} \\
+        r_t &= \sqrt{\frac{(\rho_t-4)(\rho_t-2)\rho_\infty}
+            {(\rho_\infty-4)(\rho_\infty-2)\rho_t}} \\
+        p &\leftarrow p - \gamma\,\frac{m}{1-\beta_1^t}\cdot
+            \begin{cases} \frac{\sqrt{1-\beta_2^t}}{\sqrt v + \epsilon}\, r_t
+            & \rho_t > 5 \\ 1 & \text{otherwise} \end{cases}
+
+    Weight decay as Adam's (L2), or AdamW's with ``decoupled_weight_decay``. In torch's
+    order: ``sqrt(1 - beta2^t) / (sqrt(v) + eps)`` is the reciprocal of the tensor
+    times the number (``Tensor.__rtruediv__``).
+    """
+    beta1, beta2 = betas
+    params, grads = _as_list(params), _as_list(grads)
+    ms, vs = _as_list(exp_avgs), _as_list(exp_avg_sqs)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        steps[i] += 1
+        step = float(steps[i])
+        g = -g if maximize else g
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                p *= _scalar(1 - lr * weight_decay, p)
+            else:
+                g = g + _scalar(weight_decay, p) * p
+        m, v = ms[i], vs[i]
+        m[...] = _lerp(m, g, _scalar(1 - beta1, p))
+        v[...] = v * _scalar(beta2, p) + (_scalar(1 - beta2, p) * g) * g
+        bc1 = 1 - beta1 ** step
+        bc2 = 1 - beta2 ** step
+        rho_inf = 2 / (1 - beta2) - 1
+        rho_t = rho_inf - 2 * step * (beta2 ** step) / bc2
+        bcm = m / _scalar(bc1, p)
+        if rho_t > 5.0:
+            rect = ((rho_t - 4) * (rho_t - 2) * rho_inf
+                    / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+            adaptive = (1 / (np.sqrt(v) + _scalar(eps, p))) * _scalar(bc2 ** 0.5, p)
+            p -= ((bcm * _scalar(lr, p)) * adaptive) * _scalar(rect, p)
+        else:
+            p -= bcm * _scalar(lr, p)
 
 
 def adahessian_(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_sqs, steps, *,

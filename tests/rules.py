@@ -43,6 +43,8 @@ RULES = {
                     weight_decay=[0.01], maximize=[True]),
     "adadelta": _grid("adadelta", lr=[0.5], rho=[0.4], eps=[1e-3], weight_decay=[0.01],
                       maximize=[True]),
+    "radam": _grid("radam", lr=[0.01], betas=[(0.3, 0.9)], eps=[1e-6], weight_decay=[0.01],
+                   decoupled_weight_decay=[True], maximize=[True]),
 }
 
 
@@ -67,6 +69,8 @@ def state_names(rule, opts):
         return ["exp_avgs", "exp_infs"]
     if rule == "adadelta":
         return ["square_avgs", "acc_deltas"]
+    if rule == "radam":
+        return ["exp_avgs", "exp_avg_sqs"]
     names = ["exp_avgs", "exp_avg_sqs"]
     return names + (["max_exp_avg_sqs"] if opts.get("amsgrad") else [])
 
@@ -93,6 +97,8 @@ def call(module, rule, params, grads, state, steps, opts):
         return fn(params, grads, state["exp_avgs"], state["exp_infs"], steps, **opts)
     if rule == "adadelta":
         return fn(params, grads, state["square_avgs"], state["acc_deltas"], steps, **opts)
+    if rule == "radam":
+        return fn(params, grads, state["exp_avgs"], state["exp_avg_sqs"], steps, **opts)
     return fn(params, grads, state["exp_avgs"], state["exp_avg_sqs"],
               state.get("max_exp_avg_sqs"), steps, **opts)
 
@@ -118,6 +124,12 @@ def prepare(kernels, rule, params, grads, state, steps, opts):
                                        o.get("eps", 1e-8), o.get("weight_decay", 0.0),
                                        o.get("momentum", 0.0), o.get("centered", False),
                                        o.get("maximize", False))
+    if rule == "radam":
+        return kernels.prepare_radam(params, grads, state["exp_avgs"], state["exp_avg_sqs"],
+                                     steps, o.get("lr", 1e-3), o.get("betas", (0.9, 0.999)),
+                                     o.get("eps", 1e-8), o.get("weight_decay", 0.0),
+                                     o.get("decoupled_weight_decay", False),
+                                     o.get("maximize", False))
     if rule == "adadelta":
         return kernels.prepare_adadelta(params, grads, state["square_avgs"],
                                         state["acc_deltas"], steps, o.get("lr", 1.0),

@@ -28,6 +28,8 @@ RULES = {
                 [dict(), dict(weight_decay=0.1, maximize=True, betas=(0.4, 0.9))]),
     "adadelta_": (("square_avgs", "acc_deltas"), ("square_avgs", "acc_deltas"),
                   [dict(), dict(weight_decay=0.1, maximize=True, rho=0.4)]),
+    "radam_": (("exp_avgs", "exp_avg_sqs"), ("exp_avg_sqs",),
+               [dict(), dict(weight_decay=0.1, decoupled_weight_decay=True, maximize=True)]),
 }
 SHAPES = [(), (7,), (256,), (1000,), (33, 17), (5000,)]
 
@@ -200,6 +202,8 @@ CLASSES = {   # class: (functional rule, state arguments, state names, options)
                dict(lr=0.01, weight_decay=0.01)),
     "Adadelta": ("adadelta_", ("square_avgs", "acc_deltas"), ("square_avg", "acc_delta"),
                  dict(lr=0.5, weight_decay=0.01)),
+    "RAdam": ("radam_", ("exp_avgs", "exp_avg_sqs"), ("exp_avg", "exp_avg_sq"),
+              dict(lr=0.01, weight_decay=0.01)),
 }
 
 

@@ -175,6 +175,9 @@ OTHER_RULES = {
                 [dict(), dict(betas=(0.4, 0.9), eps=1e-3, weight_decay=0.02, maximize=True)]),
     "adadelta_": (("square_avgs", "acc_deltas"),
                   [dict(), dict(rho=0.4, eps=1e-3, weight_decay=0.02, maximize=True)]),
+    "radam_": (("exp_avgs", "exp_avg_sqs"),
+               [dict(), dict(betas=(0.4, 0.9), weight_decay=0.02, decoupled_weight_decay=True,
+                             maximize=True)]),
 }
 
 
@@ -223,6 +226,8 @@ CLASS_CASES = {
                dict(lr=0.01, weight_decay=0.01)),
     "Adadelta": ("adadelta_", ("square_avgs", "acc_deltas"), ("square_avg", "acc_delta"),
                  dict(lr=0.5, weight_decay=0.01)),
+    "RAdam": ("radam_", ("exp_avgs", "exp_avg_sqs"), ("exp_avg", "exp_avg_sq"),
+              dict(lr=0.01, weight_decay=0.01)),
 }
 
 

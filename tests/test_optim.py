@@ -20,6 +20,7 @@ CLASSES = {
     "adamw": (fastoptim.AdamW, dict(lr=0.01, maximize=True)),
     "adamax": (fastoptim.Adamax, dict(lr=0.01, weight_decay=0.1, betas=(0.4, 0.95))),
     "adadelta": (fastoptim.Adadelta, dict(lr=0.5, weight_decay=0.1, rho=0.4)),
+    "radam": (fastoptim.RAdam, dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
 }
 
 SHAPES = [(), (0,), (7,), (3, 4), (1000 + 5,)]
@@ -54,6 +55,9 @@ def _reference_state(name, params, kw):
     if name == "adadelta":
         return dict(square_avgs=[np.zeros_like(p) for p in params],
                     acc_deltas=[np.zeros_like(p) for p in params])
+    if name == "radam":
+        return dict(exp_avgs=[np.zeros_like(p) for p in params],
+                    exp_avg_sqs=[np.zeros_like(p) for p in params])
     return dict(exp_avgs=[np.zeros_like(p) for p in params],
                 exp_avg_sqs=[np.zeros_like(p) for p in params],
                 max_exp_avg_sqs=[np.zeros_like(p) for p in params])
@@ -62,7 +66,7 @@ def _reference_state(name, params, kw):
 def _reference_step(name, params, grads, state, steps, kw):
     fn = {"sgd": R.sgd_, "sgd-plain": R.sgd_, "adagrad": R.adagrad_, "rmsprop": R.rmsprop_,
           "adam": R.adam_, "adamw": R.adamw_, "adamax": R.adamax_,
-          "adadelta": R.adadelta_}[name]
+          "adadelta": R.adadelta_, "radam": R.radam_}[name]
     kw = {k: v for k, v in kw.items() if k != "initial_accumulator_value"}
     fn(params, grads, *state.values(), steps, **kw)
 

@@ -14,7 +14,7 @@ from fastoptim.rules import REGISTRY, spec
 
 CLASSES = {"sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop", "adam": "Adam",
            "adamw": "AdamW", "adamax": "Adamax", "adadelta": "Adadelta",
-           "adahessian": "AdaHessian"}
+           "radam": "RAdam", "adahessian": "AdaHessian"}
 
 
 def _defaults(fn, skip=("self", "params")):
@@ -157,6 +157,7 @@ OPTION_MIXES = {
     "adamw": [{}, {"amsgrad": True, "maximize": True}],
     "adamax": [{}, {"weight_decay": 0.1, "maximize": True, "betas": (0.5, 0.9)}],
     "adadelta": [{}, {"weight_decay": 0.1, "maximize": True, "rho": 0.5}],
+    "radam": [{}, {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True}],
     "adahessian": [{}, {"hessian_power": 0.5, "weight_decay": 0.1}],
 }
 

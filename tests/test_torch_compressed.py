@@ -20,7 +20,8 @@ RULES = {"SGD": dict(momentum=0.9, weight_decay=0.01),
          "Adam": dict(weight_decay=0.1, amsgrad=True),
          "AdamW": dict(),
          "Adamax": dict(weight_decay=0.01),
-         "Adadelta": dict(weight_decay=0.01, rho=0.5)}
+         "Adadelta": dict(weight_decay=0.01, rho=0.5),
+         "RAdam": dict(weight_decay=0.01, decoupled_weight_decay=True)}
 SHAPES = [(64, 128), (10,), (300, 20), (7, 700)]
 
 

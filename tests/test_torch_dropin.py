@@ -21,9 +21,10 @@ import fastoptim.torch as fot  # noqa: E402
 
 from rules import RULES, valid  # noqa: E402
 
-NAMES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "Adadelta"]
+NAMES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "Adadelta", "RAdam"]
 RULE = {"SGD": "sgd", "Adagrad": "adagrad", "RMSprop": "rmsprop", "Adam": "adam",
-        "AdamW": "adamw", "Adamax": "adamax", "Adadelta": "adadelta"}
+        "AdamW": "adamw", "Adamax": "adamax", "Adadelta": "adadelta",
+        "RAdam": "radam"}
 # options that make each class keep every kind of state it can
 RICH = {
     "SGD": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
@@ -33,6 +34,7 @@ RICH = {
     "AdamW": dict(lr=0.01, amsgrad=True),
     "Adamax": dict(lr=0.01, weight_decay=0.1, betas=(0.4, 0.95)),
     "Adadelta": dict(lr=0.5, rho=0.4, weight_decay=0.1),
+    "RAdam": dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
 }
 
 # Kernel vs torch's for-loop path: the same operations in the same order, but torch's
@@ -662,6 +664,7 @@ BAD_ARGS["Adamax"] = [dict(lr=-1.0), dict(eps=-1.0), dict(betas=(1.0, 0.999)),
                       dict(lr=torch.tensor([0.1, 0.2]))]
 BAD_ARGS["Adadelta"] = [dict(lr=-1.0), dict(rho=1.5), dict(rho=-0.1), dict(eps=-1.0),
                         dict(weight_decay=-1.0), dict(lr=torch.tensor([0.1, 0.2]))]
+BAD_ARGS["RAdam"] = BAD_ARGS["Adamax"]
 
 
 def _outcome(fn):

@@ -79,6 +79,7 @@ CLASSES = {
     "adamw": (fastoptim.AdamW, torch.optim.AdamW),
     "adamax": (fastoptim.Adamax, torch.optim.Adamax),
     "adadelta": (fastoptim.Adadelta, torch.optim.Adadelta),
+    "radam": (fastoptim.RAdam, torch.optim.RAdam),
 }
 
 # Options shared by every combination of a rule (not defaults, so that the class
@@ -91,6 +92,7 @@ BASE = {
     "adamw": dict(lr=0.01),
     "adamax": dict(lr=0.01),
     "adadelta": dict(lr=0.5),
+    "radam": dict(lr=0.01),
 }
 GRID = {
     "sgd": dict(momentum=[0.0, 0.9], dampening=[0.0, 0.25], nesterov=[False, True],
@@ -110,11 +112,15 @@ GRID = {
                    weight_decay=[0.0, 0.05], maximize=[False, True]),
     "adadelta": dict(rho=[0.9, 0.4, 1.0], eps=[1e-6, 1e-3], weight_decay=[0.0, 0.05],
                      maximize=[False, True]),
+    "radam": dict(betas=[(0.9, 0.999), (0.4, 0.95)], eps=[1e-8, 1e-3],
+                  weight_decay=[0.0, 0.05], decoupled_weight_decay=[False, True],
+                  maximize=[False, True]),
 }
 # Pairs of numeric options that vary together rather than factorially (keeps the grid
 # small; each value is still covered with every boolean combination).
 TIED = {"rmsprop": ("alpha", "eps"), "adam": ("betas", "eps"), "adamw": ("betas", "eps"),
-        "adamax": ("betas", "eps"), "adadelta": ("rho", "eps")}
+        "adamax": ("betas", "eps"), "adadelta": ("rho", "eps"),
+        "radam": ("betas", "eps")}
 
 
 def _valid(rule, opts):
@@ -353,6 +359,8 @@ FUNCTIONAL_CASES = {
     "adamax": [dict(), dict(lr=0.01, betas=(0.4, 0.95), eps=1e-3, weight_decay=0.05,
                             maximize=True)],
     "adadelta": [dict(), dict(lr=0.5, rho=0.4, eps=1e-3, weight_decay=0.05, maximize=True)],
+    "radam": [dict(), dict(lr=0.01, betas=(0.4, 0.95), eps=1e-3, weight_decay=0.05,
+                           decoupled_weight_decay=True, maximize=True)],
 }
 # torch's state names, in the order of the functional API's state arguments
 STATE_ARGS = {
@@ -363,6 +371,7 @@ STATE_ARGS = {
     "adamw": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
     "adamax": ["exp_avg", "exp_inf"],
     "adadelta": ["square_avg", "acc_delta"],
+    "radam": ["exp_avg", "exp_avg_sq"],
 }
 
 
@@ -379,6 +388,8 @@ def _state_names(rule, opts):
         return ["exp_avg", "exp_inf"]
     if rule == "adadelta":
         return ["square_avg", "acc_delta"]
+    if rule == "radam":
+        return ["exp_avg", "exp_avg_sq"]
     return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if opts.get("amsgrad") else [])
 
 
@@ -439,6 +450,7 @@ THREAD_OPTS = {
     "adamw": dict(lr=0.01, amsgrad=True, weight_decay=0.1),
     "adamax": dict(lr=0.01, weight_decay=0.05),
     "adadelta": dict(lr=0.5, weight_decay=0.05),
+    "radam": dict(lr=0.01, weight_decay=0.05),
 }
 
 

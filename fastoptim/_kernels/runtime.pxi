@@ -53,6 +53,7 @@ cdef enum:
     KIND_ADAHESSIAN = 6
     KIND_ADAMAX = 7
     KIND_ADADELTA = 8
+    KIND_RADAM = 9
     CALIBRATION_RUNS = 3
     CALIBRATION_MIN = 4096
     CALIBRATION_MAX = 1 << 18
@@ -86,7 +87,7 @@ def get_serial_threshold():
 def calibration():
     """{"rule/dtype": threshold} for the rules calibrated so far, and the region cost."""
     names = (("sgd", "adagrad", "rmsprop", "adam", "adam-bf16", "traffic", "adahessian",
-              "adamax", "adadelta") + tuple(f"kind{k}" for k in range(9, N_KINDS)))
+              "adamax", "adadelta", "radam") + tuple(f"kind{k}" for k in range(10, N_KINDS)))
     out = {}
     cdef int k, d
     for k in range(N_KINDS):
@@ -126,6 +127,7 @@ cdef struct Batch:
     int64_t *steps               # per-parameter step counters (caller's array) or NULL
     double *ts0                  # per-array scalars, filled by run() from the steps
     double *ts1
+    double *ts2
     # hyperparameters (double; rounded to each array's dtype inside the loop)
     double lr, momentum, dampening, weight_decay, eps, alpha, lr_decay
     double beta1, beta2

@@ -125,6 +125,7 @@ cdef class Step:
         PyMem_Free(self.b.index)
         PyMem_Free(self.b.ts0)
         PyMem_Free(self.b.ts1)
+        PyMem_Free(self.b.ts2)
         PyMem_Free(self.b.tkey)
         PyMem_Free(self.b.q8)
         for r in range(MAX_ROLES - 2):
@@ -196,9 +197,11 @@ cdef class Step:
         self.b.index = <Py_ssize_t *> PyMem_Malloc(max(n, 1) * sizeof(Py_ssize_t))
         self.b.ts0 = <double *> PyMem_Malloc(max(n, 1) * sizeof(double))
         self.b.ts1 = <double *> PyMem_Malloc(max(n, 1) * sizeof(double))
+        self.b.ts2 = <double *> PyMem_Malloc(max(n, 1) * sizeof(double))
         self.b.tkey = <uint32_t *> PyMem_Malloc(max(n, 1) * sizeof(uint32_t))
         if (self.b.is_double == NULL or self.b.offsets == NULL or self.b.index == NULL
-                or self.b.ts0 == NULL or self.b.ts1 == NULL or self.b.tkey == NULL):
+                or self.b.ts0 == NULL or self.b.ts1 == NULL or self.b.ts2 == NULL
+                or self.b.tkey == NULL):
             raise MemoryError()
         if self.b.q8mode:
             if absmaxes is None or len(absmaxes) != nroles - 2:

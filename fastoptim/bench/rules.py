@@ -56,6 +56,9 @@ RULES = {r.key: r for r in (
     Rule("adadelta", "Adadelta",
          lambda m, P, G, S, st: m.adadelta_(P, G, S[0], S[1], st, lr=1.0),
          "adadelta", dict(lr=1.0), False, "adadelta"),
+    Rule("radam", "RAdam",
+         lambda m, P, G, S, st: m.radam_(P, G, S[0], S[1], st, lr=1e-3),
+         "radam", dict(lr=1e-3), False, "radam"),
 )}
 
 

@@ -178,6 +178,23 @@ class Adadelta(Optimizer):
                                       rounding=rounding, seed=seed), nonfinite)
 
 
+class RAdam(Optimizer):
+    """RAdam (rectified Adam). Same options and defaults as ``torch.optim.RAdam``
+    (``decoupled_weight_decay`` included); formulas in :func:`fastoptim.reference.radam_`.
+    State: ``step``, ``exp_avg``, ``exp_avg_sq``. ``state_dtype``, ``rounding``,
+    ``seed``, ``min_8bit_size``: compressed state, as :class:`Adam`'s."""
+    _rule = spec("radam")
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 decoupled_weight_decay=False, *, maximize=False, state_dtype=None,
+                 rounding="nearest", seed=0, min_8bit_size=4096, nonfinite="propagate"):
+        self._take_min_8bit_size(min_8bit_size)
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      decoupled_weight_decay=decoupled_weight_decay,
+                                      maximize=maximize, state_dtype=state_dtype,
+                                      rounding=rounding, seed=seed), nonfinite)
+
+
 class _CurvatureOptimizer(Optimizer):
     """Base of the second-order optimizers, whose step takes, besides one gradient per
     parameter, one curvature input per parameter (a Hessian diagonal for AdaHessian, a
