@@ -83,6 +83,12 @@ def prepare_radam(params: _Arrays, grads: _Grads, exp_avgs: _States, exp_avg_sqs
                   weight_decay: _Real, decoupled: bool, maximize: bool,
                   state_dtype: str | None = None, rounding: str = "nearest", seed: int = 0,
                   absmaxes: Sequence[_States | None] | None = None) -> Step: ...
+def prepare_rprop(params: _Arrays, grads: _Grads, prevs: _States, step_size_arrays: _States,
+                  steps: _Steps | None, lr: _Real,
+                  etas: tuple[_Real, _Real] | Sequence[_Real],
+                  step_sizes: tuple[_Real, _Real] | Sequence[_Real], maximize: bool,
+                  state_dtype: str | None = None, rounding: str = "nearest", seed: int = 0,
+                  absmaxes: Sequence[_States | None] | None = None) -> Step: ...
 def prepare_adahessian(params: _Arrays, grads: _Grads, hessian_diags: _States,
                        exp_avgs: _States, exp_hessian_diag_sqs: _States,
                        steps: _Steps | None, lr: _Real,

@@ -20,7 +20,7 @@ from .reference import bfloat16_to_float32, float32_to_bfloat16   # bfloat16 sta
 from .rules import RuleSpec, spec
 
 __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adamax_", "adadelta_",
-           "radam_", "adahessian_",
+           "radam_", "rprop_", "adahessian_",
            "newton_", "bfloat16_to_float32", "float32_to_bfloat16"]
 
 _k = _config._kernels
@@ -94,6 +94,13 @@ def prepare_radam(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr=1e-3,
     return _k.prepare_radam(params, grads, exp_avgs, exp_avg_sqs, steps, lr, betas, eps,
                             weight_decay, decoupled_weight_decay, maximize, state_dtype,
                             rounding, seed, absmaxes)
+
+
+def prepare_rprop(params, grads, prevs, step_size_arrays, steps, *, lr=1e-2, etas=(0.5, 1.2),
+                  step_sizes=(1e-6, 50), maximize=False, state_dtype=None,
+                  rounding="nearest", seed=0, absmaxes=None):
+    return _k.prepare_rprop(params, grads, prevs, step_size_arrays, steps, lr, etas,
+                            step_sizes, maximize, state_dtype, rounding, seed, absmaxes)
 
 
 def prepare_adahessian(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_sqs,
@@ -329,6 +336,8 @@ adadelta_ = _in_place(prepare_adadelta, """Adadelta, in place. See
     :func:`reference.adadelta_`.""")
 radam_ = _in_place(prepare_radam, """RAdam (rectified Adam), in place. See
     :func:`reference.radam_`.""")
+rprop_ = _in_place(prepare_rprop, """Rprop, in place. See :func:`reference.rprop_`;
+    ``step_size_arrays`` start at ``lr`` (the optimizer's initial state).""")
 adahessian_ = _in_place(prepare_adahessian, """AdaHessian, in place, from Hessian-diagonal
     estimates (one per parameter). See :func:`reference.adahessian_`; estimate the
     diagonals with :func:`fastoptim.hessian.hutchinson_diag` (or

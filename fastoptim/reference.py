@@ -20,7 +20,7 @@ import inspect
 import numpy as np
 
 __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adamax_", "adadelta_",
-           "radam_", "adahessian_",
+           "radam_", "rprop_", "adahessian_",
            "newton_", "bfloat16_to_float32", "float32_to_bfloat16"]
 
 
@@ -506,6 +506,50 @@ def radam_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr=1e-3, betas=(0.9, 
             p -= ((bcm * _scalar(lr, p)) * adaptive) * _scalar(rect, p)
         else:
             p -= bcm * _scalar(lr, p)
+
+
+def _sign(x):
+    """torch.sign: (x > 0) - (x < 0) in x's dtype (0 for zeros and NaN)."""
+    return (x > 0).astype(x.dtype) - (x < 0).astype(x.dtype)
+
+
+@_stored_state(("prevs", "step_size_arrays"), lambda o: ("prevs", "step_size_arrays"),
+               unsigned=("step_size_arrays",))
+def rprop_(params, grads, prevs, step_size_arrays, steps, *, lr=1e-2, etas=(0.5, 1.2),
+           step_sizes=(1e-6, 50), maximize=False):
+    r"""Rprop (Riedmiller & Braun, 1993): per-element step sizes that grow by
+    ``etaplus`` while the gradient keeps its sign and shrink by ``etaminus`` when it
+    flips, as torch.optim.Rprop.
+
+    .. math::
+        s &= \operatorname{sign}(g \cdot g_{prev}) \\
+        \eta &\leftarrow \operatorname{clamp}(\eta \cdot
+            \{\eta_+ \text{ if } s > 0,\ \eta_- \text{ if } s < 0,\ 1\},\
+            \eta_{min}, \eta_{max}) \\
+        g &\leftarrow 0 \text{ where the factor was } \eta_- \\
+        p &\leftarrow p - \operatorname{sign}(g)\, \eta, \quad g_{prev} \leftarrow g
+
+    ``step_size_arrays`` start at ``lr`` (``lr`` itself is not used by a step). torch's
+    sign is 0 for NaN: a NaN gradient leaves the parameter and its step size as they
+    are, and becomes ``prev``.
+    """
+    etaminus, etaplus = etas
+    lo, hi = step_sizes
+    params, grads = _as_list(params), _as_list(grads)
+    prev_list, ss_list = _as_list(prevs), _as_list(step_size_arrays)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        steps[i] += 1
+        g = -g if maximize else g
+        prev, ss = prev_list[i], ss_list[i]
+        s = _sign(g * prev)
+        em, ep = _scalar(etaminus, p), _scalar(etaplus, p)
+        factor = np.where(s > 0, ep, np.where(s < 0, em, p.dtype.type(1)))
+        ss[...] = np.minimum(np.maximum(ss * factor, _scalar(lo, p)), _scalar(hi, p))
+        g = np.where(factor == em, p.dtype.type(0), g)
+        p += (-_sign(g)) * ss
+        prev[...] = g
 
 
 def adahessian_(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_sqs, steps, *,

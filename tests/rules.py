@@ -45,6 +45,8 @@ RULES = {
                       maximize=[True]),
     "radam": _grid("radam", lr=[0.01], betas=[(0.3, 0.9)], eps=[1e-6], weight_decay=[0.01],
                    decoupled_weight_decay=[True], maximize=[True]),
+    "rprop": _grid("rprop", lr=[0.05], etas=[(0.3, 1.5)], step_sizes=[(1e-3, 0.1)],
+                   maximize=[True]),
 }
 
 
@@ -71,13 +73,16 @@ def state_names(rule, opts):
         return ["square_avgs", "acc_deltas"]
     if rule == "radam":
         return ["exp_avgs", "exp_avg_sqs"]
+    if rule == "rprop":
+        return ["prevs", "step_size_arrays"]
     names = ["exp_avgs", "exp_avg_sqs"]
     return names + (["max_exp_avg_sqs"] if opts.get("amsgrad") else [])
 
 
 def make_state(rule, opts, params, init=0.0):
     """Fresh state for a list of params: {name: [arrays]} and the steps array."""
-    state = {name: [np.full_like(p, init if name == "state_sums" else 0.0) for p in params]
+    first = {"state_sums": init, "step_size_arrays": opts.get("lr", 1e-2)}
+    state = {name: [np.full_like(p, first.get(name, 0.0)) for p in params]
              for name in state_names(rule, opts)}
     steps = np.zeros(len(params), dtype=np.int64)
     return state, steps
@@ -99,6 +104,8 @@ def call(module, rule, params, grads, state, steps, opts):
         return fn(params, grads, state["square_avgs"], state["acc_deltas"], steps, **opts)
     if rule == "radam":
         return fn(params, grads, state["exp_avgs"], state["exp_avg_sqs"], steps, **opts)
+    if rule == "rprop":
+        return fn(params, grads, state["prevs"], state["step_size_arrays"], steps, **opts)
     return fn(params, grads, state["exp_avgs"], state["exp_avg_sqs"],
               state.get("max_exp_avg_sqs"), steps, **opts)
 
@@ -124,6 +131,10 @@ def prepare(kernels, rule, params, grads, state, steps, opts):
                                        o.get("eps", 1e-8), o.get("weight_decay", 0.0),
                                        o.get("momentum", 0.0), o.get("centered", False),
                                        o.get("maximize", False))
+    if rule == "rprop":
+        return kernels.prepare_rprop(params, grads, state["prevs"], state["step_size_arrays"],
+                                     steps, o.get("lr", 1e-2), o.get("etas", (0.5, 1.2)),
+                                     o.get("step_sizes", (1e-6, 50)), o.get("maximize", False))
     if rule == "radam":
         return kernels.prepare_radam(params, grads, state["exp_avgs"], state["exp_avg_sqs"],
                                      steps, o.get("lr", 1e-3), o.get("betas", (0.9, 0.999)),

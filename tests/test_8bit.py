@@ -30,6 +30,8 @@ RULES = {
                   [dict(), dict(weight_decay=0.1, maximize=True, rho=0.4)]),
     "radam_": (("exp_avgs", "exp_avg_sqs"), ("exp_avg_sqs",),
                [dict(), dict(weight_decay=0.1, decoupled_weight_decay=True, maximize=True)]),
+    "rprop_": (("prevs", "step_size_arrays"), ("step_size_arrays",),
+               [dict(), dict(etas=(0.3, 1.5), step_sizes=(1e-4, 0.5), maximize=True)]),
 }
 SHAPES = [(), (7,), (256,), (1000,), (33, 17), (5000,)]
 

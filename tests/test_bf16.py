@@ -178,6 +178,8 @@ OTHER_RULES = {
     "radam_": (("exp_avgs", "exp_avg_sqs"),
                [dict(), dict(betas=(0.4, 0.9), weight_decay=0.02, decoupled_weight_decay=True,
                              maximize=True)]),
+    "rprop_": (("prevs", "step_size_arrays"),
+               [dict(), dict(etas=(0.3, 1.5), step_sizes=(1e-3, 0.5), maximize=True)]),
 }
 
 

@@ -80,6 +80,12 @@ def test_random_shapes_and_hyperparameters(rule, dtype, shapes, order, nsteps, s
         elif key == "betas":
             opts[key] = (data.draw(st.floats(0.0, 0.99), label="beta1"),
                          data.draw(st.floats(0.0, 0.9999), label="beta2"))
+        elif key == "etas":
+            opts[key] = (data.draw(st.floats(0.05, 0.95), label="etaminus"),
+                         data.draw(st.floats(1.01, 2.0), label="etaplus"))
+        elif key == "step_sizes":
+            low = data.draw(st.floats(0.0, 1e-2), label="step_size_min")
+            opts[key] = (low, low + data.draw(st.floats(0.0, 1.0), label="step_size_range"))
         elif key in ("lr",):
             opts[key] = data.draw(st.floats(1e-5, 0.5), label=key)
         elif key in ("alpha",):

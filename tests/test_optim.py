@@ -21,6 +21,7 @@ CLASSES = {
     "adamax": (fastoptim.Adamax, dict(lr=0.01, weight_decay=0.1, betas=(0.4, 0.95))),
     "adadelta": (fastoptim.Adadelta, dict(lr=0.5, weight_decay=0.1, rho=0.4)),
     "radam": (fastoptim.RAdam, dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    "rprop": (fastoptim.Rprop, dict(lr=0.05, etas=(0.3, 1.5))),
 }
 
 SHAPES = [(), (0,), (7,), (3, 4), (1000 + 5,)]
@@ -58,6 +59,9 @@ def _reference_state(name, params, kw):
     if name == "radam":
         return dict(exp_avgs=[np.zeros_like(p) for p in params],
                     exp_avg_sqs=[np.zeros_like(p) for p in params])
+    if name == "rprop":
+        return dict(prevs=[np.zeros_like(p) for p in params],
+                    step_size_arrays=[np.full_like(p, kw["lr"]) for p in params])
     return dict(exp_avgs=[np.zeros_like(p) for p in params],
                 exp_avg_sqs=[np.zeros_like(p) for p in params],
                 max_exp_avg_sqs=[np.zeros_like(p) for p in params])
@@ -66,7 +70,7 @@ def _reference_state(name, params, kw):
 def _reference_step(name, params, grads, state, steps, kw):
     fn = {"sgd": R.sgd_, "sgd-plain": R.sgd_, "adagrad": R.adagrad_, "rmsprop": R.rmsprop_,
           "adam": R.adam_, "adamw": R.adamw_, "adamax": R.adamax_,
-          "adadelta": R.adadelta_, "radam": R.radam_}[name]
+          "adadelta": R.adadelta_, "radam": R.radam_, "rprop": R.rprop_}[name]
     kw = {k: v for k, v in kw.items() if k != "initial_accumulator_value"}
     fn(params, grads, *state.values(), steps, **kw)
 
@@ -80,7 +84,7 @@ def test_class_equals_reference_over_many_steps(name, dtype):
     split = 3
     opt = cls([{"params": params[:split]}, {"params": params[split:], "lr": 0.003}], **kw)
     kw2 = dict(kw, lr=0.003)
-    states = [_reference_state(name, ref[:split], kw), _reference_state(name, ref[split:], kw)]
+    states = [_reference_state(name, ref[:split], kw), _reference_state(name, ref[split:], kw2)]
     steps = [np.zeros(split, np.int64), np.zeros(len(ref) - split, np.int64)]
     rng = np.random.default_rng(1)
     for k in range(60):

@@ -14,7 +14,7 @@ from fastoptim.rules import REGISTRY, spec
 
 CLASSES = {"sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop", "adam": "Adam",
            "adamw": "AdamW", "adamax": "Adamax", "adadelta": "Adadelta",
-           "radam": "RAdam", "adahessian": "AdaHessian"}
+           "radam": "RAdam", "rprop": "Rprop", "adahessian": "AdaHessian"}
 
 
 def _defaults(fn, skip=("self", "params")):
@@ -158,6 +158,7 @@ OPTION_MIXES = {
     "adamax": [{}, {"weight_decay": 0.1, "maximize": True, "betas": (0.5, 0.9)}],
     "adadelta": [{}, {"weight_decay": 0.1, "maximize": True, "rho": 0.5}],
     "radam": [{}, {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True}],
+    "rprop": [{}, {"etas": (0.3, 1.5), "step_sizes": (1e-3, 0.1), "maximize": True}],
     "adahessian": [{}, {"hessian_power": 0.5, "weight_decay": 0.1}],
 }
 

@@ -80,6 +80,7 @@ CLASSES = {
     "adamax": (fastoptim.Adamax, torch.optim.Adamax),
     "adadelta": (fastoptim.Adadelta, torch.optim.Adadelta),
     "radam": (fastoptim.RAdam, torch.optim.RAdam),
+    "rprop": (fastoptim.Rprop, torch.optim.Rprop),
 }
 
 # Options shared by every combination of a rule (not defaults, so that the class
@@ -93,6 +94,7 @@ BASE = {
     "adamax": dict(lr=0.01),
     "adadelta": dict(lr=0.5),
     "radam": dict(lr=0.01),
+    "rprop": dict(lr=0.05),
 }
 GRID = {
     "sgd": dict(momentum=[0.0, 0.9], dampening=[0.0, 0.25], nesterov=[False, True],
@@ -115,12 +117,14 @@ GRID = {
     "radam": dict(betas=[(0.9, 0.999), (0.4, 0.95)], eps=[1e-8, 1e-3],
                   weight_decay=[0.0, 0.05], decoupled_weight_decay=[False, True],
                   maximize=[False, True]),
+    "rprop": dict(etas=[(0.5, 1.2), (0.3, 1.6)], step_sizes=[(1e-6, 50), (1e-3, 0.1)],
+                  maximize=[False, True]),
 }
 # Pairs of numeric options that vary together rather than factorially (keeps the grid
 # small; each value is still covered with every boolean combination).
 TIED = {"rmsprop": ("alpha", "eps"), "adam": ("betas", "eps"), "adamw": ("betas", "eps"),
         "adamax": ("betas", "eps"), "adadelta": ("rho", "eps"),
-        "radam": ("betas", "eps")}
+        "radam": ("betas", "eps"), "rprop": ("etas", "step_sizes")}
 
 
 def _valid(rule, opts):
@@ -361,6 +365,7 @@ FUNCTIONAL_CASES = {
     "adadelta": [dict(), dict(lr=0.5, rho=0.4, eps=1e-3, weight_decay=0.05, maximize=True)],
     "radam": [dict(), dict(lr=0.01, betas=(0.4, 0.95), eps=1e-3, weight_decay=0.05,
                            decoupled_weight_decay=True, maximize=True)],
+    "rprop": [dict(), dict(lr=0.05, etas=(0.3, 1.6), step_sizes=(1e-3, 0.1), maximize=True)],
 }
 # torch's state names, in the order of the functional API's state arguments
 STATE_ARGS = {
@@ -372,6 +377,7 @@ STATE_ARGS = {
     "adamax": ["exp_avg", "exp_inf"],
     "adadelta": ["square_avg", "acc_delta"],
     "radam": ["exp_avg", "exp_avg_sq"],
+    "rprop": ["prev", "step_size"],
 }
 
 
@@ -390,6 +396,8 @@ def _state_names(rule, opts):
         return ["square_avg", "acc_delta"]
     if rule == "radam":
         return ["exp_avg", "exp_avg_sq"]
+    if rule == "rprop":
+        return ["prev", "step_size"]
     return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if opts.get("amsgrad") else [])
 
 
@@ -420,6 +428,8 @@ def test_functional_matches_torch(rule, opts, impl, dtype):
     topt = CLASSES[rule][1]([t], foreach=False, **opts)
     names = _state_names(rule, opts)
     state = {n: np.zeros_like(p) for n in names}
+    if rule == "rprop":                    # (torch's initial step sizes: lr)
+        state["step_size"][...] = opts.get("lr", 1e-2)
     steps = np.zeros(1, dtype=np.int64)
     for k in range(N_STEPS):
         g = np.array(rng.standard_normal(p.shape) * 10.0 ** rng.uniform(-2, 1), dtype=dtype,
@@ -451,6 +461,7 @@ THREAD_OPTS = {
     "adamax": dict(lr=0.01, weight_decay=0.05),
     "adadelta": dict(lr=0.5, weight_decay=0.05),
     "radam": dict(lr=0.01, weight_decay=0.05),
+    "rprop": dict(lr=0.05, step_sizes=(1e-4, 0.5)),
 }
 
 

@@ -54,6 +54,7 @@ cdef enum:
     KIND_ADAMAX = 7
     KIND_ADADELTA = 8
     KIND_RADAM = 9
+    KIND_RPROP = 10
     CALIBRATION_RUNS = 3
     CALIBRATION_MIN = 4096
     CALIBRATION_MAX = 1 << 18
@@ -87,7 +88,8 @@ def get_serial_threshold():
 def calibration():
     """{"rule/dtype": threshold} for the rules calibrated so far, and the region cost."""
     names = (("sgd", "adagrad", "rmsprop", "adam", "adam-bf16", "traffic", "adahessian",
-              "adamax", "adadelta", "radam") + tuple(f"kind{k}" for k in range(10, N_KINDS)))
+              "adamax", "adadelta", "radam", "rprop")
+             + tuple(f"kind{k}" for k in range(11, N_KINDS)))
     out = {}
     cdef int k, d
     for k in range(N_KINDS):

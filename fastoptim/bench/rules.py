@@ -59,6 +59,9 @@ RULES = {r.key: r for r in (
     Rule("radam", "RAdam",
          lambda m, P, G, S, st: m.radam_(P, G, S[0], S[1], st, lr=1e-3),
          "radam", dict(lr=1e-3), False, "radam"),
+    Rule("rprop", "Rprop",
+         lambda m, P, G, S, st: m.rprop_(P, G, S[0], S[1], st),
+         "rprop", dict(lr=1e-2), False, "rprop"),
 )}
 
 

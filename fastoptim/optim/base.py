@@ -158,8 +158,9 @@ class Optimizer(_StateDict):
         return (group.get("state_dtype") == "8bit" and p.dtype == np.float32
                 and p.size >= self.min_8bit_size)
 
-    def _initial_state_value(self, group):
-        """What a new state array holds (Adagrad: its initial accumulator value)."""
+    def _initial_state_value(self, group, name):
+        """What a new state array ``name`` holds (Adagrad: its initial accumulator
+        value; Rprop: its step sizes start at lr)."""
         return 0
 
     def _new_state_entry(self, name, group, p):
@@ -167,7 +168,7 @@ class Optimizer(_StateDict):
         ``_initial_state_value``: ``{name: array}``, and for 8-bit state also
         ``{name + "_absmax": block scales}``."""
         slot = self._all_state_names.index(name) + 1
-        value = self._initial_state_value(group)
+        value = self._initial_state_value(group, name)
         if self._state_8bit(group, p):
             codes, absmax = quantize_blockwise(
                 np.full(p.shape, value, np.float32, order="F" if _f_order(p) else "C"),

@@ -60,7 +60,7 @@ class Adagrad(Optimizer):
             raise ValueError(f"Invalid initial_accumulator_value value: {value}")
         super()._check_hyperparameters(group)
 
-    def _initial_state_value(self, group):
+    def _initial_state_value(self, group, name):
         return group["initial_accumulator_value"]
 
     def _init_state(self, group, state):
@@ -193,6 +193,25 @@ class RAdam(Optimizer):
                                       decoupled_weight_decay=decoupled_weight_decay,
                                       maximize=maximize, state_dtype=state_dtype,
                                       rounding=rounding, seed=seed), nonfinite)
+
+
+class Rprop(Optimizer):
+    """Rprop (resilient backpropagation). Same options and defaults as
+    ``torch.optim.Rprop``; formulas in :func:`fastoptim.reference.rprop_`. State:
+    ``step``, ``prev``, ``step_size`` (starting at ``lr``). ``state_dtype``,
+    ``rounding``, ``seed``, ``min_8bit_size``: compressed state, as :class:`Adam`'s."""
+    _rule = spec("rprop")
+
+    def __init__(self, params, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), *,
+                 maximize=False, state_dtype=None, rounding="nearest", seed=0,
+                 min_8bit_size=4096, nonfinite="propagate"):
+        self._take_min_8bit_size(min_8bit_size)
+        super().__init__(params, dict(lr=lr, etas=etas, step_sizes=step_sizes,
+                                      maximize=maximize, state_dtype=state_dtype,
+                                      rounding=rounding, seed=seed), nonfinite)
+
+    def _initial_state_value(self, group, name):
+        return group["lr"] if name == "step_size" else 0
 
 
 class _CurvatureOptimizer(Optimizer):

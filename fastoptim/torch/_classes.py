@@ -427,3 +427,57 @@ class RAdam(_Optimizer):
                 if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
                     p_state["step"] = torch.tensor(float(p_state["step"]),
                                                    dtype=_scalar_dtype())
+
+
+class Rprop(_Optimizer):
+    """``torch.optim.Rprop`` on fastoptim's kernel.
+
+    Same signature, defaults, checks and state as torch 2.13's Rprop: ``step``,
+    ``prev`` and ``step_size`` (which starts at the group's ``lr``). See
+    :func:`fastoptim.reference.rprop_` for the update.
+    """
+    _rule = spec("rprop")
+
+    def __init__(self, params, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), *,
+                 capturable=False, foreach=None, maximize=False, differentiable=False):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 < etas[0] < 1.0 < etas[1]:
+            raise ValueError(f"Invalid eta values: {etas[0]}, {etas[1]}")
+
+        defaults = {
+            "lr": lr,
+            "etas": etas,
+            "step_sizes": step_sizes,
+            "foreach": foreach,
+            "maximize": maximize,
+            "differentiable": differentiable,
+            "capturable": capturable,
+        }
+        super().__init__(params, defaults)
+        self._fastoptim_init()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("capturable", False)
+            for p in group["params"]:
+                p_state = self.state.get(p, [])
+                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = torch.tensor(float(p_state["step"]),
+                                                   dtype=_scalar_dtype())
+
+    def _new_state(self, group, p):
+        # torch: step 0, prev zeros, step_size full of the group's lr
+        lr = group["lr"]
+        lr = lr.item() if isinstance(lr, torch.Tensor) else lr
+        if torch.is_complex(p):            # two independent reals: lr for both parts
+            lr = complex(lr, lr)
+        return {"step": torch.zeros((), dtype=_scalar_dtype()),
+                **self._state_entries(group, p, "prev"),
+                **self._state_entries(group, p, "step_size", lr)}
