@@ -33,7 +33,8 @@ import numpy as np
 
 from . import landscapes as _landscapes
 from .hessian import hutchinson_diag
-from .optim import SGD, AdaHessian, Adagrad, Adam, Newton, RMSprop
+from .optim import (SGD, Adadelta, AdaHessian, Adagrad, Adam, Adamax, Newton, RAdam,
+                    RMSprop, Rprop)
 
 __all__ = ["CONTENDERS", "SETTINGS", "Contender", "Run", "run", "run_all", "summary",
            "plot_landscape", "plot_overview", "main"]
@@ -63,6 +64,14 @@ CONTENDERS = [
               lambda p, s: RMSprop(p, lr=s["lr_adaptive"], alpha=0.9)),
     Contender("Adam", "#1f77b4", "grad",
               lambda p, s: Adam(p, lr=s["lr_adaptive"])),
+    Contender("Adamax", "#aec7e8", "grad",
+              lambda p, s: Adamax(p, lr=s["lr_adaptive"])),
+    Contender("RAdam", "#393b79", "grad",
+              lambda p, s: RAdam(p, lr=s["lr_adaptive"])),
+    Contender("Adadelta", "#bcbd22", "grad",
+              lambda p, s: Adadelta(p, lr=1.0)),
+    Contender("Rprop", "#7f7f7f", "grad",
+              lambda p, s: Rprop(p, lr=s["lr_adaptive"])),
     Contender("AdaHessian", "#17becf", "hessian_diag",
               lambda p, s: AdaHessian(p, lr=s["lr_adahessian"])),
     Contender("Newton", "#2ca02c", "hessian",

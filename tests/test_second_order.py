@@ -507,8 +507,8 @@ def _runs(name, steps=None):
     return {c.label: demo.run(ls, c, steps=steps) for c in demo.CONTENDERS}
 
 
-ESCAPERS = ["SGD momentum 0.9", "Adagrad", "RMSprop", "Adam", "AdaHessian",
-            "saddle-free Newton"]
+ESCAPERS = ["SGD momentum 0.9", "Adagrad", "RMSprop", "Adam", "Adamax", "RAdam",
+            "Adadelta", "Rprop", "AdaHessian", "saddle-free Newton"]
 
 
 @pytest.mark.parametrize("name", ["saddle", "monkey"])
