@@ -33,6 +33,7 @@ cdef enum:
     FORMAT_BF16_STOCHASTIC = 3
     FORMAT_Q8 = 4                 # 8-bit blockwise codes (see _run_q8)
     Q8_BLOCK = 256                # elements per quantization block
+    Q8_PREFETCH = 4               # blocks ahead that _run_q8 asks the memory for
 
 
 cdef struct Codec:
@@ -130,6 +131,7 @@ cdef extern from "fo_q8.h" nogil:
     void fo_q8_encode(const fo_q8_map *q, const float *x, float scale, uint8_t *codes,
                       int64_t n)
     int64_t fo_q8_selfcheck(int w, uint32_t *bad)
+    void fo_q8_prefetch(const void *p, int64_t nbytes)
 
 
 def _load_q8_maps(signed_map, unsigned_map):
@@ -182,6 +184,12 @@ cdef void _run_q8(const Batch *b, Py_ssize_t t, Py_ssize_t lo, Py_ssize_t hi,
     while c < hi:
         n = hi - c if hi - c < Q8_BLOCK else Q8_BLOCK
         k = c // Q8_BLOCK
+        if c + Q8_PREFETCH * Q8_BLOCK + Q8_BLOCK <= hi:     # a block, some blocks ahead
+            fo_q8_prefetch(p + c + Q8_PREFETCH * Q8_BLOCK, Q8_BLOCK * 4)
+            fo_q8_prefetch(g + c + Q8_PREFETCH * Q8_BLOCK, Q8_BLOCK * 4)
+            for j in range(ns):
+                if codes[j] != NULL:
+                    fo_q8_prefetch(codes[j] + c + Q8_PREFETCH * Q8_BLOCK, Q8_BLOCK)
         for j in range(ns):
             if codes[j] != NULL:
                 w = b.q8_signed[j]
