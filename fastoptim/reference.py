@@ -324,6 +324,20 @@ def rmsprop_(params, grads, square_avgs, grad_avgs=None, momentum_buffers=None,
             p += (_scalar(-lr, p) * g) / avg
 
 
+def _adam_moments(p, g, m, v, lr, betas, weight_decay, decoupled):
+    """The first part of an Adam-family step (Adam, AdamW, RAdam), in place: weight
+    decay (added to the gradient, or with ``decoupled`` applied to the parameter first)
+    and the two moments, ``m`` lerped towards g and ``v`` decayed towards g^2."""
+    beta1, beta2 = betas
+    if weight_decay != 0:
+        if decoupled:
+            p *= _scalar(1 - lr * weight_decay, p)
+        else:
+            g = g + _scalar(weight_decay, p) * p
+    m[...] = _lerp(m, g, _scalar(1 - beta1, p))
+    v[...] = v * _scalar(beta2, p) + (_scalar(1 - beta2, p) * g) * g
+
+
 @_stored_state(("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
                lambda o: ("exp_avgs", "exp_avg_sqs")
                + (("max_exp_avg_sqs",) if o["amsgrad"] else ()),
@@ -360,15 +374,9 @@ def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, steps=None
             continue
         steps[i] += 1
         step = float(steps[i])
-        g = -g if maximize else g
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                p *= _scalar(1 - lr * weight_decay, p)
-            else:
-                g = g + _scalar(weight_decay, p) * p
         m, v = ms[i], vs[i]
-        m[...] = _lerp(m, g, _scalar(1 - beta1, p))
-        v[...] = v * _scalar(beta2, p) + (_scalar(1 - beta2, p) * g) * g
+        _adam_moments(p, -g if maximize else g, m, v, lr, betas, weight_decay,
+                      decoupled_weight_decay)
         if amsgrad:
             np.maximum(vmaxs[i], v, out=vmaxs[i])
             v = vmaxs[i]
@@ -485,15 +493,9 @@ def radam_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr=1e-3, betas=(0.9, 
             continue
         steps[i] += 1
         step = float(steps[i])
-        g = -g if maximize else g
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                p *= _scalar(1 - lr * weight_decay, p)
-            else:
-                g = g + _scalar(weight_decay, p) * p
         m, v = ms[i], vs[i]
-        m[...] = _lerp(m, g, _scalar(1 - beta1, p))
-        v[...] = v * _scalar(beta2, p) + (_scalar(1 - beta2, p) * g) * g
+        _adam_moments(p, -g if maximize else g, m, v, lr, betas, weight_decay,
+                      decoupled_weight_decay)
         bc1 = 1 - beta1 ** step
         bc2 = 1 - beta2 ** step
         rho_inf = 2 / (1 - beta2) - 1

@@ -13,7 +13,7 @@ from .. import functional as F
 from . import _compressed
 from ._plan import _GroupPlan, _Planning
 from ._reuse import _Keeping, _State
-from ._tensors import _DTYPES, _new_step, _placeable, _state_like
+from ._tensors import _DTYPES, _new_step, _placeable, _scalar_dtype, _state_like
 
 
 def _check_fused(fused, differentiable, foreach):
@@ -128,6 +128,19 @@ class _Optimizer(_Keeping, _Planning, _TorchOptimizer):
         self._fastoptim_ready = True
         self._views = {}
         self._reuses = {}
+
+    def _group_defaults(self, **options):
+        """torch's ``__setstate__`` for a state dict of an older torch: each option a
+        group lacks takes its default, and a number ``step`` becomes a tensor (the
+        step tensor's dtype as torch makes it)."""
+        for group in self.param_groups:
+            for key, value in options.items():
+                group.setdefault(key, value)
+            for p in group["params"]:
+                p_state = self.state.get(p, [])
+                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = torch.tensor(float(p_state["step"]),
+                                                   dtype=_scalar_dtype())
 
     def _check_group(self, gi, group):
         """Refuse options and parameters the kernels cannot honour."""

@@ -181,18 +181,8 @@ class RMSprop(_Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("momentum", 0)
-            group.setdefault("centered", False)
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("capturable", False)
-            for p in group["params"]:
-                p_state = self.state.get(p, [])
-                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = torch.tensor(float(p_state["step"]),
-                                                   dtype=_scalar_dtype())
+        self._group_defaults(momentum=0, centered=False, foreach=None, maximize=False,
+                             differentiable=False, capturable=False)
 
     def _step_tensor(self, group, p):
         return torch.zeros((), dtype=_scalar_dtype())     # (torch's RMSprop has no fused)
@@ -328,16 +318,8 @@ class Adamax(_Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("capturable", False)
-            for p in group["params"]:
-                p_state = self.state.get(p, [])
-                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = torch.tensor(float(p_state["step"]),
-                                                   dtype=_scalar_dtype())
+        self._group_defaults(foreach=None, maximize=False, differentiable=False,
+                             capturable=False)
 
 
 class Adadelta(_Optimizer):
@@ -371,16 +353,8 @@ class Adadelta(_Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("capturable", False)
-            for p in group["params"]:
-                p_state = self.state.get(p, [])
-                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = torch.tensor(float(p_state["step"]),
-                                                   dtype=_scalar_dtype())
+        self._group_defaults(foreach=None, maximize=False, differentiable=False,
+                             capturable=False)
 
 
 class RAdam(_Optimizer):
@@ -416,17 +390,8 @@ class RAdam(_Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("decoupled_weight_decay", False)
-            group.setdefault("capturable", False)
-            for p in group["params"]:
-                p_state = self.state.get(p, [])
-                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = torch.tensor(float(p_state["step"]),
-                                                   dtype=_scalar_dtype())
+        self._group_defaults(foreach=None, maximize=False, differentiable=False,
+                             decoupled_weight_decay=False, capturable=False)
 
 
 class Rprop(_Optimizer):
@@ -461,16 +426,8 @@ class Rprop(_Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("capturable", False)
-            for p in group["params"]:
-                p_state = self.state.get(p, [])
-                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = torch.tensor(float(p_state["step"]),
-                                                   dtype=_scalar_dtype())
+        self._group_defaults(foreach=None, maximize=False, differentiable=False,
+                             capturable=False)
 
     def _new_state(self, group, p):
         # torch: step 0, prev zeros, step_size full of the group's lr
