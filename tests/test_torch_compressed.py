@@ -407,3 +407,53 @@ def test_conversions_refuse_what_the_other_formats_cannot_hold():
         fot.to_bitsandbytes(opt.state_dict())
     with pytest.raises(TypeError, match="state_dict"):
         fot.to_torchao([1, 2])
+
+
+def _tiny_lm_losses(fmt, steps=200):
+    """A 2-layer causal TransformerEncoder language model learning in-context linear
+    congruential sequences, trained with fastoptim.torch.AdamW; its losses per step."""
+    torch.manual_seed(0)
+    vocab, d, T, B = 64, 64, 32, 16
+    layer = torch.nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True)
+    model = torch.nn.ModuleDict(dict(
+        emb=torch.nn.Embedding(vocab, d), out=torch.nn.Linear(d, vocab),
+        enc=torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)))
+    group = {"params": list(model.parameters())}
+    if fmt is not None:
+        group["state_dtype"] = fmt
+    opt = fot.AdamW([group], lr=3e-3)
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(T)
+    losses = []
+    for _ in range(steps):
+        a = torch.randint(1, 8, (B, 1), generator=gen)
+        b = torch.randint(0, vocab, (B, 1), generator=gen)
+        seq = [torch.randint(0, vocab, (B, 1), generator=gen)]
+        for _ in range(T):
+            seq.append((a * seq[-1] + b) % vocab)
+        seq = torch.cat(seq, 1)
+        h = model["enc"](model["emb"](seq[:, :-1]), mask=mask, is_causal=True)
+        loss = torch.nn.functional.cross_entropy(model["out"](h).reshape(-1, vocab),
+                                                 seq[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return np.array(losses), opt
+
+
+def test_a_small_language_model_learns_as_well_with_compressed_state():
+    # the loss curves with 8-bit and bfloat16 state follow float32 state's: 20-step
+    # means within 1% all along (measured: 0.12% and 0.06%; float32 Adam with beta2 0.9
+    # instead of 0.999 is 1.3% off, without momentum 3.9%); the 8-bit run kept 8-bit state
+    curves = {}
+    for fmt in (None, "8bit", "bfloat16"):
+        losses, opt = _tiny_lm_losses(fmt)
+        curves[fmt] = np.convolve(losses, np.ones(20) / 20, mode="valid")
+        if fmt == "8bit":
+            assert any(t.dtype == torch.uint8 for st in opt.state.values()
+                       for t in st.values())
+    assert curves[None][-1] < 0.7 * curves[None][0]                 # it learns
+    for fmt in ("8bit", "bfloat16"):
+        gap = np.max(np.abs(curves[fmt] - curves[None]) / curves[None])
+        assert gap < 0.01, (fmt, gap)
