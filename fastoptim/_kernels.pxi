@@ -90,6 +90,7 @@ include "_kernels/rules/adamax.pxi"
 include "_kernels/rules/adadelta.pxi"
 include "_kernels/rules/radam.pxi"
 include "_kernels/rules/rprop.pxi"
+include "_kernels/rules/nadam.pxi"
 include "_kernels/rules/traffic.pxi"
 include "_kernels/rules/adahessian.pxi"
 include "_kernels/segments.pxi"     # generated (setup.py, segments.pxi.tp): per-rule dispatch

@@ -89,6 +89,13 @@ def prepare_rprop(params: _Arrays, grads: _Grads, prevs: _States, step_size_arra
                   step_sizes: tuple[_Real, _Real] | Sequence[_Real], maximize: bool,
                   state_dtype: str | None = None, rounding: str = "nearest", seed: int = 0,
                   absmaxes: Sequence[_States | None] | None = None) -> Step: ...
+def prepare_nadam(params: _Arrays, grads: _Grads, exp_avgs: _States, exp_avg_sqs: _States,
+                  mu_products: _States | None, steps: _Steps | None, lr: _Real,
+                  betas: tuple[_Real, _Real] | Sequence[_Real], eps: _Real,
+                  weight_decay: _Real, momentum_decay: _Real, decoupled: bool,
+                  maximize: bool, state_dtype: str | None = None, rounding: str = "nearest",
+                  seed: int = 0,
+                  absmaxes: Sequence[_States | None] | None = None) -> Step: ...
 def prepare_adahessian(params: _Arrays, grads: _Grads, hessian_diags: _States,
                        exp_avgs: _States, exp_hessian_diag_sqs: _States,
                        steps: _Steps | None, lr: _Real,

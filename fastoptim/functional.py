@@ -20,7 +20,7 @@ from .reference import bfloat16_to_float32, float32_to_bfloat16   # bfloat16 sta
 from .rules import RuleSpec, spec
 
 __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adamax_", "adadelta_",
-           "radam_", "rprop_", "adahessian_",
+           "radam_", "rprop_", "nadam_", "adahessian_",
            "newton_", "bfloat16_to_float32", "float32_to_bfloat16"]
 
 _k = _config._kernels
@@ -103,6 +103,16 @@ def prepare_rprop(params, grads, prevs, step_size_arrays, steps, *, lr=1e-2, eta
                             step_sizes, maximize, state_dtype, rounding, seed, absmaxes)
 
 
+def prepare_nadam(params, grads, exp_avgs, exp_avg_sqs, mu_products, steps, *, lr=2e-3,
+                  betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum_decay=4e-3,
+                  decoupled_weight_decay=False, maximize=False, state_dtype=None,
+                  rounding="nearest", seed=0, absmaxes=None):
+    return _k.prepare_nadam(params, grads, exp_avgs, exp_avg_sqs, mu_products, steps, lr,
+                            betas, eps, weight_decay, momentum_decay,
+                            decoupled_weight_decay, maximize, state_dtype, rounding, seed,
+                            absmaxes)
+
+
 def prepare_adahessian(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_sqs,
                        steps, *, lr=0.15, betas=(0.9, 0.999), eps=1e-4, weight_decay=0.0,
                        hessian_power=1.0, maximize=False):
@@ -128,6 +138,7 @@ def caller(rule):
     s = spec(name)
     opts = _kernel_options(s)
     lists = [f"states.get({n!r})" for n in s.kernel_state]
+    lists += [f"states.get({n!r})" for n, _ in s.scalar_state]
     steps = "steps"
     if not s.counts_steps:              # (SGD: step counts only with a momentum buffer)
         steps = f"steps if {' or '.join(f'{x} is not None' for x in lists)} else None"
@@ -338,6 +349,8 @@ radam_ = _in_place(prepare_radam, """RAdam (rectified Adam), in place. See
     :func:`reference.radam_`.""")
 rprop_ = _in_place(prepare_rprop, """Rprop, in place. See :func:`reference.rprop_`;
     ``step_size_arrays`` start at ``lr`` (the optimizer's initial state).""")
+nadam_ = _in_place(prepare_nadam, """NAdam, in place. See :func:`reference.nadam_`;
+    ``mu_products``: one 0-d float32 array per parameter, starting at 1.""")
 adahessian_ = _in_place(prepare_adahessian, """AdaHessian, in place, from Hessian-diagonal
     estimates (one per parameter). See :func:`reference.adahessian_`; estimate the
     diagonals with :func:`fastoptim.hessian.hutchinson_diag` (or

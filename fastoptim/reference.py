@@ -20,7 +20,7 @@ import inspect
 import numpy as np
 
 __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adamax_", "adadelta_",
-           "radam_", "rprop_", "adahessian_",
+           "radam_", "rprop_", "nadam_", "adahessian_",
            "newton_", "bfloat16_to_float32", "float32_to_bfloat16"]
 
 
@@ -327,7 +327,8 @@ def rmsprop_(params, grads, square_avgs, grad_avgs=None, momentum_buffers=None,
 def _adam_moments(p, g, m, v, lr, betas, weight_decay, decoupled):
     """The first part of an Adam-family step (Adam, AdamW, RAdam), in place: weight
     decay (added to the gradient, or with ``decoupled`` applied to the parameter first)
-    and the two moments, ``m`` lerped towards g and ``v`` decayed towards g^2."""
+    and the two moments, ``m`` lerped towards g and ``v`` decayed towards g^2. Returns
+    the gradient as the moments saw it."""
     beta1, beta2 = betas
     if weight_decay != 0:
         if decoupled:
@@ -336,6 +337,7 @@ def _adam_moments(p, g, m, v, lr, betas, weight_decay, decoupled):
             g = g + _scalar(weight_decay, p) * p
     m[...] = _lerp(m, g, _scalar(1 - beta1, p))
     v[...] = v * _scalar(beta2, p) + (_scalar(1 - beta2, p) * g) * g
+    return g
 
 
 @_stored_state(("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
@@ -508,6 +510,49 @@ def radam_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr=1e-3, betas=(0.9, 
             p -= ((bcm * _scalar(lr, p)) * adaptive) * _scalar(rect, p)
         else:
             p -= bcm * _scalar(lr, p)
+
+
+@_stored_state(("exp_avgs", "exp_avg_sqs"), lambda o: ("exp_avgs", "exp_avg_sqs"),
+               unsigned=("exp_avg_sqs",))
+def nadam_(params, grads, exp_avgs, exp_avg_sqs, mu_products, steps, *, lr=2e-3,
+           betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum_decay=4e-3,
+           decoupled_weight_decay=False, maximize=False):
+    r"""NAdam (Dozat, 2016): Adam with Nesterov momentum and a momentum schedule, as
+    torch.optim.NAdam.
+
+    .. math::
+        \mu_t &= \beta_1 (1 - \tfrac12\, 0.96^{t \psi}), \quad
+            \Pi_t = \Pi_{t-1} \mu_t \quad (\psi: \text{momentum\_decay}) \\
+        m &\leftarrow m + (1-\beta_1)(g - m), \quad
+            v \leftarrow \beta_2 v + (1-\beta_2) g^2, \quad
+            d = \sqrt{v / (1-\beta_2^t)} + \epsilon \\
+        p &\leftarrow p - \gamma \frac{1-\mu_t}{1-\Pi_t} \frac{g}{d}
+            - \gamma \frac{\mu_{t+1}}{1-\Pi_t \mu_{t+1}} \frac{m}{d}
+
+    Weight decay as Adam's, or AdamW's with ``decoupled_weight_decay``.
+    ``mu_products``: the running product, one 0-d array per parameter (float32, as
+    torch keeps it whatever the parameter's dtype: its product is rounded to float32
+    at each step), updated in place.
+    """
+    params, grads = _as_list(params), _as_list(grads)
+    ms, vs, mps = _as_list(exp_avgs), _as_list(exp_avg_sqs), _as_list(mu_products)
+    beta2 = betas[1]
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        steps[i] += 1
+        step = float(steps[i])
+        mu = betas[0] * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+        mu_next = betas[0] * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
+        mp = mps[i]
+        mp[...] = mp * mp.dtype.type(mu)          # in the product's own dtype
+        mp_value = float(mp)
+        m, v = ms[i], vs[i]
+        g = _adam_moments(p, -g if maximize else g, m, v, lr, betas, weight_decay,
+                          decoupled_weight_decay)
+        denom = np.sqrt(v / _scalar(1 - beta2 ** step, p)) + _scalar(eps, p)
+        p += (_scalar(-lr * (1.0 - mu) / (1.0 - mp_value), p) * g) / denom
+        p += (_scalar(-lr * mu_next / (1.0 - mp_value * mu_next), p) * m) / denom
 
 
 def _sign(x):

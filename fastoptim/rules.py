@@ -47,6 +47,10 @@ class RuleSpec:
     by the rule (Adam: L2 weight decay,
     AdamW: decoupled; torch's ``Adam(decoupled_weight_decay=True)`` runs as AdamW); ``state_formats``, the ``state_dtype`` values it accepts besides the
     parameters' own (its kernel loops are instantiated for those formats only).
+
+    ``scalar_state``: state of one number per parameter (NAdam's ``mu_product``), as
+    ``(name, initial value)``; the kernel takes one 0-d array per parameter for each,
+    after the per-element state, and updates it in place (float32, as torch keeps it).
     """
     name: str
     title: str
@@ -61,6 +65,7 @@ class RuleSpec:
     inputs: tuple = ()
     bounds: tuple = ()
     unsigned_state: tuple = ()
+    scalar_state: tuple = ()
 
     def __post_init__(self):
         if not self.kernel:
@@ -207,6 +212,13 @@ REGISTRY = {s.name: s for s in (
               ("maximize", False)),
              ("prev", "step_size"), state_formats=("bfloat16", "8bit"),
              unsigned_state=("step_size",), bounds=(("lr", "nonneg", "learning rate"),)),
+    RuleSpec("nadam", "NAdam",
+             (("lr", 2e-3), ("betas", (0.9, 0.999)), ("eps", 1e-8), ("weight_decay", 0.0),
+              ("momentum_decay", 4e-3), ("decoupled_weight_decay", False),
+              ("maximize", False)),
+             ("exp_avg", "exp_avg_sq"), state_formats=("bfloat16", "8bit"),
+             unsigned_state=("exp_avg_sq",), scalar_state=(("mu_product", 1.0),),
+             bounds=_ADAM_BOUNDS + (("momentum_decay", "nonneg", "momentum_decay value"),)),
     RuleSpec("adahessian", "AdaHessian",
              (("lr", 0.15), ("betas", (0.9, 0.999)), ("eps", 1e-4), ("weight_decay", 0.0),
               ("hessian_power", 1.0), ("maximize", False)),

@@ -47,6 +47,8 @@ RULES = {
                    decoupled_weight_decay=[True], maximize=[True]),
     "rprop": _grid("rprop", lr=[0.05], etas=[(0.3, 1.5)], step_sizes=[(1e-3, 0.1)],
                    maximize=[True]),
+    "nadam": _grid("nadam", lr=[0.01], betas=[(0.3, 0.9)], eps=[1e-6], weight_decay=[0.01],
+                   momentum_decay=[0.01], decoupled_weight_decay=[True], maximize=[True]),
 }
 
 
@@ -75,6 +77,8 @@ def state_names(rule, opts):
         return ["exp_avgs", "exp_avg_sqs"]
     if rule == "rprop":
         return ["prevs", "step_size_arrays"]
+    if rule == "nadam":
+        return ["exp_avgs", "exp_avg_sqs", "mu_products"]
     names = ["exp_avgs", "exp_avg_sqs"]
     return names + (["max_exp_avg_sqs"] if opts.get("amsgrad") else [])
 
@@ -84,6 +88,8 @@ def make_state(rule, opts, params, init=0.0):
     first = {"state_sums": init, "step_size_arrays": opts.get("lr", 1e-2)}
     state = {name: [np.full_like(p, first.get(name, 0.0)) for p in params]
              for name in state_names(rule, opts)}
+    if "mu_products" in state:              # NAdam's: one float32 number per parameter
+        state["mu_products"] = [np.ones((), np.float32) for _ in params]
     steps = np.zeros(len(params), dtype=np.int64)
     return state, steps
 
@@ -106,6 +112,9 @@ def call(module, rule, params, grads, state, steps, opts):
         return fn(params, grads, state["exp_avgs"], state["exp_avg_sqs"], steps, **opts)
     if rule == "rprop":
         return fn(params, grads, state["prevs"], state["step_size_arrays"], steps, **opts)
+    if rule == "nadam":
+        return fn(params, grads, state["exp_avgs"], state["exp_avg_sqs"],
+                  state["mu_products"], steps, **opts)
     return fn(params, grads, state["exp_avgs"], state["exp_avg_sqs"],
               state.get("max_exp_avg_sqs"), steps, **opts)
 
@@ -131,6 +140,13 @@ def prepare(kernels, rule, params, grads, state, steps, opts):
                                        o.get("eps", 1e-8), o.get("weight_decay", 0.0),
                                        o.get("momentum", 0.0), o.get("centered", False),
                                        o.get("maximize", False))
+    if rule == "nadam":
+        return kernels.prepare_nadam(params, grads, state["exp_avgs"], state["exp_avg_sqs"],
+                                     state["mu_products"], steps, o.get("lr", 2e-3),
+                                     o.get("betas", (0.9, 0.999)), o.get("eps", 1e-8),
+                                     o.get("weight_decay", 0.0), o.get("momentum_decay", 4e-3),
+                                     o.get("decoupled_weight_decay", False),
+                                     o.get("maximize", False))
     if rule == "rprop":
         return kernels.prepare_rprop(params, grads, state["prevs"], state["step_size_arrays"],
                                      steps, o.get("lr", 1e-2), o.get("etas", (0.5, 1.2)),

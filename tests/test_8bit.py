@@ -32,6 +32,8 @@ RULES = {
                [dict(), dict(weight_decay=0.1, decoupled_weight_decay=True, maximize=True)]),
     "rprop_": (("prevs", "step_size_arrays"), ("step_size_arrays",),
                [dict(), dict(etas=(0.3, 1.5), step_sizes=(1e-4, 0.5), maximize=True)]),
+    "nadam_": (("exp_avgs", "exp_avg_sqs"), ("exp_avg_sqs",),
+               [dict(), dict(weight_decay=0.1, decoupled_weight_decay=True, maximize=True)]),
 }
 SHAPES = [(), (7,), (256,), (1000,), (33, 17), (5000,)]
 
@@ -53,6 +55,8 @@ def _problem(name, order="C", small=(1,), seed=0):
                  for i, p in enumerate(params)]
         states.append(codes)
         scales.append([np.zeros(-(-p.size // FM.BLOCK), np.float32) for p in params])
+    if name == "nadam_":                    # its per-parameter float32 mu_product
+        states.append([np.ones((), np.float32) for _ in params])
     return params, states, scales, np.zeros(len(params), np.int64)
 
 

@@ -180,6 +180,9 @@ OTHER_RULES = {
                              maximize=True)]),
     "rprop_": (("prevs", "step_size_arrays"),
                [dict(), dict(etas=(0.3, 1.5), step_sizes=(1e-3, 0.5), maximize=True)]),
+    "nadam_": (("exp_avgs", "exp_avg_sqs"),
+               [dict(), dict(betas=(0.4, 0.9), weight_decay=0.02, momentum_decay=0.01,
+                             decoupled_weight_decay=True, maximize=True)]),
 }
 
 
@@ -188,6 +191,8 @@ def _run_rule(module, name, opts, shapes, nsteps, seed=0, order="C"):
     params = [np.asarray(rng.standard_normal(s), np.float32, order=order) for s in shapes]
     states = [[np.zeros(p.shape, np.uint16, order=order) for p in params]
               for _ in OTHER_RULES[name][0]]
+    if name == "nadam_":                    # its per-parameter float32 mu_product
+        states.append([np.ones((), np.float32) for _ in params])
     steps = np.zeros(len(params), np.int64)
     for k in range(nsteps):
         grads = [None if (k + i) % 5 == 4 else

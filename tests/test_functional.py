@@ -90,6 +90,8 @@ def test_random_shapes_and_hyperparameters(rule, dtype, shapes, order, nsteps, s
             opts[key] = data.draw(st.floats(1e-5, 0.5), label=key)
         elif key in ("alpha",):
             opts[key] = data.draw(st.floats(0.0, 0.999), label=key)
+        elif key in ("momentum_decay",):
+            opts[key] = data.draw(st.floats(0.0, 0.05), label=key)
         elif key in ("eps",):
             opts[key] = data.draw(st.floats(1e-10, 1e-3), label=key)
         elif key in ("momentum",):

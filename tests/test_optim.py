@@ -22,6 +22,7 @@ CLASSES = {
     "adadelta": (fastoptim.Adadelta, dict(lr=0.5, weight_decay=0.1, rho=0.4)),
     "radam": (fastoptim.RAdam, dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
     "rprop": (fastoptim.Rprop, dict(lr=0.05, etas=(0.3, 1.5))),
+    "nadam": (fastoptim.NAdam, dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
 }
 
 SHAPES = [(), (0,), (7,), (3, 4), (1000 + 5,)]
@@ -59,6 +60,10 @@ def _reference_state(name, params, kw):
     if name == "radam":
         return dict(exp_avgs=[np.zeros_like(p) for p in params],
                     exp_avg_sqs=[np.zeros_like(p) for p in params])
+    if name == "nadam":
+        return dict(exp_avgs=[np.zeros_like(p) for p in params],
+                    exp_avg_sqs=[np.zeros_like(p) for p in params],
+                    mu_products=[np.ones((), np.float32) for p in params])
     if name == "rprop":
         return dict(prevs=[np.zeros_like(p) for p in params],
                     step_size_arrays=[np.full_like(p, kw["lr"]) for p in params])
@@ -70,7 +75,8 @@ def _reference_state(name, params, kw):
 def _reference_step(name, params, grads, state, steps, kw):
     fn = {"sgd": R.sgd_, "sgd-plain": R.sgd_, "adagrad": R.adagrad_, "rmsprop": R.rmsprop_,
           "adam": R.adam_, "adamw": R.adamw_, "adamax": R.adamax_,
-          "adadelta": R.adadelta_, "radam": R.radam_, "rprop": R.rprop_}[name]
+          "adadelta": R.adadelta_, "radam": R.radam_, "rprop": R.rprop_,
+          "nadam": R.nadam_}[name]
     kw = {k: v for k, v in kw.items() if k != "initial_accumulator_value"}
     fn(params, grads, *state.values(), steps, **kw)
 

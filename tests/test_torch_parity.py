@@ -81,6 +81,7 @@ CLASSES = {
     "adadelta": (fastoptim.Adadelta, torch.optim.Adadelta),
     "radam": (fastoptim.RAdam, torch.optim.RAdam),
     "rprop": (fastoptim.Rprop, torch.optim.Rprop),
+    "nadam": (fastoptim.NAdam, torch.optim.NAdam),
 }
 
 # Options shared by every combination of a rule (not defaults, so that the class
@@ -95,6 +96,7 @@ BASE = {
     "adadelta": dict(lr=0.5),
     "radam": dict(lr=0.01),
     "rprop": dict(lr=0.05),
+    "nadam": dict(lr=0.01),
 }
 GRID = {
     "sgd": dict(momentum=[0.0, 0.9], dampening=[0.0, 0.25], nesterov=[False, True],
@@ -119,12 +121,16 @@ GRID = {
                   maximize=[False, True]),
     "rprop": dict(etas=[(0.5, 1.2), (0.3, 1.6)], step_sizes=[(1e-6, 50), (1e-3, 0.1)],
                   maximize=[False, True]),
+    "nadam": dict(betas=[(0.9, 0.999), (0.4, 0.95)], eps=[1e-8, 1e-3],
+                  weight_decay=[0.0, 0.05], momentum_decay=[4e-3, 0.02],
+                  decoupled_weight_decay=[False, True], maximize=[False, True]),
 }
 # Pairs of numeric options that vary together rather than factorially (keeps the grid
 # small; each value is still covered with every boolean combination).
 TIED = {"rmsprop": ("alpha", "eps"), "adam": ("betas", "eps"), "adamw": ("betas", "eps"),
         "adamax": ("betas", "eps"), "adadelta": ("rho", "eps"),
-        "radam": ("betas", "eps"), "rprop": ("etas", "step_sizes")}
+        "radam": ("betas", "eps"), "rprop": ("etas", "step_sizes"),
+        "nadam": ("betas", "eps")}
 
 
 def _valid(rule, opts):
@@ -319,8 +325,10 @@ def compare_optimizers(pair):
     for i, tentry in tstate.items():
         for key in scales:
             if key in tentry:
+                want = tentry[key].numpy()    # (NAdam's mu_product: float32 for both)
                 errs.append(assert_close(f"state[{i}][{key!r}] after {pair.step_no} steps",
-                                         fstate[i][key], tentry[key].numpy(), pair.dtype,
+                                         fstate[i][key], want,
+                                         pair.dtype if want.ndim else want.dtype.type,
                                          scales[key]))
     return max(errs)
 
@@ -366,6 +374,8 @@ FUNCTIONAL_CASES = {
     "radam": [dict(), dict(lr=0.01, betas=(0.4, 0.95), eps=1e-3, weight_decay=0.05,
                            decoupled_weight_decay=True, maximize=True)],
     "rprop": [dict(), dict(lr=0.05, etas=(0.3, 1.6), step_sizes=(1e-3, 0.1), maximize=True)],
+    "nadam": [dict(), dict(lr=0.01, betas=(0.4, 0.95), eps=1e-3, weight_decay=0.05,
+                           momentum_decay=0.02, decoupled_weight_decay=True, maximize=True)],
 }
 # torch's state names, in the order of the functional API's state arguments
 STATE_ARGS = {
@@ -378,6 +388,7 @@ STATE_ARGS = {
     "adadelta": ["square_avg", "acc_delta"],
     "radam": ["exp_avg", "exp_avg_sq"],
     "rprop": ["prev", "step_size"],
+    "nadam": ["exp_avg", "exp_avg_sq", "mu_product"],
 }
 
 
@@ -398,6 +409,8 @@ def _state_names(rule, opts):
         return ["exp_avg", "exp_avg_sq"]
     if rule == "rprop":
         return ["prev", "step_size"]
+    if rule == "nadam":
+        return ["exp_avg", "exp_avg_sq", "mu_product"]
     return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if opts.get("amsgrad") else [])
 
 
@@ -430,6 +443,8 @@ def test_functional_matches_torch(rule, opts, impl, dtype):
     state = {n: np.zeros_like(p) for n in names}
     if rule == "rprop":                    # (torch's initial step sizes: lr)
         state["step_size"][...] = opts.get("lr", 1e-2)
+    if rule == "nadam":                    # (one float32 number, from 1)
+        state["mu_product"] = np.ones((), np.float32)
     steps = np.zeros(1, dtype=np.int64)
     for k in range(N_STEPS):
         g = np.array(rng.standard_normal(p.shape) * 10.0 ** rng.uniform(-2, 1), dtype=dtype,
@@ -441,7 +456,8 @@ def test_functional_matches_torch(rule, opts, impl, dtype):
     assert_close("param", p, t.numpy(), dtype, _magnitude([t.numpy()]))
     for name in names:
         expected = tstate[name].numpy()
-        assert_close(name, state[name], expected, dtype, _magnitude([expected]))
+        assert_close(name, state[name], expected, dtype if expected.ndim else
+                     expected.dtype.type, _magnitude([expected]))
     assert set(names) == {k for k, v in tstate.items() if k != "step" and v is not None}
     if "step" in tstate:
         assert steps[0] == int(tstate["step"]) == N_STEPS
@@ -462,6 +478,7 @@ THREAD_OPTS = {
     "adadelta": dict(lr=0.5, weight_decay=0.05),
     "radam": dict(lr=0.01, weight_decay=0.05),
     "rprop": dict(lr=0.05, step_sizes=(1e-4, 0.5)),
+    "nadam": dict(lr=0.01, weight_decay=0.05),
 }
 
 
@@ -543,5 +560,5 @@ def test_threaded_large_step_matches_torch(rule, dtype, fixed_threshold):
         if key != "step":
             expected = [topt.state[t][key].numpy() for t in tparams]
             for i, x in enumerate(expected):
-                assert_close(f"state[{i}][{key!r}]", fopt.state[i][key], x, dtype,
-                             _magnitude(expected))
+                assert_close(f"state[{i}][{key!r}]", fopt.state[i][key], x,
+                             dtype if x.ndim else x.dtype.type, _magnitude(expected))

@@ -55,6 +55,7 @@ cdef enum:
     KIND_ADADELTA = 8
     KIND_RADAM = 9
     KIND_RPROP = 10
+    KIND_NADAM = 11
     CALIBRATION_RUNS = 3
     CALIBRATION_MIN = 4096
     CALIBRATION_MAX = 1 << 18
@@ -88,8 +89,8 @@ def get_serial_threshold():
 def calibration():
     """{"rule/dtype": threshold} for the rules calibrated so far, and the region cost."""
     names = (("sgd", "adagrad", "rmsprop", "adam", "adam-bf16", "traffic", "adahessian",
-              "adamax", "adadelta", "radam", "rprop")
-             + tuple(f"kind{k}" for k in range(11, N_KINDS)))
+              "adamax", "adadelta", "radam", "rprop", "nadam")
+             + tuple(f"kind{k}" for k in range(12, N_KINDS)))
     out = {}
     cdef int k, d
     for k in range(N_KINDS):
@@ -130,6 +131,10 @@ cdef struct Batch:
     double *ts0                  # per-array scalars, filled by run() from the steps
     double *ts1
     double *ts2
+    # per-parameter scalar state (NAdam's mu_product): one 0-d array per updated array,
+    # float32 or float64 (pscal_double), updated by the rule's scalars function
+    void **pscal
+    char *pscal_double
     # hyperparameters (double; rounded to each array's dtype inside the loop)
     double lr, momentum, dampening, weight_decay, eps, alpha, lr_decay
     double beta1, beta2

@@ -1,4 +1,6 @@
 """The benchmark's rules: hyperparameters and how each implementation is called."""
+import numpy as np
+
 from ..rules import spec
 
 
@@ -62,7 +64,23 @@ RULES = {r.key: r for r in (
     Rule("rprop", "Rprop",
          lambda m, P, G, S, st: m.rprop_(P, G, S[0], S[1], st),
          "rprop", dict(lr=1e-2), False, "rprop"),
+    Rule("nadam", "NAdam",
+         lambda m, P, G, S, st: m.nadam_(P, G, S[0], S[1], _mu_products(P), st, lr=2e-3),
+         "nadam", dict(lr=2e-3), False, "nadam"),
 )}
+
+
+_MU = {}
+
+
+def _mu_products(params):
+    """NAdam's per-parameter mu_product (0-d float32, from 1), one list per parameter
+    list the benchmark runs (kept between its steps, as an optimizer keeps it)."""
+    key = tuple(id(p) for p in params)
+    if key not in _MU:
+        _MU.clear()
+        _MU[key] = [np.ones((), np.float32) for _ in params]
+    return _MU[key]
 
 
 def bytes_per_element(rule, itemsize):

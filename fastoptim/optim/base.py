@@ -29,7 +29,8 @@ class Optimizer(_StateDict):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if cls.__dict__.get("_rule") is not None:
-            cls._all_state_names = cls._rule.state
+            cls._scalar_state = dict(cls._rule.scalar_state)
+            cls._all_state_names = cls._rule.state + tuple(cls._scalar_state)
             cls._has_step = cls._rule.counts_steps
             cls._kernel_call = staticmethod(F.caller(cls._rule))
             if cls._rule.state_formats:
@@ -121,8 +122,14 @@ class Optimizer(_StateDict):
     # --- subclass hooks --------------------------------------------------------------
 
     def _state_names(self, group):
-        """The state arrays this group keeps, in the rule's order (fastoptim.rules)."""
-        return self._rule.state_names(group) if self._rule is not None else ()
+        """The state arrays this group keeps, in the rule's order (fastoptim.rules),
+        then its per-parameter scalars (0-d arrays: NAdam's mu_product)."""
+        if self._rule is None:
+            return ()
+        return self._rule.state_names(group) + tuple(self._scalar_state)
+
+    #: per-parameter scalar state and its initial value (fastoptim.rules)
+    _scalar_state = {}
 
     def _prepare(self, group, grads, arrays, steps):
         """The group's prepared step (the registry maps state and options to the rule's
@@ -166,7 +173,10 @@ class Optimizer(_StateDict):
     def _new_state_entry(self, name, group, p):
         """A parameter's new state array ``name``, in the group's format, holding
         ``_initial_state_value``: ``{name: array}``, and for 8-bit state also
-        ``{name + "_absmax": block scales}``."""
+        ``{name + "_absmax": block scales}``. A scalar state (NAdam's mu_product) is
+        a 0-d float32 array, as torch keeps it."""
+        if name in self._scalar_state:
+            return {name: np.full((), self._scalar_state[name], np.float32)}
         slot = self._all_state_names.index(name) + 1
         value = self._initial_state_value(group, name)
         if self._state_8bit(group, p):

@@ -214,6 +214,26 @@ class Rprop(Optimizer):
         return group["lr"] if name == "step_size" else 0
 
 
+class NAdam(Optimizer):
+    """NAdam (Adam with Nesterov momentum). Same options and defaults as
+    ``torch.optim.NAdam``; formulas in :func:`fastoptim.reference.nadam_`. State:
+    ``step``, ``mu_product`` (a 0-d float32 array, as torch keeps it), ``exp_avg``,
+    ``exp_avg_sq``. ``state_dtype``, ``rounding``, ``seed``, ``min_8bit_size``:
+    compressed state, as :class:`Adam`'s."""
+    _rule = spec("nadam")
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 momentum_decay=4e-3, decoupled_weight_decay=False, *, maximize=False,
+                 state_dtype=None, rounding="nearest", seed=0, min_8bit_size=4096,
+                 nonfinite="propagate"):
+        self._take_min_8bit_size(min_8bit_size)
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      momentum_decay=momentum_decay,
+                                      decoupled_weight_decay=decoupled_weight_decay,
+                                      maximize=maximize, state_dtype=state_dtype,
+                                      rounding=rounding, seed=seed), nonfinite)
+
+
 class _CurvatureOptimizer(Optimizer):
     """Base of the second-order optimizers, whose step takes, besides one gradient per
     parameter, one curvature input per parameter (a Hessian diagonal for AdaHessian, a

@@ -263,6 +263,13 @@ class _StateDict:
                 raise TypeError(f"{where} has dtype {value.dtype}: state arrays hold "
                                 "floating-point values, bfloat16 bits as uint16, or 8-bit "
                                 f"codes as uint8 beside their block scales ({name}_absmax)")
+            if name in self._scalar_state:          # one number (NAdam's mu_product)
+                if value.size != 1 or value.dtype.kind != "f":
+                    raise ValueError(f"{where} must be one floating-point number, got "
+                                     f"shape {value.shape} dtype {value.dtype}")
+                gstate.arrays.setdefault(name, [None] * len(group["params"]))[i] = \
+                    np.array(value.reshape(()), np.float32)
+                continue
             if value.shape != p.shape:
                 raise ValueError(f"{where} has shape {value.shape}, but the parameter has "
                                  f"shape {p.shape}")

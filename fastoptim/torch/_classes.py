@@ -438,3 +438,55 @@ class Rprop(_Optimizer):
         return {"step": torch.zeros((), dtype=_scalar_dtype()),
                 **self._state_entries(group, p, "prev"),
                 **self._state_entries(group, p, "step_size", lr)}
+
+
+class NAdam(_Optimizer):
+    """``torch.optim.NAdam`` on fastoptim's kernel.
+
+    Same signature, defaults, checks and state as torch 2.13's NAdam (including
+    ``decoupled_weight_decay``): ``step``, ``mu_product`` (a 0-d tensor of torch's
+    scalar dtype, updated in place by the kernel), ``exp_avg`` and ``exp_avg_sq``. See
+    :func:`fastoptim.reference.nadam_` for the update.
+    """
+    _rule = spec("nadam")
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 momentum_decay=4e-3, decoupled_weight_decay=False, *, foreach=None,
+                 maximize=False, capturable=False, differentiable=False):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        self._rule.check_bounds({"lr": lr, "eps": eps, "betas": betas,
+                                 "weight_decay": weight_decay,
+                                 "momentum_decay": momentum_decay})
+
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "momentum_decay": momentum_decay,
+            "decoupled_weight_decay": decoupled_weight_decay,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+        }
+        super().__init__(params, defaults)
+        self._fastoptim_init()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._group_defaults(maximize=False, foreach=None, capturable=False,
+                             differentiable=False, decoupled_weight_decay=False)
+        for p_state in self.state.values():
+            if isinstance(p_state, dict) and "mu_product" in p_state \
+                    and not torch.is_tensor(p_state["mu_product"]):
+                p_state["mu_product"] = torch.tensor(p_state["mu_product"],
+                                                     dtype=_scalar_dtype())
+
+    def _new_state(self, group, p):
+        # torch's order: step, mu_product, then the moments
+        return {"step": _new_step(group, p),
+                "mu_product": torch.tensor(1.0, dtype=_scalar_dtype()),
+                **self._state_entries(group, p, "exp_avg"),
+                **self._state_entries(group, p, "exp_avg_sq")}

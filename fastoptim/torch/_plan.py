@@ -102,6 +102,8 @@ class _Planning:
             plan.written.append(p)
         if not kparams:
             return plan
+        if self._rule.scalar_state:     # (a kept step does not watch the 0-d state)
+            plan.reusable = False
         if _compressed.compressed(group):
             plan.reusable = False
             if group["state_dtype"] == "8bit":
@@ -186,6 +188,10 @@ class _Planning:
                 plan.fills.append((c[3][0], c[3][1]))
                 plan.backs.append((c[3][1], c[3][0]))
             plan.written.append(t)
+        for sname, _ in self._rule.scalar_state:
+            kstates.setdefault(sname, []).append(
+                self._scalar_view(gi, group, i, sname, state.get(sname)))
+            plan.written.append(state[sname])
         if not self._has_step:
             return is_new, None
         t = state.get("step")
@@ -337,6 +343,15 @@ class _Planning:
         c = (t, t.data_ptr(), sa.ravel("K"), None)
         v.states[sname] = c
         return c
+
+    def _scalar_view(self, gi, group, i, sname, t):
+        """The 0-d NumPy view of a per-parameter scalar state tensor (NAdam's
+        mu_product), which the kernel updates in place."""
+        if not (isinstance(t, torch.Tensor) and t.numel() == 1 and t.is_cpu
+                and t.dtype in _FLOAT_DTYPES):
+            raise TypeError(f"state[{sname!r}] of {self._param_name(gi, group, i)} must be "
+                            f"a one-element float32 or float64 CPU tensor, got {t!r:.80}")
+        return t.detach().numpy()
 
     def _absmax_view(self, gi, group, i, p, sname, state):
         """The NumPy view of 8-bit state ``sname``'s block scales."""
