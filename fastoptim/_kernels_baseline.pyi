@@ -96,6 +96,11 @@ def prepare_nadam(params: _Arrays, grads: _Grads, exp_avgs: _States, exp_avg_sqs
                   maximize: bool, state_dtype: str | None = None, rounding: str = "nearest",
                   seed: int = 0,
                   absmaxes: Sequence[_States | None] | None = None) -> Step: ...
+def prepare_asgd(params: _Arrays, grads: _Grads, axs: _States, etas: _States | None,
+                 mus: _States | None, steps: _Steps | None, lr: _Real, lambd: _Real,
+                 alpha: _Real, t0: _Real, weight_decay: _Real, maximize: bool,
+                 state_dtype: str | None = None, rounding: str = "nearest", seed: int = 0,
+                 absmaxes: Sequence[_States | None] | None = None) -> Step: ...
 def prepare_adahessian(params: _Arrays, grads: _Grads, hessian_diags: _States,
                        exp_avgs: _States, exp_hessian_diag_sqs: _States,
                        steps: _Steps | None, lr: _Real,

@@ -20,7 +20,7 @@ from .reference import bfloat16_to_float32, float32_to_bfloat16   # bfloat16 sta
 from .rules import RuleSpec, spec
 
 __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adamax_", "adadelta_",
-           "radam_", "rprop_", "nadam_", "adahessian_",
+           "radam_", "rprop_", "nadam_", "asgd_", "adahessian_",
            "newton_", "bfloat16_to_float32", "float32_to_bfloat16"]
 
 _k = _config._kernels
@@ -111,6 +111,13 @@ def prepare_nadam(params, grads, exp_avgs, exp_avg_sqs, mu_products, steps, *, l
                             betas, eps, weight_decay, momentum_decay,
                             decoupled_weight_decay, maximize, state_dtype, rounding, seed,
                             absmaxes)
+
+
+def prepare_asgd(params, grads, axs, etas, mus, steps, *, lr=1e-2, lambd=1e-4, alpha=0.75,
+                 t0=1e6, weight_decay=0.0, maximize=False, state_dtype=None,
+                 rounding="nearest", seed=0, absmaxes=None):
+    return _k.prepare_asgd(params, grads, axs, etas, mus, steps, lr, lambd, alpha, t0,
+                           weight_decay, maximize, state_dtype, rounding, seed, absmaxes)
 
 
 def prepare_adahessian(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_sqs,
@@ -351,6 +358,9 @@ rprop_ = _in_place(prepare_rprop, """Rprop, in place. See :func:`reference.rprop
     ``step_size_arrays`` start at ``lr`` (the optimizer's initial state).""")
 nadam_ = _in_place(prepare_nadam, """NAdam, in place. See :func:`reference.nadam_`;
     ``mu_products``: one 0-d float32 array per parameter, starting at 1.""")
+asgd_ = _in_place(prepare_asgd, """ASGD (averaged SGD), in place. See
+    :func:`reference.asgd_`; ``etas`` (starting at lr) and ``mus`` (starting at 1): one
+    0-d float32 array per parameter each.""")
 adahessian_ = _in_place(prepare_adahessian, """AdaHessian, in place, from Hessian-diagonal
     estimates (one per parameter). See :func:`reference.adahessian_`; estimate the
     diagonals with :func:`fastoptim.hessian.hutchinson_diag` (or

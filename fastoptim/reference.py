@@ -20,7 +20,7 @@ import inspect
 import numpy as np
 
 __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adamax_", "adadelta_",
-           "radam_", "rprop_", "nadam_", "adahessian_",
+           "radam_", "rprop_", "nadam_", "asgd_", "adahessian_",
            "newton_", "bfloat16_to_float32", "float32_to_bfloat16"]
 
 
@@ -553,6 +553,45 @@ def nadam_(params, grads, exp_avgs, exp_avg_sqs, mu_products, steps, *, lr=2e-3,
         denom = np.sqrt(v / _scalar(1 - beta2 ** step, p)) + _scalar(eps, p)
         p += (_scalar(-lr * (1.0 - mu) / (1.0 - mp_value), p) * g) / denom
         p += (_scalar(-lr * mu_next / (1.0 - mp_value * mu_next), p) * m) / denom
+
+
+@_stored_state(("axs",), lambda o: ("axs",))
+def asgd_(params, grads, axs, etas, mus, steps, *, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6,
+          weight_decay=0.0, maximize=False):
+    r"""ASGD, averaged stochastic gradient descent (Polyak & Juditsky, 1992), as
+    torch.optim.ASGD.
+
+    .. math::
+        p &\leftarrow p (1 - \lambda \eta) - \eta g, \quad
+            \bar p \leftarrow \bar p + \mu (p - \bar p) \quad
+            (\bar p \leftarrow p \text{ while } \mu = 1) \\
+        \eta &\leftarrow \frac{\gamma}{(1 + \lambda \gamma t)^\alpha}, \quad
+            \mu \leftarrow \frac{1}{\max(1, t - t_0)}
+
+    ``ax`` is the running average; ``etas`` and ``mus`` (one 0-d array per parameter,
+    float32 as torch keeps them) hold this step's eta and mu and are advanced for the
+    next, each rounded to float32 (torch makes them with ``torch.as_tensor``).
+    """
+    params, grads, ax_list = _as_list(params), _as_list(grads), _as_list(axs)
+    eta_list, mu_list = _as_list(etas), _as_list(mus)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        steps[i] += 1
+        step = float(steps[i])
+        g = -g if maximize else g
+        if weight_decay != 0:
+            g = g + _scalar(weight_decay, p) * p
+        eta, mu = float(eta_list[i]), float(mu_list[i])
+        p *= _scalar(1 - lambd * eta, p)
+        p += _scalar(-eta, p) * g
+        ax = ax_list[i]
+        if mu != 1:
+            ax[...] = ax + (p - ax) * _scalar(mu, p)
+        else:
+            ax[...] = p
+        eta_list[i][...] = np.float32(lr / ((1 + lambd * lr * step) ** alpha))
+        mu_list[i][...] = np.float32(1 / max(1, step - t0))
 
 
 def _sign(x):

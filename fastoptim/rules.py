@@ -48,9 +48,10 @@ class RuleSpec:
     AdamW: decoupled; torch's ``Adam(decoupled_weight_decay=True)`` runs as AdamW); ``state_formats``, the ``state_dtype`` values it accepts besides the
     parameters' own (its kernel loops are instantiated for those formats only).
 
-    ``scalar_state``: state of one number per parameter (NAdam's ``mu_product``), as
-    ``(name, initial value)``; the kernel takes one 0-d array per parameter for each,
-    after the per-element state, and updates it in place (float32, as torch keeps it).
+    ``scalar_state``: state of one number per parameter (NAdam's ``mu_product``, ASGD's
+    ``eta`` and ``mu``), as ``(name, initial value)`` (None: the group's lr); the kernel
+    takes one 0-d array per parameter for each, after the per-element state, and
+    updates it in place (float32, as torch keeps it).
     """
     name: str
     title: str
@@ -219,6 +220,13 @@ REGISTRY = {s.name: s for s in (
              ("exp_avg", "exp_avg_sq"), state_formats=("bfloat16", "8bit"),
              unsigned_state=("exp_avg_sq",), scalar_state=(("mu_product", 1.0),),
              bounds=_ADAM_BOUNDS + (("momentum_decay", "nonneg", "momentum_decay value"),)),
+    RuleSpec("asgd", "ASGD",
+             (("lr", 1e-2), ("lambd", 1e-4), ("alpha", 0.75), ("t0", 1e6),
+              ("weight_decay", 0.0), ("maximize", False)),
+             ("ax",), state_formats=("bfloat16", "8bit"),
+             scalar_state=(("eta", None), ("mu", 1.0)),
+             bounds=(("lr", "nonneg", "learning rate"),
+                     ("weight_decay", "nonneg", "weight_decay value"))),
     RuleSpec("adahessian", "AdaHessian",
              (("lr", 0.15), ("betas", (0.9, 0.999)), ("eps", 1e-4), ("weight_decay", 0.0),
               ("hessian_power", 1.0), ("maximize", False)),

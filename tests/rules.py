@@ -49,6 +49,8 @@ RULES = {
                    maximize=[True]),
     "nadam": _grid("nadam", lr=[0.01], betas=[(0.3, 0.9)], eps=[1e-6], weight_decay=[0.01],
                    momentum_decay=[0.01], decoupled_weight_decay=[True], maximize=[True]),
+    "asgd": _grid("asgd", lr=[0.05], lambd=[1e-3], alpha=[0.6], t0=[3.0], weight_decay=[0.01],
+                  maximize=[True]),
 }
 
 
@@ -79,6 +81,8 @@ def state_names(rule, opts):
         return ["prevs", "step_size_arrays"]
     if rule == "nadam":
         return ["exp_avgs", "exp_avg_sqs", "mu_products"]
+    if rule == "asgd":
+        return ["axs", "etas", "mus"]
     names = ["exp_avgs", "exp_avg_sqs"]
     return names + (["max_exp_avg_sqs"] if opts.get("amsgrad") else [])
 
@@ -90,6 +94,9 @@ def make_state(rule, opts, params, init=0.0):
              for name in state_names(rule, opts)}
     if "mu_products" in state:              # NAdam's: one float32 number per parameter
         state["mu_products"] = [np.ones((), np.float32) for _ in params]
+    if "etas" in state:                     # ASGD's: eta from lr, mu from 1
+        state["etas"] = [np.full((), opts.get("lr", 1e-2), np.float32) for _ in params]
+        state["mus"] = [np.ones((), np.float32) for _ in params]
     steps = np.zeros(len(params), dtype=np.int64)
     return state, steps
 
@@ -115,6 +122,8 @@ def call(module, rule, params, grads, state, steps, opts):
     if rule == "nadam":
         return fn(params, grads, state["exp_avgs"], state["exp_avg_sqs"],
                   state["mu_products"], steps, **opts)
+    if rule == "asgd":
+        return fn(params, grads, state["axs"], state["etas"], state["mus"], steps, **opts)
     return fn(params, grads, state["exp_avgs"], state["exp_avg_sqs"],
               state.get("max_exp_avg_sqs"), steps, **opts)
 
@@ -140,6 +149,11 @@ def prepare(kernels, rule, params, grads, state, steps, opts):
                                        o.get("eps", 1e-8), o.get("weight_decay", 0.0),
                                        o.get("momentum", 0.0), o.get("centered", False),
                                        o.get("maximize", False))
+    if rule == "asgd":
+        return kernels.prepare_asgd(params, grads, state["axs"], state["etas"], state["mus"],
+                                    steps, o.get("lr", 1e-2), o.get("lambd", 1e-4),
+                                    o.get("alpha", 0.75), o.get("t0", 1e6),
+                                    o.get("weight_decay", 0.0), o.get("maximize", False))
     if rule == "nadam":
         return kernels.prepare_nadam(params, grads, state["exp_avgs"], state["exp_avg_sqs"],
                                      state["mu_products"], steps, o.get("lr", 2e-3),

@@ -34,6 +34,7 @@ RULES = {
                [dict(), dict(etas=(0.3, 1.5), step_sizes=(1e-4, 0.5), maximize=True)]),
     "nadam_": (("exp_avgs", "exp_avg_sqs"), ("exp_avg_sqs",),
                [dict(), dict(weight_decay=0.1, decoupled_weight_decay=True, maximize=True)]),
+    "asgd_": (("axs",), (), [dict(t0=2.0), dict(t0=2.0, weight_decay=0.1, maximize=True)]),
 }
 SHAPES = [(), (7,), (256,), (1000,), (33, 17), (5000,)]
 
@@ -56,6 +57,9 @@ def _problem(name, order="C", small=(1,), seed=0):
         states.append(codes)
         scales.append([np.zeros(-(-p.size // FM.BLOCK), np.float32) for p in params])
     if name == "nadam_":                    # its per-parameter float32 mu_product
+        states.append([np.ones((), np.float32) for _ in params])
+    if name == "asgd_":                     # its eta (the lr the tests use) and mu
+        states.append([np.full((), 0.01, np.float32) for _ in params])
         states.append([np.ones((), np.float32) for _ in params])
     return params, states, scales, np.zeros(len(params), np.int64)
 

@@ -183,6 +183,8 @@ OTHER_RULES = {
     "nadam_": (("exp_avgs", "exp_avg_sqs"),
                [dict(), dict(betas=(0.4, 0.9), weight_decay=0.02, momentum_decay=0.01,
                              decoupled_weight_decay=True, maximize=True)]),
+    "asgd_": (("axs",), [dict(t0=2.0), dict(t0=2.0, lambd=1e-2, weight_decay=0.02,
+                                         maximize=True)]),
 }
 
 
@@ -192,6 +194,9 @@ def _run_rule(module, name, opts, shapes, nsteps, seed=0, order="C"):
     states = [[np.zeros(p.shape, np.uint16, order=order) for p in params]
               for _ in OTHER_RULES[name][0]]
     if name == "nadam_":                    # its per-parameter float32 mu_product
+        states.append([np.ones((), np.float32) for _ in params])
+    if name == "asgd_":                     # its eta (the lr the tests use) and mu
+        states.append([np.full((), 0.01, np.float32) for _ in params])
         states.append([np.ones((), np.float32) for _ in params])
     steps = np.zeros(len(params), np.int64)
     for k in range(nsteps):

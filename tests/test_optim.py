@@ -23,6 +23,7 @@ CLASSES = {
     "radam": (fastoptim.RAdam, dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
     "rprop": (fastoptim.Rprop, dict(lr=0.05, etas=(0.3, 1.5))),
     "nadam": (fastoptim.NAdam, dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    "asgd": (fastoptim.ASGD, dict(lr=0.05, t0=4.0, weight_decay=0.1)),
 }
 
 SHAPES = [(), (0,), (7,), (3, 4), (1000 + 5,)]
@@ -60,6 +61,10 @@ def _reference_state(name, params, kw):
     if name == "radam":
         return dict(exp_avgs=[np.zeros_like(p) for p in params],
                     exp_avg_sqs=[np.zeros_like(p) for p in params])
+    if name == "asgd":
+        return dict(axs=[np.zeros_like(p) for p in params],
+                    etas=[np.full((), kw["lr"], np.float32) for p in params],
+                    mus=[np.ones((), np.float32) for p in params])
     if name == "nadam":
         return dict(exp_avgs=[np.zeros_like(p) for p in params],
                     exp_avg_sqs=[np.zeros_like(p) for p in params],
@@ -76,7 +81,7 @@ def _reference_step(name, params, grads, state, steps, kw):
     fn = {"sgd": R.sgd_, "sgd-plain": R.sgd_, "adagrad": R.adagrad_, "rmsprop": R.rmsprop_,
           "adam": R.adam_, "adamw": R.adamw_, "adamax": R.adamax_,
           "adadelta": R.adadelta_, "radam": R.radam_, "rprop": R.rprop_,
-          "nadam": R.nadam_}[name]
+          "nadam": R.nadam_, "asgd": R.asgd_}[name]
     kw = {k: v for k, v in kw.items() if k != "initial_accumulator_value"}
     fn(params, grads, *state.values(), steps, **kw)
 

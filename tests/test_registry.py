@@ -14,7 +14,8 @@ from fastoptim.rules import REGISTRY, spec
 
 CLASSES = {"sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop", "adam": "Adam",
            "adamw": "AdamW", "adamax": "Adamax", "adadelta": "Adadelta",
-           "radam": "RAdam", "rprop": "Rprop", "nadam": "NAdam", "adahessian": "AdaHessian"}
+           "radam": "RAdam", "rprop": "Rprop", "nadam": "NAdam", "asgd": "ASGD",
+           "adahessian": "AdaHessian"}
 
 
 def _defaults(fn, skip=("self", "params")):
@@ -147,7 +148,8 @@ def _problem(name, rng):
     params = [rng.standard_normal(sh) for sh in shapes]
     grads = [rng.standard_normal(sh) for sh in shapes]
     states = {n: [np.abs(rng.standard_normal(sh)) for sh in shapes] for n in s.state}
-    states.update({n: [np.full((), v, np.float32) for _ in shapes] for n, v in s.scalar_state})
+    states.update({n: [np.full((), s.defaults["lr"] if v is None else v, np.float32)
+                       for _ in shapes] for n, v in s.scalar_state})
     inputs = [[rng.standard_normal(sh) for sh in shapes] for _ in s.inputs]
     return params, grads, states, np.array([3, 1], np.int64), inputs
 
@@ -163,6 +165,7 @@ OPTION_MIXES = {
     "radam": [{}, {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True}],
     "rprop": [{}, {"etas": (0.3, 1.5), "step_sizes": (1e-3, 0.1), "maximize": True}],
     "nadam": [{}, {"weight_decay": 0.1, "decoupled_weight_decay": True, "momentum_decay": 0.01}],
+    "asgd": [{}, {"weight_decay": 0.1, "t0": 1.0, "lambd": 1e-3, "maximize": True}],
     "adahessian": [{}, {"hessian_power": 0.5, "weight_decay": 0.1}],
 }
 

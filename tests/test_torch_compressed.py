@@ -23,7 +23,8 @@ RULES = {"SGD": dict(momentum=0.9, weight_decay=0.01),
          "Adadelta": dict(weight_decay=0.01, rho=0.5),
          "RAdam": dict(weight_decay=0.01, decoupled_weight_decay=True),
          "Rprop": dict(etas=(0.3, 1.5)),
-         "NAdam": dict(weight_decay=0.01, momentum_decay=0.01)}
+         "NAdam": dict(weight_decay=0.01, momentum_decay=0.01),
+         "ASGD": dict(t0=2.0, weight_decay=0.01)}
 SHAPES = [(64, 128), (10,), (300, 20), (7, 700)]
 
 

@@ -22,10 +22,10 @@ import fastoptim.torch as fot  # noqa: E402
 from rules import RULES, valid  # noqa: E402
 
 NAMES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "Adadelta", "RAdam",
-         "Rprop", "NAdam"]
+         "Rprop", "NAdam", "ASGD"]
 RULE = {"SGD": "sgd", "Adagrad": "adagrad", "RMSprop": "rmsprop", "Adam": "adam",
         "AdamW": "adamw", "Adamax": "adamax", "Adadelta": "adadelta",
-        "RAdam": "radam", "Rprop": "rprop", "NAdam": "nadam"}
+        "RAdam": "radam", "Rprop": "rprop", "NAdam": "nadam", "ASGD": "asgd"}
 # options that make each class keep every kind of state it can
 RICH = {
     "SGD": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
@@ -38,6 +38,7 @@ RICH = {
     "RAdam": dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
     "Rprop": dict(lr=0.05, etas=(0.3, 1.5), step_sizes=(1e-4, 0.5)),
     "NAdam": dict(lr=0.01, weight_decay=0.1, momentum_decay=0.01),
+    "ASGD": dict(lr=0.05, lambd=1e-3, t0=5.0, weight_decay=0.1),
 }
 
 # Kernel vs torch's for-loop path: the same operations in the same order, but torch's
@@ -669,6 +670,7 @@ BAD_ARGS["Adadelta"] = [dict(lr=-1.0), dict(rho=1.5), dict(rho=-0.1), dict(eps=-
                         dict(weight_decay=-1.0), dict(lr=torch.tensor([0.1, 0.2]))]
 BAD_ARGS["RAdam"] = BAD_ARGS["Adamax"]
 BAD_ARGS["NAdam"] = BAD_ARGS["Adamax"] + [dict(momentum_decay=-0.1)]
+BAD_ARGS["ASGD"] = [dict(lr=-1.0), dict(weight_decay=-1.0), dict(lr=torch.tensor([0.1, 0.2]))]
 BAD_ARGS["Rprop"] = [dict(lr=-1.0), dict(etas=(1.5, 1.2)), dict(etas=(0.5, 0.9)),
                      dict(etas=(0.0, 1.2)), dict(lr=torch.tensor([0.1, 0.2]))]
 

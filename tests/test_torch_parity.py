@@ -82,6 +82,7 @@ CLASSES = {
     "radam": (fastoptim.RAdam, torch.optim.RAdam),
     "rprop": (fastoptim.Rprop, torch.optim.Rprop),
     "nadam": (fastoptim.NAdam, torch.optim.NAdam),
+    "asgd": (fastoptim.ASGD, torch.optim.ASGD),
 }
 
 # Options shared by every combination of a rule (not defaults, so that the class
@@ -97,6 +98,7 @@ BASE = {
     "radam": dict(lr=0.01),
     "rprop": dict(lr=0.05),
     "nadam": dict(lr=0.01),
+    "asgd": dict(lr=0.05),
 }
 GRID = {
     "sgd": dict(momentum=[0.0, 0.9], dampening=[0.0, 0.25], nesterov=[False, True],
@@ -124,13 +126,15 @@ GRID = {
     "nadam": dict(betas=[(0.9, 0.999), (0.4, 0.95)], eps=[1e-8, 1e-3],
                   weight_decay=[0.0, 0.05], momentum_decay=[4e-3, 0.02],
                   decoupled_weight_decay=[False, True], maximize=[False, True]),
+    "asgd": dict(lambd=[1e-4, 1e-2], alpha=[0.75, 0.5], t0=[1e6, 5.0],
+                 weight_decay=[0.0, 0.05], maximize=[False, True]),
 }
 # Pairs of numeric options that vary together rather than factorially (keeps the grid
 # small; each value is still covered with every boolean combination).
 TIED = {"rmsprop": ("alpha", "eps"), "adam": ("betas", "eps"), "adamw": ("betas", "eps"),
         "adamax": ("betas", "eps"), "adadelta": ("rho", "eps"),
         "radam": ("betas", "eps"), "rprop": ("etas", "step_sizes"),
-        "nadam": ("betas", "eps")}
+        "nadam": ("betas", "eps"), "asgd": ("lambd", "alpha")}
 
 
 def _valid(rule, opts):
@@ -376,6 +380,8 @@ FUNCTIONAL_CASES = {
     "rprop": [dict(), dict(lr=0.05, etas=(0.3, 1.6), step_sizes=(1e-3, 0.1), maximize=True)],
     "nadam": [dict(), dict(lr=0.01, betas=(0.4, 0.95), eps=1e-3, weight_decay=0.05,
                            momentum_decay=0.02, decoupled_weight_decay=True, maximize=True)],
+    "asgd": [dict(), dict(lr=0.05, lambd=1e-3, alpha=0.6, t0=5.0, weight_decay=0.05,
+                          maximize=True)],
 }
 # torch's state names, in the order of the functional API's state arguments
 STATE_ARGS = {
@@ -389,6 +395,7 @@ STATE_ARGS = {
     "radam": ["exp_avg", "exp_avg_sq"],
     "rprop": ["prev", "step_size"],
     "nadam": ["exp_avg", "exp_avg_sq", "mu_product"],
+    "asgd": ["ax", "eta", "mu"],
 }
 
 
@@ -411,6 +418,8 @@ def _state_names(rule, opts):
         return ["prev", "step_size"]
     if rule == "nadam":
         return ["exp_avg", "exp_avg_sq", "mu_product"]
+    if rule == "asgd":
+        return ["ax", "eta", "mu"]
     return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if opts.get("amsgrad") else [])
 
 
@@ -445,6 +454,9 @@ def test_functional_matches_torch(rule, opts, impl, dtype):
         state["step_size"][...] = opts.get("lr", 1e-2)
     if rule == "nadam":                    # (one float32 number, from 1)
         state["mu_product"] = np.ones((), np.float32)
+    if rule == "asgd":                     # (float32 numbers: eta from lr, mu from 1)
+        state["eta"] = np.full((), opts.get("lr", 1e-2), np.float32)
+        state["mu"] = np.ones((), np.float32)
     steps = np.zeros(1, dtype=np.int64)
     for k in range(N_STEPS):
         g = np.array(rng.standard_normal(p.shape) * 10.0 ** rng.uniform(-2, 1), dtype=dtype,
@@ -479,6 +491,7 @@ THREAD_OPTS = {
     "radam": dict(lr=0.01, weight_decay=0.05),
     "rprop": dict(lr=0.05, step_sizes=(1e-4, 0.5)),
     "nadam": dict(lr=0.01, weight_decay=0.05),
+    "asgd": dict(lr=0.05, t0=3.0, weight_decay=0.05),
 }
 
 

@@ -56,6 +56,7 @@ cdef enum:
     KIND_RADAM = 9
     KIND_RPROP = 10
     KIND_NADAM = 11
+    KIND_ASGD = 12
     CALIBRATION_RUNS = 3
     CALIBRATION_MIN = 4096
     CALIBRATION_MAX = 1 << 18
@@ -89,8 +90,8 @@ def get_serial_threshold():
 def calibration():
     """{"rule/dtype": threshold} for the rules calibrated so far, and the region cost."""
     names = (("sgd", "adagrad", "rmsprop", "adam", "adam-bf16", "traffic", "adahessian",
-              "adamax", "adadelta", "radam", "rprop", "nadam")
-             + tuple(f"kind{k}" for k in range(12, N_KINDS)))
+              "adamax", "adadelta", "radam", "rprop", "nadam", "asgd")
+             + tuple(f"kind{k}" for k in range(13, N_KINDS)))
     out = {}
     cdef int k, d
     for k in range(N_KINDS):
@@ -131,10 +132,11 @@ cdef struct Batch:
     double *ts0                  # per-array scalars, filled by run() from the steps
     double *ts1
     double *ts2
-    # per-parameter scalar state (NAdam's mu_product): one 0-d array per updated array,
-    # float32 or float64 (pscal_double), updated by the rule's scalars function
-    void **pscal
-    char *pscal_double
+    # per-parameter scalar state (NAdam's mu_product, ASGD's eta and mu): for each of up
+    # to two, one 0-d array per updated array, float32 or float64 (pscal_double),
+    # updated by the rule's scalars function
+    void **pscal[2]
+    char *pscal_double[2]
     # hyperparameters (double; rounded to each array's dtype inside the loop)
     double lr, momentum, dampening, weight_decay, eps, alpha, lr_decay
     double beta1, beta2

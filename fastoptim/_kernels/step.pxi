@@ -126,18 +126,19 @@ cdef class Step:
         PyMem_Free(self.b.ts0)
         PyMem_Free(self.b.ts1)
         PyMem_Free(self.b.ts2)
-        PyMem_Free(self.b.pscal)
-        PyMem_Free(self.b.pscal_double)
+        for r in range(2):
+            PyMem_Free(self.b.pscal[r])
+            PyMem_Free(self.b.pscal_double[r])
         PyMem_Free(self.b.tkey)
         PyMem_Free(self.b.q8)
         for r in range(MAX_ROLES - 2):
             PyMem_Free(self.b.absmax[r])
         PyMem_Free(self.wiv)
 
-    cdef _take_scalar_state(self, str name, object arrays, Py_ssize_t n):
+    cdef _take_scalar_state(self, int k, str name, object arrays, Py_ssize_t n):
         """A rule's per-parameter scalar state (after _gather): one writeable 0-d
         float32 or float64 array per parameter, ``arrays[i]``; kept per updated array
-        (b.pscal[t]). None is accepted for no parameters."""
+        (b.pscal[k][t]), k = 0 or 1. None is accepted for no parameters."""
         cdef Py_ssize_t t, i
         cdef cnp.ndarray a
         if arrays is None:
@@ -148,9 +149,9 @@ cdef class Step:
         if len(arrays) != n:
             raise ValueError(f"{name} has {len(arrays)} entries, expected {n} "
                              f"(one per parameter)")
-        self.b.pscal = <void **> PyMem_Malloc(max(self.b.n, 1) * sizeof(void *))
-        self.b.pscal_double = <char *> PyMem_Malloc(max(self.b.n, 1) * sizeof(char))
-        if self.b.pscal == NULL or self.b.pscal_double == NULL:
+        self.b.pscal[k] = <void **> PyMem_Malloc(max(self.b.n, 1) * sizeof(void *))
+        self.b.pscal_double[k] = <char *> PyMem_Malloc(max(self.b.n, 1) * sizeof(char))
+        if self.b.pscal[k] == NULL or self.b.pscal_double[k] == NULL:
             raise MemoryError()
         for t in range(self.b.n):
             i = self.b.index[t]
@@ -167,8 +168,8 @@ cdef class Step:
                     or not cnp.PyArray_ISALIGNED(a):
                 raise ValueError(f"{name}[{i}] must be a writeable array of one value, "
                                  f"got shape {(<object> a).shape}")
-            self.b.pscal[t] = cnp.PyArray_DATA(a)
-            self.b.pscal_double[t] = cnp.PyArray_TYPE(a) == cnp.NPY_DOUBLE
+            self.b.pscal[k][t] = cnp.PyArray_DATA(a)
+            self.b.pscal_double[k][t] = cnp.PyArray_TYPE(a) == cnp.NPY_DOUBLE
             self.keep.append(a)
 
     @property

@@ -65,22 +65,29 @@ RULES = {r.key: r for r in (
          lambda m, P, G, S, st: m.rprop_(P, G, S[0], S[1], st),
          "rprop", dict(lr=1e-2), False, "rprop"),
     Rule("nadam", "NAdam",
-         lambda m, P, G, S, st: m.nadam_(P, G, S[0], S[1], _mu_products(P), st, lr=2e-3),
+         lambda m, P, G, S, st: m.nadam_(P, G, S[0], S[1], _scalars(P, "mu_product", 1.0), st,
+                                    lr=2e-3),
          "nadam", dict(lr=2e-3), False, "nadam"),
+    Rule("asgd", "ASGD",
+         lambda m, P, G, S, st: m.asgd_(P, G, S[0], _scalars(P, "eta", 1e-2),
+                                        _scalars(P, "mu", 1.0), st, lr=1e-2, t0=10),
+         "asgd", dict(lr=1e-2, t0=10), False, "asgd"),
 )}
 
 
-_MU = {}
+_SCALARS = {}
 
 
-def _mu_products(params):
-    """NAdam's per-parameter mu_product (0-d float32, from 1), one list per parameter
-    list the benchmark runs (kept between its steps, as an optimizer keeps it)."""
-    key = tuple(id(p) for p in params)
-    if key not in _MU:
-        _MU.clear()
-        _MU[key] = [np.ones((), np.float32) for _ in params]
-    return _MU[key]
+def _scalars(params, name, initial):
+    """A rule's per-parameter scalar state (NAdam's mu_product, ASGD's eta and mu: 0-d
+    float32 from ``initial``), one list per parameter list the benchmark runs, kept
+    between its steps as an optimizer keeps it."""
+    key = (name,) + tuple(id(p) for p in params)
+    if key not in _SCALARS:
+        for k in [k for k in _SCALARS if k[0] == name]:
+            del _SCALARS[k]
+        _SCALARS[key] = [np.full((), initial, np.float32) for _ in params]
+    return _SCALARS[key]
 
 
 def bytes_per_element(rule, itemsize):

@@ -234,6 +234,23 @@ class NAdam(Optimizer):
                                       rounding=rounding, seed=seed), nonfinite)
 
 
+class ASGD(Optimizer):
+    """ASGD (averaged SGD). Same options and defaults as ``torch.optim.ASGD``; formulas
+    in :func:`fastoptim.reference.asgd_`. State: ``step``, ``eta`` and ``mu`` (0-d
+    float32 arrays, as torch keeps them), ``ax`` (the average). ``state_dtype``,
+    ``rounding``, ``seed``, ``min_8bit_size``: compressed state, as :class:`Adam`'s."""
+    _rule = spec("asgd")
+
+    def __init__(self, params, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0,
+                 *, maximize=False, state_dtype=None, rounding="nearest", seed=0,
+                 min_8bit_size=4096, nonfinite="propagate"):
+        self._take_min_8bit_size(min_8bit_size)
+        super().__init__(params, dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0,
+                                      weight_decay=weight_decay, maximize=maximize,
+                                      state_dtype=state_dtype, rounding=rounding,
+                                      seed=seed), nonfinite)
+
+
 class _CurvatureOptimizer(Optimizer):
     """Base of the second-order optimizers, whose step takes, besides one gradient per
     parameter, one curvature input per parameter (a Hessian diagonal for AdaHessian, a

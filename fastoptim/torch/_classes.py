@@ -490,3 +490,52 @@ class NAdam(_Optimizer):
                 "mu_product": torch.tensor(1.0, dtype=_scalar_dtype()),
                 **self._state_entries(group, p, "exp_avg"),
                 **self._state_entries(group, p, "exp_avg_sq")}
+
+
+class ASGD(_Optimizer):
+    """``torch.optim.ASGD`` on fastoptim's kernel.
+
+    Same signature, defaults, checks and state as torch 2.13's ASGD: ``step``, ``eta``
+    and ``mu`` (0-d tensors of torch's scalar dtype, updated in place by the kernel) and
+    ``ax`` (the average). See :func:`fastoptim.reference.asgd_` for the update.
+    """
+    _rule = spec("asgd")
+
+    def __init__(self, params, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0,
+                 foreach=None, maximize=False, differentiable=False, capturable=False):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        self._rule.check_bounds({"lr": lr, "weight_decay": weight_decay})
+
+        defaults = {
+            "lr": lr,
+            "lambd": lambd,
+            "alpha": alpha,
+            "t0": t0,
+            "weight_decay": weight_decay,
+            "foreach": foreach,
+            "maximize": maximize,
+            "differentiable": differentiable,
+            "capturable": capturable,
+        }
+        super().__init__(params, defaults)
+        self._fastoptim_init()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._group_defaults(foreach=None, maximize=False, differentiable=False,
+                             capturable=False)
+        for p_state in self.state.values():
+            for key in ("eta", "mu"):
+                if isinstance(p_state, dict) and key in p_state \
+                        and not torch.is_tensor(p_state[key]):
+                    p_state[key] = torch.tensor(p_state[key], dtype=_scalar_dtype())
+
+    def _new_state(self, group, p):
+        # torch's order: step, eta (from the group's lr), mu, then the average
+        lr = group["lr"]
+        lr = lr.item() if isinstance(lr, torch.Tensor) else lr
+        return {"step": torch.zeros((), dtype=_scalar_dtype()),
+                "eta": torch.as_tensor(lr, dtype=_scalar_dtype()).clone().detach(),
+                "mu": torch.ones((), dtype=_scalar_dtype()),
+                **self._state_entries(group, p, "ax")}

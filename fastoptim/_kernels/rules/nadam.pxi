@@ -53,12 +53,12 @@ cdef void _nadam_scalars(Batch *b, Py_ssize_t t) noexcept nogil:
     cdef double mu_next = b.beta1 * (1.0 - 0.5 * pow(0.96, (step + 1.0) * md))
     cdef double prod
     cdef float prod32
-    if b.pscal_double[t]:
-        prod = (<double *> b.pscal[t])[0] * mu
-        (<double *> b.pscal[t])[0] = prod
+    if b.pscal_double[0][t]:
+        prod = (<double *> b.pscal[0][t])[0] * mu
+        (<double *> b.pscal[0][t])[0] = prod
     else:
-        prod32 = (<float *> b.pscal[t])[0] * <float> mu
-        (<float *> b.pscal[t])[0] = prod32
+        prod32 = (<float *> b.pscal[0][t])[0] * <float> mu
+        (<float *> b.pscal[0][t])[0] = prod32
         prod = <double> prod32
     b.ts0[t] = 1.0 - pow(b.beta2, step)
     b.ts1[t] = -b.lr * (1.0 - mu) / (1.0 - prod)
@@ -88,7 +88,7 @@ def prepare_nadam(params, grads, exp_avgs, exp_avg_sqs, mu_products, steps, lr, 
               (params, _arrays("grads", grads), _arrays("exp_avgs", exp_avgs),
                _arrays("exp_avg_sqs", exp_avg_sqs)),
               (True, False, True, True), steps, _absmaxes(s, absmaxes, 2))
-    s._take_scalar_state("mu_products", mu_products, len(params))
+    s._take_scalar_state(0, "mu_products", mu_products, len(params))
     s.segment = _nadam_segment
     s.kind = KIND_NADAM
     s.scalars = _nadam_scalars
