@@ -65,6 +65,12 @@ class _Options(Mapping):
         return len(self.group)
 
 
+def _lr_value(group):
+    """The group's lr as a number (a tensor lr: its value)."""
+    lr = group["lr"]
+    return lr.item() if isinstance(lr, torch.Tensor) else lr
+
+
 def _threads():
     """fastoptim.set_num_threads(n) when it was called, else torch's thread count."""
     if _config._num_threads is not None or not _config._kernels.openmp_enabled():
@@ -131,16 +137,24 @@ class _Optimizer(_Keeping, _Planning, _TorchOptimizer):
 
     def _group_defaults(self, **options):
         """torch's ``__setstate__`` for a state dict of an older torch: each option a
-        group lacks takes its default, and a number ``step`` becomes a tensor (the
-        step tensor's dtype as torch makes it)."""
+        group lacks takes its default, and a number ``step`` (or per-parameter scalar
+        state: NAdam's mu_product, ASGD's eta and mu) becomes a tensor of torch's
+        scalar dtype."""
+        scalars = tuple(n for n, _ in self._rule.scalar_state)
         for group in self.param_groups:
             for key, value in options.items():
                 group.setdefault(key, value)
             for p in group["params"]:
                 p_state = self.state.get(p, [])
-                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
+                if len(p_state) == 0:
+                    continue
+                if not torch.is_tensor(p_state["step"]):      # (as torch: it must be there)
                     p_state["step"] = torch.tensor(float(p_state["step"]),
                                                    dtype=_scalar_dtype())
+                for key in scalars:
+                    if key in p_state and not torch.is_tensor(p_state[key]):
+                        p_state[key] = torch.tensor(float(p_state[key]),
+                                                    dtype=_scalar_dtype())
 
     def _check_group(self, gi, group):
         """Refuse options and parameters the kernels cannot honour."""
@@ -308,8 +322,13 @@ class _Optimizer(_Keeping, _Planning, _TorchOptimizer):
 
     def _new_state(self, group, p):
         """torch's lazy state of a parameter: its ``step`` (if the rule counts steps),
-        then a zero tensor per state name, in the registry's order."""
+        its scalar state (0-d tensors of torch's scalar dtype: NAdam's mu_product from 1,
+        ASGD's eta from the group's lr and mu from 1), then a zero tensor per state
+        name, in the registry's order."""
         state = {"step": self._step_tensor(group, p)} if self._has_step else {}
+        for name, value in self._rule.scalar_state:
+            state[name] = torch.tensor(_lr_value(group) if value is None else value,
+                                       dtype=_scalar_dtype())
         for name in self._state_names(group):
             state.update(self._state_entries(group, p, name))
         return state

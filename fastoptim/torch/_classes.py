@@ -3,7 +3,7 @@ fastoptim's kernels (the rest is the base class's and the registry's)."""
 import torch
 
 from ..rules import spec
-from ._base import _check_fused, _Optimizer, _to_scalar
+from ._base import _check_fused, _lr_value, _Optimizer, _to_scalar
 from ._tensors import _new_step, _scalar_dtype, _step_to_tensor
 
 
@@ -431,8 +431,7 @@ class Rprop(_Optimizer):
 
     def _new_state(self, group, p):
         # torch: step 0, prev zeros, step_size full of the group's lr
-        lr = group["lr"]
-        lr = lr.item() if isinstance(lr, torch.Tensor) else lr
+        lr = _lr_value(group)
         if torch.is_complex(p):            # two independent reals: lr for both parts
             lr = complex(lr, lr)
         return {"step": torch.zeros((), dtype=_scalar_dtype()),
@@ -478,18 +477,6 @@ class NAdam(_Optimizer):
         super().__setstate__(state)
         self._group_defaults(maximize=False, foreach=None, capturable=False,
                              differentiable=False, decoupled_weight_decay=False)
-        for p_state in self.state.values():
-            if isinstance(p_state, dict) and "mu_product" in p_state \
-                    and not torch.is_tensor(p_state["mu_product"]):
-                p_state["mu_product"] = torch.tensor(p_state["mu_product"],
-                                                     dtype=_scalar_dtype())
-
-    def _new_state(self, group, p):
-        # torch's order: step, mu_product, then the moments
-        return {"step": _new_step(group, p),
-                "mu_product": torch.tensor(1.0, dtype=_scalar_dtype()),
-                **self._state_entries(group, p, "exp_avg"),
-                **self._state_entries(group, p, "exp_avg_sq")}
 
 
 class ASGD(_Optimizer):
@@ -525,17 +512,3 @@ class ASGD(_Optimizer):
         super().__setstate__(state)
         self._group_defaults(foreach=None, maximize=False, differentiable=False,
                              capturable=False)
-        for p_state in self.state.values():
-            for key in ("eta", "mu"):
-                if isinstance(p_state, dict) and key in p_state \
-                        and not torch.is_tensor(p_state[key]):
-                    p_state[key] = torch.tensor(p_state[key], dtype=_scalar_dtype())
-
-    def _new_state(self, group, p):
-        # torch's order: step, eta (from the group's lr), mu, then the average
-        lr = group["lr"]
-        lr = lr.item() if isinstance(lr, torch.Tensor) else lr
-        return {"step": torch.zeros((), dtype=_scalar_dtype()),
-                "eta": torch.as_tensor(lr, dtype=_scalar_dtype()).clone().detach(),
-                "mu": torch.ones((), dtype=_scalar_dtype()),
-                **self._state_entries(group, p, "ax")}
