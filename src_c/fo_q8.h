@@ -39,7 +39,6 @@ typedef struct {
     float map[256];         /* ascending */
     float thr[256];         /* thr[j], j < 255: see above; thr[255] = +inf */
     uint32_t cell[2 * FO_Q8_HALF];      /* [0, HALF): v >= 0; then v < 0 */
-    int32_t is_signed;
     uint8_t zero;           /* the code of 0 */
 } fo_q8_map;
 
@@ -60,14 +59,13 @@ static inline int32_t fo_q8_cell_of(uint32_t u) {
     return m + (int32_t)(u >> 31) * FO_Q8_HALF;
 }
 
-/* Fill maps[w] from 256 ascending values (is_signed: for state of either sign; the
- * unsigned map's codes of negative values are 0 anyway). Returns 0, or -1 for values
+/* Fill maps[w] from 256 ascending values (either map: the cells cover both signs, and
+ * the unsigned map's codes of negative values come out 0). Returns 0, or -1 for values
  * not ascending or a cell holding two thresholds. */
-static int fo_q8_init(int w, const float *values, int is_signed) {
+static int fo_q8_init(int w, const float *values) {
     fo_q8_map *q = &fo_q8_maps[w];
     int j, i;
     memset(q, 0, sizeof *q);
-    q->is_signed = is_signed;
     for (j = 0; j < 256; j++) {
         q->map[j] = values[j];
         if (values[j] == 0.0f)

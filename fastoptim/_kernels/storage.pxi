@@ -124,7 +124,7 @@ cdef extern from "fo_q8.h" nogil:
         float thr[256]
         uint8_t zero
     fo_q8_map fo_q8_maps[2]              # [0] the unsigned map, [1] the signed one
-    int fo_q8_init(int w, const float *values, int is_signed)
+    int fo_q8_init(int w, const float *values)
     void fo_q8_decode(const fo_q8_map *q, const uint8_t *codes, float scale, float *out,
                       int64_t n)
     float fo_q8_absmax(const float *x, int64_t n)
@@ -144,7 +144,7 @@ def _load_q8_maps(signed_map, unsigned_map):
             raise ValueError("a map has 256 values")
         for k in range(256):
             values[k] = <float> m[k]
-        if fo_q8_init(w, values, w) != 0:
+        if fo_q8_init(w, values) != 0:
             raise ValueError("a map without the dynamic map's layout")
 
 
