@@ -98,6 +98,17 @@ class RuleSpec:
         """``{name: default}`` of every hyperparameter."""
         return dict(self.hyperparameters)
 
+    def scalar_values(self, options, value=None):
+        """``(name, initial value)`` of the rule's per-parameter scalar state under
+        ``options`` (a parameter group): an initial value of None is the group's lr,
+        read through ``value(name, v)`` when given (the torch layer's tensor lr)."""
+        out = []
+        for name, initial in self.scalar_state:
+            if initial is None:
+                initial = options["lr"] if value is None else value("lr", options["lr"])
+            out.append((name, initial))
+        return tuple(out)
+
     def state_names(self, options, value=None):
         """The state arrays kept under ``options`` (a parameter group), in the rule's
         order; ``value(name, v)`` reads an option (the torch layer reads 1-element

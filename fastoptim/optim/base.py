@@ -176,9 +176,7 @@ class Optimizer(_StateDict):
         ``{name + "_absmax": block scales}``. A scalar state (NAdam's mu_product) is
         a 0-d float32 array, as torch keeps it."""
         if name in self._scalar_state:
-            value = self._scalar_state[name]
-            if value is None:                       # (ASGD's eta: the group's lr)
-                value = group["lr"]
+            value = dict(self._rule.scalar_values(group))[name]
             return {name: np.full((), value, np.float32)}
         slot = self._all_state_names.index(name) + 1
         value = self._initial_state_value(group, name)

@@ -65,12 +65,6 @@ class _Options(Mapping):
         return len(self.group)
 
 
-def _lr_value(group):
-    """The group's lr as a number (a tensor lr: its value)."""
-    lr = group["lr"]
-    return lr.item() if isinstance(lr, torch.Tensor) else lr
-
-
 def _threads():
     """fastoptim.set_num_threads(n) when it was called, else torch's thread count."""
     if _config._num_threads is not None or not _config._kernels.openmp_enabled():
@@ -326,9 +320,8 @@ class _Optimizer(_Keeping, _Planning, _TorchOptimizer):
         ASGD's eta from the group's lr and mu from 1), then a zero tensor per state
         name, in the registry's order."""
         state = {"step": self._step_tensor(group, p)} if self._has_step else {}
-        for name, value in self._rule.scalar_state:
-            state[name] = torch.tensor(_lr_value(group) if value is None else value,
-                                       dtype=_scalar_dtype())
+        for name, value in self._rule.scalar_values(group, _value):
+            state[name] = torch.tensor(value, dtype=_scalar_dtype())
         for name in self._state_names(group):
             state.update(self._state_entries(group, p, name))
         return state

@@ -3,7 +3,7 @@ fastoptim's kernels (the rest is the base class's and the registry's)."""
 import torch
 
 from ..rules import spec
-from ._base import _check_fused, _lr_value, _Optimizer, _to_scalar
+from ._base import _check_fused, _Optimizer, _to_scalar, _value
 from ._tensors import _new_step, _scalar_dtype, _step_to_tensor
 
 
@@ -431,7 +431,7 @@ class Rprop(_Optimizer):
 
     def _new_state(self, group, p):
         # torch: step 0, prev zeros, step_size full of the group's lr
-        lr = _lr_value(group)
+        lr = _value("lr", group["lr"])
         if torch.is_complex(p):            # two independent reals: lr for both parts
             lr = complex(lr, lr)
         return {"step": torch.zeros((), dtype=_scalar_dtype()),

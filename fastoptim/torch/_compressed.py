@@ -24,7 +24,7 @@ import numbers
 import numpy as np
 import torch
 
-from ..formats import BLOCK, dequantize_blockwise, quantize_blockwise  # noqa: F401 (BLOCK)
+from ..formats import BLOCK, dequantize_blockwise, quantize_blockwise
 
 #: the group keys of compressed state (absent: the parameters' dtype)
 KEYS = ("state_dtype", "rounding", "seed", "min_8bit_size")
@@ -75,8 +75,9 @@ def state_dtype(fmt, p):
     return torch.bfloat16 if fmt == "bfloat16" else torch.uint8 if fmt == "8bit" else p.dtype
 
 
-def _blocks(p):
-    return -(-p.numel() // BLOCK)
+def blocks(t):
+    """How many 256-element blocks (one scale each) 8-bit state of ``t`` has."""
+    return -(-t.numel() // BLOCK)
 
 
 def _codes_like(p, codes):
@@ -116,18 +117,16 @@ def convert(entry, name, fmt, p, signed, where):
             raise ValueError(f"{where}[{name!r}] holds 8-bit codes (uint8) but "
                              f"{name + ABSMAX!r} is missing")
         if not isinstance(absmax, torch.Tensor) or absmax.dtype is not torch.float32 \
-                or absmax.shape != (_blocks(p),):
+                or absmax.shape != (blocks(p),):
             raise ValueError(f"{where}[{name + ABSMAX!r}] must be a float32 tensor of "
-                             f"{_blocks(p)} block scales, got {absmax!r:.80}")
+                             f"{blocks(p)} block scales, got {absmax!r:.80}")
         if t.shape != p.shape:
             raise ValueError(f"{where}[{name!r}] has shape {tuple(t.shape)}, but the "
                              f"parameter has {tuple(p.shape)}")
         if fmt == "8bit" and _same_memory_order(t, p):
             entry[name], entry[name + ABSMAX] = t.cpu(), absmax.cpu().contiguous()
             return
-        wide = torch.from_numpy(dequantize_blockwise(
-            t.cpu().numpy().ravel("K"), absmax.cpu().numpy(), signed))
-        t = _from_memory_order(wide, t)
+        t = dequantized(t, absmax, signed)
     if fmt == "8bit":
         codes, scales = quantize_blockwise(
             _in_memory_order_of(t, p), signed)
@@ -144,10 +143,12 @@ def _same_memory_order(t, p):
     return t.stride() == p.stride() or (t.is_contiguous() and p.is_contiguous())
 
 
-def _from_memory_order(values, like):
-    """A float32 tensor shaped and strided like ``like`` from its memory-order values."""
-    t = torch.empty_like(like, dtype=torch.float32, memory_format=torch.preserve_format)
-    t.numpy().ravel("K")[...] = values.numpy()
+def dequantized(codes, absmax, signed):
+    """8-bit state as a float32 tensor shaped and strided like ``codes`` (blocks in
+    its memory order), exactly as fastoptim.formats decodes it."""
+    t = torch.empty_like(codes, dtype=torch.float32, memory_format=torch.preserve_format)
+    t.numpy().ravel("K")[...] = dequantize_blockwise(
+        codes.detach().cpu().numpy().ravel("K"), absmax.detach().cpu().numpy(), signed)
     return t
 
 

@@ -22,8 +22,8 @@ import numbers
 import numpy as np
 import torch
 
-from ..formats import BLOCK, dequantize_blockwise, dynamic_map
-from ._compressed import ABSMAX, BNB_KEY
+from ..formats import BLOCK, dynamic_map
+from ._compressed import ABSMAX, BNB_KEY, MIN_8BIT_SIZE, dequantized
 
 _NAMES = (("exp_avg", True, "1"), ("exp_avg_sq", False, "2"))
 _ADAM_KEYS = ("lr", "betas", "eps", "weight_decay")
@@ -38,11 +38,7 @@ def _float32(entry, name, signed, where):
         if not isinstance(scales, torch.Tensor):
             raise ValueError(f"{where}[{name!r}] holds 8-bit codes but "
                              f"{name + ABSMAX!r} is missing")
-        flat = t.detach().cpu().numpy().ravel("K")
-        wide = dequantize_blockwise(flat, scales.detach().cpu().numpy(), signed)
-        out = torch.empty_like(t, dtype=torch.float32, memory_format=torch.preserve_format)
-        out.numpy().ravel("K")[...] = wide
-        return out
+        return dequantized(t, scales, signed)
     return t.detach().to(torch.float32)
 
 
@@ -81,7 +77,7 @@ def to_bitsandbytes(state_dict):
         inner = {}
         for name, signed, n in _NAMES:
             t = entry[name]
-            if t.dtype is torch.uint8 and t.numel() >= 4096:
+            if t.dtype is torch.uint8 and t.numel() >= MIN_8BIT_SIZE:  # (bnb's default)
                 inner[f"state{n}"] = t.detach().cpu().clone()
                 inner[f"absmax{n}"] = entry[name + ABSMAX].detach().cpu().clone()
                 inner[f"qmap{n}"] = torch.from_numpy(dynamic_map(signed).copy())
@@ -128,7 +124,7 @@ def to_torchao(state_dict):
 
 def from_torchao(value, where):
     """A torchao ``OptimState8bit`` as (codes, absmax), or None when ``value`` is not
-    one (or not in fastoptim's format: then its dequantized float32 values)."""
+    one; ValueError for one in another block size or map."""
     codes = getattr(value, "codes", None)
     scale = getattr(value, "scale", None)
     qmap = getattr(value, "qmap", None)

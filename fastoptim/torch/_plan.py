@@ -356,7 +356,7 @@ class _Planning:
     def _absmax_view(self, gi, group, i, p, sname, state):
         """The NumPy view of 8-bit state ``sname``'s block scales."""
         a = state.get(sname + _compressed.ABSMAX)
-        n = -(-p.numel() // _compressed.BLOCK)
+        n = _compressed.blocks(p)
         if not (isinstance(a, torch.Tensor) and a.dtype is torch.float32 and a.is_cpu
                 and a.shape == (n,) and a.is_contiguous()):
             raise ValueError(f"state[{sname + _compressed.ABSMAX!r}] of "
