@@ -92,6 +92,8 @@ include "_kernels/rules/radam.pxi"
 include "_kernels/rules/rprop.pxi"
 include "_kernels/rules/nadam.pxi"
 include "_kernels/rules/asgd.pxi"
+include "_kernels/rules/lion.pxi"
+include "_kernels/rules/adopt.pxi"
 include "_kernels/rules/traffic.pxi"
 include "_kernels/rules/adahessian.pxi"
 include "_kernels/segments.pxi"     # generated (setup.py, segments.pxi.tp): per-rule dispatch

@@ -2,7 +2,7 @@
 # instruction-set level as _kernels_baseline, _kernels_avx2 and _kernels_avx512, which
 # re-export this file). Checked against the built module by tests/test_typing.py
 # (mypy's stubtest): a new argument in _kernels.pxi needs its line here.
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Union
 
 import numpy as np
@@ -101,6 +101,18 @@ def prepare_asgd(params: _Arrays, grads: _Grads, axs: _States, etas: _States | N
                  alpha: _Real, t0: _Real, weight_decay: _Real, maximize: bool,
                  state_dtype: str | None = None, rounding: str = "nearest", seed: int = 0,
                  absmaxes: Sequence[_States | None] | None = None) -> Step: ...
+def prepare_lion(params: _Arrays, grads: _Grads, exp_avgs: _States, steps: _Steps | None,
+                 lr: _Real, betas: tuple[_Real, _Real] | Sequence[_Real],
+                 weight_decay: _Real, maximize: bool, state_dtype: str | None = None,
+                 rounding: str = "nearest", seed: int = 0,
+                 absmaxes: Sequence[_States | None] | None = None) -> Step: ...
+def prepare_adopt(params: _Arrays, grads: _Grads, exp_avgs: _States, exp_avg_sqs: _States,
+                  steps: _Steps | None, lr: _Real,
+                  betas: tuple[_Real, _Real] | Sequence[_Real],
+                  clip_lambda: Callable[[int], _Real] | None, weight_decay: _Real,
+                  weight_decouple: bool, fixed_decay: bool, eps: _Real, maximize: bool,
+                  state_dtype: str | None = None, rounding: str = "nearest", seed: int = 0,
+                  absmaxes: Sequence[_States | None] | None = None) -> Step: ...
 def prepare_adahessian(params: _Arrays, grads: _Grads, hessian_diags: _States,
                        exp_avgs: _States, exp_hessian_diag_sqs: _States,
                        steps: _Steps | None, lr: _Real,

@@ -16,11 +16,12 @@ import inspect
 import numpy as np
 
 from . import _config
+from .reference import adopt_clip  # noqa: F401  (ADOPT's default clip)
 from .reference import bfloat16_to_float32, float32_to_bfloat16   # bfloat16 state format
 from .rules import RuleSpec, spec
 
 __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adamax_", "adadelta_",
-           "radam_", "rprop_", "nadam_", "asgd_", "adahessian_",
+           "radam_", "rprop_", "nadam_", "asgd_", "lion_", "adopt_", "adahessian_",
            "newton_", "bfloat16_to_float32", "float32_to_bfloat16"]
 
 _k = _config._kernels
@@ -118,6 +119,22 @@ def prepare_asgd(params, grads, axs, etas, mus, steps, *, lr=1e-2, lambd=1e-4, a
                  rounding="nearest", seed=0, absmaxes=None):
     return _k.prepare_asgd(params, grads, axs, etas, mus, steps, lr, lambd, alpha, t0,
                            weight_decay, maximize, state_dtype, rounding, seed, absmaxes)
+
+
+def prepare_lion(params, grads, exp_avgs, steps=None, *, lr=1e-4, betas=(0.9, 0.99),
+                 weight_decay=0.0, maximize=False, state_dtype=None, rounding="nearest",
+                 seed=0, absmaxes=None):
+    return _k.prepare_lion(params, grads, exp_avgs, steps, lr, betas, weight_decay,
+                           maximize, state_dtype, rounding, seed, absmaxes)
+
+
+def prepare_adopt(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr=1e-3,
+                  betas=(0.9, 0.9999), clip_lambda=adopt_clip, weight_decay=0.0,
+                  weight_decouple=False, fixed_decay=False, eps=1e-6, maximize=False,
+                  state_dtype=None, rounding="nearest", seed=0, absmaxes=None):
+    return _k.prepare_adopt(params, grads, exp_avgs, exp_avg_sqs, steps, lr, betas,
+                            clip_lambda, weight_decay, weight_decouple, fixed_decay, eps,
+                            maximize, state_dtype, rounding, seed, absmaxes)
 
 
 def prepare_adahessian(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_sqs,
@@ -361,6 +378,10 @@ nadam_ = _in_place(prepare_nadam, """NAdam, in place. See :func:`reference.nadam
 asgd_ = _in_place(prepare_asgd, """ASGD (averaged SGD), in place. See
     :func:`reference.asgd_`; ``etas`` (starting at lr) and ``mus`` (starting at 1): one
     0-d float32 array per parameter each.""")
+lion_ = _in_place(prepare_lion, """Lion (sign of the interpolated momentum), in place. See
+    :func:`reference.lion_`; ``steps`` is optional (Lion counts none).""")
+adopt_ = _in_place(prepare_adopt, """ADOPT, in place. See :func:`reference.adopt_`;
+    ``clip_lambda`` is called with each parameter's step when the update is checked.""")
 adahessian_ = _in_place(prepare_adahessian, """AdaHessian, in place, from Hessian-diagonal
     estimates (one per parameter). See :func:`reference.adahessian_`; estimate the
     diagonals with :func:`fastoptim.hessian.hutchinson_diag` (or

@@ -16,11 +16,13 @@ in the arrays' dtype (NumPy 2 treats Python floats as weak scalars).
 """
 import functools
 import inspect
+import math
 
 import numpy as np
 
 __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adamax_", "adadelta_",
-           "radam_", "rprop_", "nadam_", "asgd_", "adahessian_",
+           "radam_", "rprop_", "nadam_", "asgd_", "lion_", "adopt_",
+           "adahessian_",
            "newton_", "bfloat16_to_float32", "float32_to_bfloat16"]
 
 
@@ -636,6 +638,101 @@ def rprop_(params, grads, prevs, step_size_arrays, steps, *, lr=1e-2, etas=(0.5,
         g = np.where(factor == em, p.dtype.type(0), g)
         p += (-_sign(g)) * ss
         prev[...] = g
+
+
+@_stored_state(("exp_avgs",), lambda o: ("exp_avgs",))
+def lion_(params, grads, exp_avgs, steps=None, *, lr=1e-4, betas=(0.9, 0.99),
+          weight_decay=0.0, maximize=False):
+    r"""Lion, EvoLved Sign Momentum (Chen et al., 2023, "Symbolic Discovery of
+    Optimization Algorithms", arXiv:2302.06675), as ``lion_pytorch.Lion``: the step is
+    the sign of an interpolation between the momentum and the gradient, so every
+    element moves by exactly ``lr``; the momentum is a second, slower average.
+
+    .. math::
+        g &\leftarrow -\nabla \text{ if maximize else } \nabla \\
+        p &\leftarrow p\,(1 - \gamma\lambda) \\
+        p &\leftarrow p - \gamma\,\operatorname{sign}(\beta_1 m + (1-\beta_1) g) \\
+        m &\leftarrow \beta_2 m + (1-\beta_2) g
+
+    The decay is decoupled and scaled by ``lr``, as the oracle's (its
+    ``decoupled_weight_decay=True`` divides ``weight_decay`` by the initial lr: the
+    classes do that before calling this). ``sign`` is torch's: 0 for zeros and NaN, so
+    a NaN gradient leaves the parameter where it is (and the momentum NaN). ``steps``
+    is optional (Lion counts none; it is incremented when given, and stochastic
+    rounding of bfloat16 state needs it).
+    """
+    beta1, beta2 = betas
+    params, grads, ms = _as_list(params), _as_list(grads), _as_list(exp_avgs)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        if steps is not None:
+            steps[i] += 1
+        g = -g if maximize else g
+        m = ms[i]
+        if weight_decay != 0:
+            p *= _scalar(1 - lr * weight_decay, p)
+        c = m * _scalar(beta1, p) + _scalar(1 - beta1, p) * g
+        p += _scalar(-lr, p) * _sign(c)
+        m[...] = m * _scalar(beta2, p) + _scalar(1 - beta2, p) * g
+
+
+def adopt_clip(step):
+    """ADOPT's default clip of the normalized gradient: ``step ** 0.25`` (the oracle's
+    ``clip_lambda``; a module-level function, so optimizers holding it pickle)."""
+    return math.pow(step, 0.25)
+
+
+@_stored_state(("exp_avgs", "exp_avg_sqs"), lambda o: ("exp_avgs", "exp_avg_sqs"),
+               unsigned=("exp_avg_sqs",))
+def adopt_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr=1e-3, betas=(0.9, 0.9999),
+           clip_lambda=adopt_clip, weight_decay=0.0, weight_decouple=False,
+           fixed_decay=False, eps=1e-6, maximize=False):
+    r"""ADOPT, adaptive gradient method with the optimal convergence rate (Taniguchi et
+    al., 2024, "ADOPT: Modified Adam Can Converge with Any beta2 with the Optimal
+    Rate", arXiv:2411.02853), as ``pytorch_optimizer.ADOPT``: the gradient is
+    normalized by the *previous* second moment before it enters the momentum, which
+    is what lets any beta2 converge; the first step only seeds the second moment.
+
+    .. math::
+        t = 1: \quad v &\leftarrow v + g^2 \quad 	ext{(nothing else moves)} \
+        t > 1: \quad n &= \operatorname{clamp}\Big(rac{g}{\max(\sqrt{v}, \epsilon)},
+            -c_t, c_t\Big), \quad c_t = 	ext{clip\_lambda}(t) \
+        m &\leftarrow m + (1-eta_1)(n - m), \quad p \leftarrow p - \gamma m, \quad
+        v \leftarrow eta_2 v + (1-eta_2) g^2
+
+    Weight decay: ``weight_decouple`` multiplies ``p`` by ``1 - wd * lr`` (``1 - wd``
+    with ``fixed_decay``) first, else ``wd * p`` joins the gradient (also on the first
+    step). ``clip_lambda``: a function of the step giving the clip (default
+    :func:`adopt_clip`, ``t ** 0.25``), or None for no clip; it is called with each
+    parameter's step (the classes keep one step per group, as the oracle). ``steps``
+    is required.
+    """
+    beta1, beta2 = betas
+    params, grads = _as_list(params), _as_list(grads)
+    ms, vs = _as_list(exp_avgs), _as_list(exp_avg_sqs)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        steps[i] += 1
+        step = int(steps[i])
+        g = -g if maximize else g
+        if weight_decay != 0:
+            if weight_decouple:
+                p *= _scalar(1.0 - weight_decay * (1.0 if fixed_decay else lr), p)
+            else:
+                g = g + _scalar(weight_decay, p) * p
+        m, v = ms[i], vs[i]
+        if step == 1:
+            v += g * g
+            continue
+        n = g / np.maximum(np.sqrt(v), _scalar(eps, p))
+        if clip_lambda is not None:
+            c = _scalar(clip_lambda(step), p)
+            n = np.minimum(np.maximum(n, -c), c)
+        m[...] = _lerp(m, n, _scalar(1 - beta1, p))
+        p += _scalar(-lr, p) * m
+        v[...] = v * _scalar(beta2, p) + (_scalar(1 - beta2, p) * g) * g
 
 
 def adahessian_(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_sqs, steps, *,

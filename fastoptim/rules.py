@@ -17,6 +17,8 @@ options in the tests' grid (``tests/rules.py``).
 import numbers
 from dataclasses import dataclass, field
 
+from .reference import adopt_clip
+
 __all__ = ["RuleSpec", "REGISTRY", "spec"]
 
 
@@ -52,6 +54,15 @@ class RuleSpec:
     ``eta`` and ``mu``), as ``(name, initial value)`` (None: the group's lr); the kernel
     takes one 0-d array per parameter for each, after the per-element state, and
     updates it in place (float32, as torch keeps it).
+
+    ``group_step``: the step is counted per parameter group (``group["step"]``, an int
+    advanced once per ``step()`` for the whole group, whether or not a parameter has a
+    gradient), as the oracle packages of the rules beyond torch.optim count it
+    (pytorch_optimizer's), instead of per parameter (``state["step"]``, torch.optim's);
+    the kernel takes it as every parameter's count. ``attributes``: options the oracle
+    keeps as attributes of the optimizer, not in its groups (ADOPT's ``clip_lambda``
+    and ``maximize``): the torch class keeps them so (its state dicts are the
+    oracle's), the NumPy class in its groups (and loads groups that lack them).
     """
     name: str
     title: str
@@ -67,6 +78,8 @@ class RuleSpec:
     bounds: tuple = ()
     unsigned_state: tuple = ()
     scalar_state: tuple = ()
+    group_step: bool = False
+    attributes: tuple = ()
 
     def __post_init__(self):
         if not self.kernel:
@@ -238,6 +251,29 @@ REGISTRY = {s.name: s for s in (
              scalar_state=(("eta", None), ("mu", 1.0)),
              bounds=(("lr", "nonneg", "learning rate"),
                      ("weight_decay", "nonneg", "weight_decay value"))),
+    # beyond torch.optim: the names and defaults of the package people use (the oracle
+    # of the tests): lion_pytorch.Lion (its assert: betas in [0, 1])
+    RuleSpec("lion", "Lion",
+             (("lr", 1e-4), ("betas", (0.9, 0.99)), ("weight_decay", 0.0),
+              ("maximize", False)),
+             ("exp_avg",), counts_steps=False, state_formats=("bfloat16", "8bit"),
+             bounds=(("lr", "nonneg", "learning rate"),
+                     ("betas[0]", "closed_unit", "beta parameter at index 0"),
+                     ("betas[1]", "closed_unit", "beta parameter at index 1"),
+                     ("weight_decay", "nonneg", "weight_decay value"))),
+    # pytorch_optimizer.ADOPT (its step is the group's)
+    RuleSpec("adopt", "ADOPT",
+             (("lr", 1e-3), ("betas", (0.9, 0.9999)), ("clip_lambda", adopt_clip),
+              ("weight_decay", 0.0), ("weight_decouple", False), ("fixed_decay", False),
+              ("eps", 1e-6), ("maximize", False)),
+             ("exp_avg", "exp_avg_sq"), counts_steps=False, group_step=True,
+             attributes=("clip_lambda", "maximize"),
+             state_formats=("bfloat16", "8bit"), unsigned_state=("exp_avg_sq",),
+             bounds=(("lr", "nonneg", "learning rate"),
+                     ("betas[0]", "unit", "beta parameter at index 0"),
+                     ("betas[1]", "unit", "beta parameter at index 1"),
+                     ("weight_decay", "nonneg", "weight_decay value"),
+                     ("eps", "nonneg", "epsilon value"))),
     RuleSpec("adahessian", "AdaHessian",
              (("lr", 0.15), ("betas", (0.9, 0.999)), ("eps", 1e-4), ("weight_decay", 0.0),
               ("hessian_power", 1.0), ("maximize", False)),

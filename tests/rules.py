@@ -51,6 +51,11 @@ RULES = {
                    momentum_decay=[0.01], decoupled_weight_decay=[True], maximize=[True]),
     "asgd": _grid("asgd", lr=[0.05], lambd=[1e-3], alpha=[0.6], t0=[3.0], weight_decay=[0.01],
                   maximize=[True]),
+    "adopt": _grid("adopt", lr=[0.01], betas=[(0.3, 0.9)], clip_lambda=[None],
+                   weight_decay=[0.1], weight_decouple=[True], fixed_decay=[True], eps=[1e-3],
+                   maximize=[True]),
+    "lion": _grid("lion", lr=[0.01], betas=[(0.3, 0.9), (1.0, 0.0)], weight_decay=[0.1],
+                  maximize=[True]),
 }
 
 
@@ -83,6 +88,10 @@ def state_names(rule, opts):
         return ["exp_avgs", "exp_avg_sqs", "mu_products"]
     if rule == "asgd":
         return ["axs", "etas", "mus"]
+    if rule == "lion":
+        return ["exp_avgs"]
+    if rule == "adopt":
+        return ["exp_avgs", "exp_avg_sqs"]
     names = ["exp_avgs", "exp_avg_sqs"]
     return names + (["max_exp_avg_sqs"] if opts.get("amsgrad") else [])
 
@@ -124,6 +133,10 @@ def call(module, rule, params, grads, state, steps, opts):
                   state["mu_products"], steps, **opts)
     if rule == "asgd":
         return fn(params, grads, state["axs"], state["etas"], state["mus"], steps, **opts)
+    if rule == "lion":
+        return fn(params, grads, state["exp_avgs"], steps, **opts)
+    if rule == "adopt":
+        return fn(params, grads, state["exp_avgs"], state["exp_avg_sqs"], steps, **opts)
     return fn(params, grads, state["exp_avgs"], state["exp_avg_sqs"],
               state.get("max_exp_avg_sqs"), steps, **opts)
 
@@ -154,6 +167,17 @@ def prepare(kernels, rule, params, grads, state, steps, opts):
                                     steps, o.get("lr", 1e-2), o.get("lambd", 1e-4),
                                     o.get("alpha", 0.75), o.get("t0", 1e6),
                                     o.get("weight_decay", 0.0), o.get("maximize", False))
+    if rule == "adopt":
+        d = spec("adopt").defaults
+        return kernels.prepare_adopt(params, grads, state["exp_avgs"], state["exp_avg_sqs"],
+                                     steps, *[o.get(k, d[k]) for k in (
+                                         "lr", "betas", "clip_lambda", "weight_decay",
+                                         "weight_decouple", "fixed_decay", "eps",
+                                         "maximize")])
+    if rule == "lion":
+        return kernels.prepare_lion(params, grads, state["exp_avgs"], steps, o.get("lr", 1e-4),
+                                    o.get("betas", (0.9, 0.99)), o.get("weight_decay", 0.0),
+                                    o.get("maximize", False))
     if rule == "nadam":
         return kernels.prepare_nadam(params, grads, state["exp_avgs"], state["exp_avg_sqs"],
                                      state["mu_products"], steps, o.get("lr", 2e-3),

@@ -35,6 +35,11 @@ RULES = {
     "nadam_": (("exp_avgs", "exp_avg_sqs"), ("exp_avg_sqs",),
                [dict(), dict(weight_decay=0.1, decoupled_weight_decay=True, maximize=True)]),
     "asgd_": (("axs",), (), [dict(t0=2.0), dict(t0=2.0, weight_decay=0.1, maximize=True)]),
+    "lion_": (("exp_avgs",), (), [dict(), dict(weight_decay=0.1, maximize=True,
+                                               betas=(0.5, 0.9))]),
+    "adopt_": (("exp_avgs", "exp_avg_sqs"), ("exp_avg_sqs",),
+               [dict(), dict(weight_decay=0.1, weight_decouple=True, maximize=True,
+                             clip_lambda=None)]),
 }
 SHAPES = [(), (7,), (256,), (1000,), (33, 17), (5000,)]
 
@@ -213,6 +218,9 @@ CLASSES = {   # class: (functional rule, state arguments, state names, options)
     "Adadelta": ("adadelta_", ("square_avgs", "acc_deltas"), ("square_avg", "acc_delta"),
                  dict(lr=0.5, weight_decay=0.01)),
     "RAdam": ("radam_", ("exp_avgs", "exp_avg_sqs"), ("exp_avg", "exp_avg_sq"),
+              dict(lr=0.01, weight_decay=0.01)),
+    "Lion": ("lion_", ("exp_avgs",), ("exp_avg",), dict(lr=0.01, weight_decay=0.1)),
+    "ADOPT": ("adopt_", ("exp_avgs", "exp_avg_sqs"), ("exp_avg", "exp_avg_sq"),
               dict(lr=0.01, weight_decay=0.01)),
 }
 

@@ -185,6 +185,10 @@ OTHER_RULES = {
                              decoupled_weight_decay=True, maximize=True)]),
     "asgd_": (("axs",), [dict(t0=2.0), dict(t0=2.0, lambd=1e-2, weight_decay=0.02,
                                          maximize=True)]),
+    "lion_": (("exp_avgs",), [dict(), dict(betas=(0.5, 0.9), weight_decay=0.1,
+                                           maximize=True)]),
+    "adopt_": (("exp_avgs", "exp_avg_sqs"), [dict(), dict(betas=(0.4, 0.9), weight_decay=0.1,
+                                                          eps=1e-3, maximize=True)]),
 }
 
 
@@ -239,6 +243,9 @@ CLASS_CASES = {
     "Adadelta": ("adadelta_", ("square_avgs", "acc_deltas"), ("square_avg", "acc_delta"),
                  dict(lr=0.5, weight_decay=0.01)),
     "RAdam": ("radam_", ("exp_avgs", "exp_avg_sqs"), ("exp_avg", "exp_avg_sq"),
+              dict(lr=0.01, weight_decay=0.01)),
+    "Lion": ("lion_", ("exp_avgs",), ("exp_avg",), dict(lr=0.01, weight_decay=0.1)),
+    "ADOPT": ("adopt_", ("exp_avgs", "exp_avg_sqs"), ("exp_avg", "exp_avg_sq"),
               dict(lr=0.01, weight_decay=0.01)),
 }
 

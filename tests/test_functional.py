@@ -77,6 +77,8 @@ def test_random_shapes_and_hyperparameters(rule, dtype, shapes, order, nsteps, s
     for key, values in RULES[rule]["options"].items():
         if isinstance(values[0], bool):
             opts[key] = data.draw(st.booleans(), label=key)
+        elif callable(values[0]):           # (ADOPT's clip_lambda: a function or None)
+            opts[key] = data.draw(st.sampled_from(values), label=key)
         elif key == "betas":
             opts[key] = (data.draw(st.floats(0.0, 0.99), label="beta1"),
                          data.draw(st.floats(0.0, 0.9999), label="beta2"))

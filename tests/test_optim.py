@@ -24,6 +24,8 @@ CLASSES = {
     "rprop": (fastoptim.Rprop, dict(lr=0.05, etas=(0.3, 1.5))),
     "nadam": (fastoptim.NAdam, dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
     "asgd": (fastoptim.ASGD, dict(lr=0.05, t0=4.0, weight_decay=0.1)),
+    "lion": (fastoptim.Lion, dict(lr=0.01, weight_decay=0.1, betas=(0.5, 0.95))),
+    "adopt": (fastoptim.ADOPT, dict(lr=0.01, weight_decay=0.1, betas=(0.5, 0.95))),
 }
 
 SHAPES = [(), (0,), (7,), (3, 4), (1000 + 5,)]
@@ -61,6 +63,11 @@ def _reference_state(name, params, kw):
     if name == "radam":
         return dict(exp_avgs=[np.zeros_like(p) for p in params],
                     exp_avg_sqs=[np.zeros_like(p) for p in params])
+    if name == "lion":
+        return dict(exp_avgs=[np.zeros_like(p) for p in params])
+    if name == "adopt":
+        return dict(exp_avgs=[np.zeros_like(p) for p in params],
+                    exp_avg_sqs=[np.zeros_like(p) for p in params])
     if name == "asgd":
         return dict(axs=[np.zeros_like(p) for p in params],
                     etas=[np.full((), kw["lr"], np.float32) for p in params],
@@ -81,7 +88,8 @@ def _reference_step(name, params, grads, state, steps, kw):
     fn = {"sgd": R.sgd_, "sgd-plain": R.sgd_, "adagrad": R.adagrad_, "rmsprop": R.rmsprop_,
           "adam": R.adam_, "adamw": R.adamw_, "adamax": R.adamax_,
           "adadelta": R.adadelta_, "radam": R.radam_, "rprop": R.rprop_,
-          "nadam": R.nadam_, "asgd": R.asgd_}[name]
+          "nadam": R.nadam_, "asgd": R.asgd_, "lion": R.lion_,
+          "adopt": R.adopt_}[name]
     kw = {k: v for k, v in kw.items() if k != "initial_accumulator_value"}
     fn(params, grads, *state.values(), steps, **kw)
 
@@ -106,6 +114,9 @@ def test_class_equals_reference_over_many_steps(name, dtype):
         opt.step(grads)
         _reference_step(name, ref[:split], grads[:split], states[0], steps[0], kw)
         _reference_step(name, ref[split:], grads[split:], states[1], steps[1], kw2)
+        if cls._rule.group_step:            # (ADOPT: one count per group, every step)
+            for s in steps:
+                s[:] = k + 1
     for a, b in zip(params, ref):
         assert_close(a, b, dtype, 60)
     if name != "sgd-plain":

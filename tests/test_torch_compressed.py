@@ -24,7 +24,9 @@ RULES = {"SGD": dict(momentum=0.9, weight_decay=0.01),
          "RAdam": dict(weight_decay=0.01, decoupled_weight_decay=True),
          "Rprop": dict(etas=(0.3, 1.5)),
          "NAdam": dict(weight_decay=0.01, momentum_decay=0.01),
-         "ASGD": dict(t0=2.0, weight_decay=0.01)}
+         "ASGD": dict(t0=2.0, weight_decay=0.01),
+         "Lion": dict(weight_decay=0.1),
+         "ADOPT": dict(weight_decay=0.1, weight_decouple=True)}
 SHAPES = [(64, 128), (10,), (300, 20), (7, 700)]
 
 

@@ -57,6 +57,8 @@ cdef enum:
     KIND_RPROP = 10
     KIND_NADAM = 11
     KIND_ASGD = 12
+    KIND_LION = 13
+    KIND_ADOPT = 14
     CALIBRATION_RUNS = 3
     CALIBRATION_MIN = 4096
     CALIBRATION_MAX = 1 << 18
@@ -90,8 +92,8 @@ def get_serial_threshold():
 def calibration():
     """{"rule/dtype": threshold} for the rules calibrated so far, and the region cost."""
     names = (("sgd", "adagrad", "rmsprop", "adam", "adam-bf16", "traffic", "adahessian",
-              "adamax", "adadelta", "radam", "rprop", "nadam", "asgd")
-             + tuple(f"kind{k}" for k in range(13, N_KINDS)))
+              "adamax", "adadelta", "radam", "rprop", "nadam", "asgd", "lion", "adopt")
+             + tuple(f"kind{k}" for k in range(15, N_KINDS)))
     out = {}
     cdef int k, d
     for k in range(N_KINDS):
@@ -142,6 +144,7 @@ cdef struct Batch:
     double beta1, beta2
     double hessian_power         # AdaHessian (_kernels_hessian.pxi)
     bint maximize, nesterov, centered, amsgrad, decoupled
+    bint fixed_decay             # ADOPT: decoupled decay not scaled by lr
     # bfloat16 state (Adam/AdamW): state arrays hold uint16 bfloat16 bits
     bint bf16, stochastic
     uint32_t seed

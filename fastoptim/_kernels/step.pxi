@@ -388,6 +388,9 @@ cdef class Step:
         if self.kind == KIND_ADAHESSIAN:
             raise ValueError("this step reads other inputs than its gradients (the "
                              "Hessian diagonals): it cannot be reused")
+        if self.kind == KIND_ADOPT:
+            raise ValueError("this step's clips were computed from its step counts when "
+                             "it was prepared: it cannot be reused")
         for t in range(self.b.n):
             if self.b.offsets[t + 1] == self.b.offsets[t]:
                 continue

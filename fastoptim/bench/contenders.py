@@ -96,28 +96,40 @@ def _torch_call(torch, rule, P, G, S, variant):
     same optimizer on a one-element tensor; each parameter then gets that state with
     its tensors replaced by views of S, so torch never allocates state of its own (and
     no full-size step is spent on setting up)."""
-    kw = {"single-tensor": dict(foreach=False), "foreach": dict(foreach=True),
-          "fused": dict(fused=True)}[variant]
+    cls, kw = _torch_class(torch, rule, variant)
     dtype = torch.from_numpy(P[0][:0].reshape(-1)).dtype
     probe = torch.zeros(1, dtype=dtype)
     probe.grad = torch.ones(1, dtype=dtype)
-    probe_opt = getattr(torch.optim, rule.torch_name)([probe], **rule.torch_kwargs, **kw)
+    probe_opt = cls([probe], **rule.torch_kwargs, **kw)
     probe_opt.step()
     template = probe_opt.state[probe]
     scalars = {n for n, _ in spec(rule.torch_name.lower()).scalar_state}
     if set(template) - {"step"} - scalars != set(rule.torch_state):
-        raise RuntimeError(f"torch.optim.{rule.torch_name} keeps state "
+        raise RuntimeError(f"{cls.__module__}.{cls.__name__} keeps state "
                            f"{sorted(template)}, expected {list(rule.torch_state)}")
     tp = [torch.from_numpy(p) for p in P]
     for t, g in zip(tp, G):
         t.grad = torch.from_numpy(g)
-    opt = getattr(torch.optim, rule.torch_name)(tp, **rule.torch_kwargs, **kw)
+    opt = cls(tp, **rule.torch_kwargs, **kw)
     for i, t in enumerate(tp):
         state = {name: value.clone() for name, value in template.items()}
         for slot, name in enumerate(rule.torch_state):
             state[name] = torch.from_numpy(S[slot][i])
         opt.state[t] = state
     return opt.step
+
+
+def _torch_class(torch, rule, variant):
+    """The optimizer class and keyword arguments of a torch variant: torch.optim's
+    class (single-tensor, foreach, fused), or a rule's oracle package's (its own
+    variant name)."""
+    if rule.oracle is not None:
+        import importlib
+        package, module, name = rule.oracle
+        return getattr(importlib.import_module(module), name), {}
+    kw = {"single-tensor": dict(foreach=False), "foreach": dict(foreach=True),
+          "fused": dict(fused=True)}[variant]
+    return getattr(torch.optim, rule.torch_name), kw
 
 
 def _dropin_call(torch, rule, P, G):
@@ -132,6 +144,8 @@ def _dropin_call(torch, rule, P, G):
 
 
 def _torch_variants(rule):
+    if rule.oracle is not None:
+        return (rule.oracle[0],)
     return ("single-tensor", "foreach") + (("fused",) if rule.torch_fused else ())
 
 

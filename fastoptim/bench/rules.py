@@ -13,10 +13,12 @@ class Rule:
     ``states`` is a list of ``n_state`` lists of arrays, the state the registry says
     ``options`` keep, in its order (``torch_state``: torch's names for them). ``kernel``
     is the kernel family that runs it (the name its serial threshold is calibrated
-    under, ``_kernels.calibration``).
+    under, ``_kernels.calibration``). ``oracle``: for a rule torch.optim lacks, the
+    ``(package, module, class)`` whose optimizer the benchmark runs in torch's place
+    (the package people use, and the tests' oracle), if installed.
     """
 
-    def __init__(self, key, title, call, name, options, torch_fused, kernel):
+    def __init__(self, key, title, call, name, options, torch_fused, kernel, oracle=None):
         entry = spec(name)
         self.key = key
         self.title = title
@@ -27,6 +29,7 @@ class Rule:
         self.n_state = len(self.torch_state)
         self.torch_fused = torch_fused
         self.kernel = kernel
+        self.oracle = oracle
 
     def __repr__(self):
         return f"Rule({self.key!r})"
@@ -72,6 +75,14 @@ RULES = {r.key: r for r in (
          lambda m, P, G, S, st: m.asgd_(P, G, S[0], _scalars(P, "eta", 1e-2),
                                         _scalars(P, "mu", 1.0), st, lr=1e-2, t0=10),
          "asgd", dict(lr=1e-2, t0=10), False, "asgd"),
+    Rule("lion", "Lion",
+         lambda m, P, G, S, st: m.lion_(P, G, S[0], st, lr=1e-4, weight_decay=0.1),
+         "lion", dict(lr=1e-4, weight_decay=0.1), False, "lion",
+         ("lion-pytorch", "lion_pytorch", "Lion")),
+    Rule("adopt", "ADOPT",
+         lambda m, P, G, S, st: m.adopt_(P, G, S[0], S[1], st, lr=1e-3),
+         "adopt", dict(lr=1e-3), False, "adopt",
+         ("pytorch-optimizer", "pytorch_optimizer", "ADOPT")),
 )}
 
 

@@ -283,11 +283,17 @@ class Optimizer(_StateDict):
                                      "); nothing was changed")
                 self.skipped_steps += 1
                 return False
+        group_step = self._rule is not None and self._rule.group_step
+        if group_step:          # (one count per group: every parameter's, advanced)
+            after = [int(s.steps[0]) + 1 if len(s.steps) else 0 for s in self._gstate]
         for prepared, state, arrays, complete in plans:
             prepared.run(n_threads)
             if arrays is not state.arrays:
                 state.arrays = arrays
                 state.complete_for = complete
+        if group_step:
+            for state, count in zip(self._gstate, after):
+                state.steps[:] = count
         return True
 
     def _check_across_groups(self, per_group, per_extra):

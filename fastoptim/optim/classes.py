@@ -6,6 +6,7 @@ import numbers
 import numpy as np
 
 from .. import functional as F
+from ..reference import adopt_clip
 from ..rules import spec
 from .base import Optimizer
 
@@ -249,6 +250,74 @@ class ASGD(Optimizer):
                                       weight_decay=weight_decay, maximize=maximize,
                                       state_dtype=state_dtype, rounding=rounding,
                                       seed=seed), nonfinite)
+
+
+class Lion(Optimizer):
+    """Lion (sign of the interpolated momentum). Same options and defaults as
+    ``lion_pytorch.Lion``; formulas in :func:`fastoptim.reference.lion_`. State:
+    ``exp_avg`` (no step counter). ``decoupled_weight_decay=True`` divides every
+    group's ``weight_decay`` by the initial ``lr`` at each step, as the oracle does.
+    ``state_dtype``, ``rounding``, ``seed``, ``min_8bit_size``: compressed state, as
+    :class:`Adam`'s."""
+    _rule = spec("lion")
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
+                 maximize=False, decoupled_weight_decay=False, state_dtype=None,
+                 rounding="nearest", seed=0, min_8bit_size=4096, nonfinite="propagate"):
+        self._take_min_8bit_size(min_8bit_size)
+        self.decoupled_weight_decay, self._init_lr = _lion_decoupling(
+            decoupled_weight_decay, lr)
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
+                                      maximize=maximize, state_dtype=state_dtype,
+                                      rounding=rounding, seed=seed), nonfinite)
+
+    def _prepare(self, group, grads, arrays, steps):
+        if self.decoupled_weight_decay:
+            group = dict(group, weight_decay=group["weight_decay"] / self._init_lr)
+        return super()._prepare(group, grads, arrays, steps)
+
+    def __getstate__(self):
+        return dict(super().__getstate__(), decoupled_weight_decay=self.decoupled_weight_decay,
+                    init_lr=self._init_lr)
+
+    def __setstate__(self, d):
+        super().__setstate__(d)
+        self.decoupled_weight_decay = d.get("decoupled_weight_decay", False)
+        self._init_lr = d.get("init_lr", self.defaults["lr"])
+
+
+class ADOPT(Optimizer):
+    """ADOPT (the gradient normalized by the previous second moment, then clipped).
+    Same options and defaults as ``pytorch_optimizer.ADOPT``; formulas in
+    :func:`fastoptim.reference.adopt_`. State: ``exp_avg``, ``exp_avg_sq``; the step is
+    counted per group (``state_dict()["param_groups"][k]["step"]``, as the oracle
+    keeps it). ``clip_lambda``: a function of the step, or None. ``state_dtype``,
+    ``rounding``, ``seed``, ``min_8bit_size``: compressed state, as :class:`Adam`'s."""
+    _rule = spec("adopt")
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.9999), clip_lambda=adopt_clip,
+                 weight_decay=0.0, weight_decouple=False, fixed_decay=False, eps=1e-6, *,
+                 maximize=False, state_dtype=None, rounding="nearest", seed=0,
+                 min_8bit_size=4096, nonfinite="propagate"):
+        self._take_min_8bit_size(min_8bit_size)
+        super().__init__(params, dict(lr=lr, betas=betas, clip_lambda=clip_lambda,
+                                      weight_decay=weight_decay,
+                                      weight_decouple=weight_decouple,
+                                      fixed_decay=fixed_decay, eps=eps, maximize=maximize,
+                                      state_dtype=state_dtype, rounding=rounding,
+                                      seed=seed), nonfinite)
+
+
+def _lion_decoupling(decoupled, lr):
+    """Lion's decoupled_weight_decay flag and the initial lr it divides by (both class
+    layers)."""
+    if not isinstance(decoupled, (bool, np.bool_)):
+        raise TypeError("decoupled_weight_decay must be a bool, got "
+                        f"{type(decoupled).__name__}")
+    if decoupled and not (isinstance(lr, numbers.Real) and lr > 0):
+        raise ValueError("decoupled_weight_decay=True divides weight_decay by the initial "
+                         f"learning rate, which must be a number > 0; got lr={lr!r}")
+    return bool(decoupled), lr
 
 
 class _CurvatureOptimizer(Optimizer):

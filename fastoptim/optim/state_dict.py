@@ -87,6 +87,8 @@ class _StateDict:
         for group, gstate in zip(self.param_groups, self._gstate):
             saved = {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
             saved["params"] = list(range(idx, idx + len(group["params"])))
+            if self._rule is not None and self._rule.group_step:
+                saved["step"] = int(gstate.steps[0]) if len(gstate.steps) else 0
             groups.append(saved)
             for i in range(len(group["params"])):
                 entry = self._entry_state(gstate, i, copy_arrays=bfloat16 == "bits")
@@ -176,6 +178,9 @@ class _StateDict:
             new_groups.append(new_group)
             gstate = _GroupState(len(group["params"]))
             self._init_state(new_group, gstate)
+            if self._rule is not None and self._rule.group_step and "step" in saved:
+                where = f"state_dict['param_groups'][{gi}]['step']"
+                gstate.steps[:] = _as_step(_from_tensor(saved["step"], where), where)
             new_states.append(gstate)
             idx += len(ids)
         for key, entry in saved_state.items():
@@ -206,8 +211,10 @@ class _StateDict:
                 raise ValueError(f"{where} has the option {key!r}, which {name} does not "
                                  "have: is this another optimizer's state dict?")
         if any(key in saved for key in _TORCH_IMPLEMENTATION_OPTIONS):
+            attributes = self._rule.attributes if self._rule is not None else ()
             for key in self.defaults:        # a group saved by torch.optim.<name>
-                if key not in saved and key not in self._storage_options:
+                if (key not in saved and key not in self._storage_options
+                        and key not in attributes):
                     raise ValueError(f"{where} has torch.optim's keys but not the option "
                                      f"{key!r}, which torch.optim.{name}'s groups have: is "
                                      "this another optimizer's state dict?")

@@ -103,6 +103,8 @@ class _Optimizer(_Keeping, _Planning, _TorchOptimizer):
 
     #: whether the state carries a "step" counter (torch's SGD has none)
     _has_step = True
+    #: whether complex parameters are stepped (as their view_as_real twins)
+    _complex_params = True
 
     # --- construction and checks -------------------------------------------------------
     def _fastoptim_init(self):
@@ -191,6 +193,9 @@ class _Optimizer(_Keeping, _Planning, _TorchOptimizer):
         if p.dtype not in _DTYPES:
             raise TypeError(f"{label} has dtype {p.dtype}; fastoptim.torch supports "
                             f"float32, float64, complex64 and complex128 parameters")
+        if p.is_complex() and not self._complex_params:
+            raise TypeError(f"{label} is complex ({p.dtype}); fastoptim.torch."
+                            f"{type(self).__name__} takes real parameters only")
         if p.is_conj() or p.is_neg():
             raise ValueError(f"{label} has its conjugate or negative bit set; call "
                              f"resolve_conj()/resolve_neg() on it first")
@@ -229,6 +234,9 @@ class _Optimizer(_Keeping, _Planning, _TorchOptimizer):
                     plan.run(n_threads)
                 if isinstance(plan, _GroupPlan):
                     self._keep(gi, self.param_groups[gi], plan)
+            if self._rule.group_step:       # (the oracle's count: every group, every step)
+                for group in self.param_groups:
+                    group["step"] = group.get("step", 0) + 1
         return loss
 
     # (the kept step: _reuse._Keeping; the planned one: _plan._Planning)
@@ -334,6 +342,8 @@ class _Optimizer(_Keeping, _Planning, _TorchOptimizer):
         registry; options are read as plain numbers (see _Options)."""
         if group.get("state_dtype") == "8bit" and "absmaxes" not in states:
             states = dict(states, absmaxes=tuple([] for _ in self._rule.kernel_state))
+        if self._rule.attributes:           # (options the oracle keeps outside its groups)
+            group = dict(group, **{k: getattr(self, k) for k in self._rule.attributes})
         return F.prepare(self._kernel_rule(group), params, grads, states, steps,
                          _Options(group, self._rule.defaults))
 

@@ -2,6 +2,8 @@
 fastoptim's kernels (the rest is the base class's and the registry's)."""
 import torch
 
+from ..optim.classes import _lion_decoupling
+from ..reference import adopt_clip
 from ..rules import spec
 from ._base import _check_fused, _Optimizer, _to_scalar, _value
 from ._tensors import _new_step, _scalar_dtype, _step_to_tensor
@@ -512,3 +514,100 @@ class ASGD(_Optimizer):
         super().__setstate__(state)
         self._group_defaults(foreach=None, maximize=False, differentiable=False,
                              capturable=False)
+
+
+class Lion(_Optimizer):
+    """``lion_pytorch.Lion`` on fastoptim's kernel.
+
+    Same signature, defaults and state as lion-pytorch 0.2.5's Lion: ``exp_avg`` only
+    (no step counter), group keys ``lr``, ``betas``, ``weight_decay``; ``maximize``
+    (default False) is added. ``decoupled_weight_decay=True`` divides the groups'
+    weight decay by the initial lr, as the oracle does. Its argument asserts are
+    ``ValueError``s here; ``use_triton=True`` is refused (Triton kernels are for
+    CUDA), and so are complex parameters (the oracle's step is then ``sgn`` of a
+    complex number, its direction, not a per-element sign). See
+    :func:`fastoptim.reference.lion_` for the update.
+    """
+    _rule = spec("lion")
+    _has_step = False
+    _complex_params = False
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
+                 use_triton=False, decoupled_weight_decay=False, *, maximize=False):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if use_triton:
+            raise ValueError("use_triton=True: fastoptim.torch.Lion runs its compiled CPU "
+                             "kernel; Triton kernels are for CUDA tensors")
+        self._rule.check_bounds({"lr": lr, "betas": betas, "weight_decay": weight_decay})
+        # the oracle's attributes, under its names
+        self.decoupled_wd, self._init_lr = _lion_decoupling(decoupled_weight_decay,
+                                                            _value("lr", lr))
+        defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay,
+                    "maximize": maximize}
+        super().__init__(params, defaults)
+        self._fastoptim_init()
+
+    def __getstate__(self):
+        return dict(super().__getstate__(), decoupled_wd=self.decoupled_wd,
+                    _init_lr=self._init_lr)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("decoupled_wd", False)
+        self.__dict__.setdefault("_init_lr", self.defaults["lr"])
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+
+    def _prepare(self, group, params, grads, states, steps):
+        if self.decoupled_wd:
+            group = dict(group, weight_decay=_value("weight_decay", group["weight_decay"])
+                         / self._init_lr)
+        return super()._prepare(group, params, grads, states, steps)
+
+
+class ADOPT(_Optimizer):
+    """``pytorch_optimizer.ADOPT`` on fastoptim's kernel.
+
+    Same signature, defaults, group keys and state as pytorch-optimizer 4.1's ADOPT:
+    ``exp_avg`` and ``exp_avg_sq`` per parameter, the step in the group
+    (``group["step"]``, advanced once per step for every group), and ``clip_lambda``
+    and ``maximize`` as attributes of the optimizer, as the oracle keeps them.
+    ``cautious`` and ``stable_adamw`` (the oracle's extra keyword options) are
+    refused when true. Complex parameters are stepped as their real pairs, as the
+    oracle steps them. Unlike the oracle, the step never writes ``p.grad``. See
+    :func:`fastoptim.reference.adopt_` for the update.
+    """
+    _rule = spec("adopt")
+    _has_step = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.9999), clip_lambda=adopt_clip,
+                 weight_decay=0.0, weight_decouple=False, fixed_decay=False, foreach=None,
+                 eps=1e-6, maximize=False, **kwargs):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        for key, value in kwargs.items():
+            if key not in ("cautious", "stable_adamw"):
+                raise TypeError(f"ADOPT got an unexpected keyword argument {key!r}")
+            if value:
+                raise ValueError(f"{key}=True: fastoptim.torch.ADOPT runs the plain ADOPT "
+                                 "update; use pytorch_optimizer.ADOPT for this variant")
+        self._rule.check_bounds({"lr": lr, "betas": betas, "weight_decay": weight_decay,
+                                 "eps": eps})
+        # the oracle's attributes, under its names
+        self.clip_lambda, self.maximize, self.foreach = clip_lambda, maximize, foreach
+        defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay,
+                    "weight_decouple": weight_decouple, "fixed_decay": fixed_decay,
+                    "foreach": foreach, "eps": eps, **kwargs}
+        super().__init__(params, defaults)
+        self._fastoptim_init()
+
+    def __getstate__(self):
+        return dict(super().__getstate__(), clip_lambda=self.clip_lambda,
+                    maximize=self.maximize, foreach=self.foreach)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("clip_lambda", adopt_clip)
+        self.__dict__.setdefault("maximize", False)
+        self.__dict__.setdefault("foreach", None)

@@ -1,5 +1,6 @@
 """The planned step: a group viewed, checked and prepared (see _Planning)."""
 import math
+import numbers
 import re
 
 import numpy as np
@@ -102,8 +103,8 @@ class _Planning:
             plan.written.append(p)
         if not kparams:
             return plan
-        if self._rule.scalar_state:     # (a kept step does not watch the 0-d state)
-            plan.reusable = False
+        if self._rule.scalar_state or self._rule.group_step:
+            plan.reusable = False       # (a kept step watches neither 0-d state nor groups)
         if _compressed.compressed(group):
             plan.reusable = False
             if group["state_dtype"] == "8bit":
@@ -201,7 +202,15 @@ class _Planning:
         return is_new, c[2]
 
     def _step_counts(self, gi, group, names, steps, fresh, where):
-        """The step counts the kernel takes (int64), from the state's step tensors."""
+        """The step counts the kernel takes (int64), from the state's step tensors (or
+        the group's count, for a rule that keeps one: every parameter's)."""
+        if self._rule.group_step:
+            count = group.get("step", 0)
+            if isinstance(count, bool) or not isinstance(count, numbers.Integral) \
+                    or count < 0:
+                raise ValueError(f"param_groups[{gi}]['step'] is {count!r}; the group's "
+                                 "step count must be an int >= 0")
+            return np.full(len(fresh), count, dtype=np.int64)
         if self._has_step:
             # plain Python here: a few NumPy reductions would cost more (~5 us each
             # with cold caches) than the whole list
