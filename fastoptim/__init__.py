@@ -5,7 +5,7 @@ Layers, each calling only the one below:
 ``reference`` (NumPy specification) <- compiled kernels <- ``functional`` (checked
 in-place functions) <- optimizer classes (``SGD``, ``Adagrad``, ``RMSprop``, ``Adam``,
 ``AdamW``, ``Adamax``, ``Adadelta``, ``RAdam``, ``Rprop``, ``NAdam``, ``ASGD``,
-``Lion``, ``ADOPT``, and the second-order ``AdaHessian`` and ``Newton``) <- integrations
+``Lion``, ``ADOPT``, ``AdEMAMix``, and the second-order ``AdaHessian`` and ``Newton``) <- integrations
 (``fastoptim.torch``, ``fastoptim.bench``, ``fastoptim.demo``), imported lazily.
 ``fastoptim.landscapes`` holds 2-D test functions with exact gradients and Hessians.
 """
@@ -15,13 +15,13 @@ from . import functional, reference
 from ._config import (config, get_num_threads, get_serial_threshold, set_num_threads,
                       set_serial_threshold, show_config)
 from .hessian import hutchinson_diag
-from .optim import (ADOPT, SGD, Adadelta, AdaHessian, Adagrad, Adam, Adamax, AdamW, Lion,
-                    Newton, NAdam, Optimizer, RAdam, RMSprop, Rprop, ASGD)
+from .optim import (ADOPT, SGD, Adadelta, AdaHessian, Adagrad, Adam, Adamax, AdamW,
+                    AdEMAMix, Lion, Newton, NAdam, Optimizer, RAdam, RMSprop, Rprop, ASGD)
 from .reference import bfloat16_to_float32, float32_to_bfloat16
 
 __all__ = [
     "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "Adadelta", "RAdam", "Rprop",
-    "NAdam", "ASGD", "Lion", "ADOPT", "AdaHessian", "Newton",
+    "NAdam", "ASGD", "Lion", "ADOPT", "AdEMAMix", "AdaHessian", "Newton",
     "Optimizer",
     "hutchinson_diag", "bfloat16_to_float32", "float32_to_bfloat16",
     "functional", "reference",

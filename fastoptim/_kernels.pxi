@@ -32,7 +32,7 @@
 # (its state and step are left alone), as a missing ``.grad`` does in torch.
 
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
-from libc.math cimport sqrt, sqrtf, pow, fabs, fabsf, isfinite, INFINITY
+from libc.math cimport sqrt, sqrtf, pow, fabs, fabsf, isfinite, log, exp, INFINITY
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t, INT64_MAX
 from libc.stdlib cimport qsort
 from libc.string cimport memset
@@ -94,6 +94,7 @@ include "_kernels/rules/nadam.pxi"
 include "_kernels/rules/asgd.pxi"
 include "_kernels/rules/lion.pxi"
 include "_kernels/rules/adopt.pxi"
+include "_kernels/rules/ademamix.pxi"
 include "_kernels/rules/traffic.pxi"
 include "_kernels/rules/adahessian.pxi"
 include "_kernels/segments.pxi"     # generated (setup.py, segments.pxi.tp): per-rule dispatch

@@ -113,6 +113,13 @@ def prepare_adopt(params: _Arrays, grads: _Grads, exp_avgs: _States, exp_avg_sqs
                   weight_decouple: bool, fixed_decay: bool, eps: _Real, maximize: bool,
                   state_dtype: str | None = None, rounding: str = "nearest", seed: int = 0,
                   absmaxes: Sequence[_States | None] | None = None) -> Step: ...
+def prepare_ademamix(params: _Arrays, grads: _Grads, exp_avgs: _States,
+                     exp_avg_sqs: _States, exp_avg_slows: _States, steps: _Steps | None,
+                     lr: _Real, betas: tuple[_Real, _Real, _Real] | Sequence[_Real],
+                     weight_decay: _Real, weight_decouple: bool, fixed_decay: bool,
+                     alpha: _Real, t_alpha_beta3: _Real | None, eps: _Real, maximize: bool,
+                     state_dtype: str | None = None, rounding: str = "nearest", seed: int = 0,
+                     absmaxes: Sequence[_States | None] | None = None) -> Step: ...
 def prepare_adahessian(params: _Arrays, grads: _Grads, hessian_diags: _States,
                        exp_avgs: _States, exp_hessian_diag_sqs: _States,
                        steps: _Steps | None, lr: _Real,

@@ -21,7 +21,8 @@ from .reference import bfloat16_to_float32, float32_to_bfloat16   # bfloat16 sta
 from .rules import RuleSpec, spec
 
 __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adamax_", "adadelta_",
-           "radam_", "rprop_", "nadam_", "asgd_", "lion_", "adopt_", "adahessian_",
+           "radam_", "rprop_", "nadam_", "asgd_", "lion_", "adopt_", "ademamix_",
+           "adahessian_",
            "newton_", "bfloat16_to_float32", "float32_to_bfloat16"]
 
 _k = _config._kernels
@@ -135,6 +136,17 @@ def prepare_adopt(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr=1e-3,
     return _k.prepare_adopt(params, grads, exp_avgs, exp_avg_sqs, steps, lr, betas,
                             clip_lambda, weight_decay, weight_decouple, fixed_decay, eps,
                             maximize, state_dtype, rounding, seed, absmaxes)
+
+
+def prepare_ademamix(params, grads, exp_avgs, exp_avg_sqs, exp_avg_slows, steps, *, lr=1e-3,
+                     betas=(0.9, 0.999, 0.9999), weight_decay=0.0, weight_decouple=False,
+                     fixed_decay=False, alpha=5.0, t_alpha_beta3=None, eps=1e-8,
+                     maximize=False, state_dtype=None, rounding="nearest", seed=0,
+                     absmaxes=None):
+    return _k.prepare_ademamix(params, grads, exp_avgs, exp_avg_sqs, exp_avg_slows, steps,
+                               lr, betas, weight_decay, weight_decouple, fixed_decay, alpha,
+                               t_alpha_beta3, eps, maximize, state_dtype, rounding, seed,
+                               absmaxes)
 
 
 def prepare_adahessian(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_sqs,
@@ -382,6 +394,8 @@ lion_ = _in_place(prepare_lion, """Lion (sign of the interpolated momentum), in 
     :func:`reference.lion_`; ``steps`` is optional (Lion counts none).""")
 adopt_ = _in_place(prepare_adopt, """ADOPT, in place. See :func:`reference.adopt_`;
     ``clip_lambda`` is called with each parameter's step when the update is checked.""")
+ademamix_ = _in_place(prepare_ademamix, """AdEMAMix, in place. See
+    :func:`reference.ademamix_`.""")
 adahessian_ = _in_place(prepare_adahessian, """AdaHessian, in place, from Hessian-diagonal
     estimates (one per parameter). See :func:`reference.adahessian_`; estimate the
     diagonals with :func:`fastoptim.hessian.hutchinson_diag` (or

@@ -22,7 +22,7 @@ import numpy as np
 
 __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adamax_", "adadelta_",
            "radam_", "rprop_", "nadam_", "asgd_", "lion_", "adopt_",
-           "adahessian_",
+           "ademamix_", "adahessian_",
            "newton_", "bfloat16_to_float32", "float32_to_bfloat16"]
 
 
@@ -733,6 +733,64 @@ def adopt_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr=1e-3, betas=(0.9, 
         m[...] = _lerp(m, n, _scalar(1 - beta1, p))
         p += _scalar(-lr, p) * m
         v[...] = v * _scalar(beta2, p) + (_scalar(1 - beta2, p) * g) * g
+
+
+def ademamix_schedules(step, alpha, t_alpha_beta3, beta1, beta3):
+    """AdEMAMix's alpha and beta3 at ``step`` (its warmup over ``t_alpha_beta3`` steps,
+    None: none), in double, as the oracle computes them."""
+    if t_alpha_beta3 is None:
+        return alpha, beta3
+    alpha_t = min(step * alpha / t_alpha_beta3, alpha)
+    lb1, lb3 = math.log(beta1), math.log(beta3)
+    frac = step / t_alpha_beta3
+    return alpha_t, min(math.exp(lb1 * lb3 / ((1.0 - frac) * lb3 + frac * lb1)), beta3)
+
+
+@_stored_state(("exp_avgs", "exp_avg_sqs", "exp_avg_slows"),
+               lambda o: ("exp_avgs", "exp_avg_sqs", "exp_avg_slows"),
+               unsigned=("exp_avg_sqs",))
+def ademamix_(params, grads, exp_avgs, exp_avg_sqs, exp_avg_slows, steps, *, lr=1e-3,
+              betas=(0.9, 0.999, 0.9999), weight_decay=0.0, weight_decouple=False,
+              fixed_decay=False, alpha=5.0, t_alpha_beta3=None, eps=1e-8, maximize=False):
+    r"""AdEMAMix, Adam with a mixture of two first moments (Pagliardini, Ablin &
+    Grangier, 2024, "The AdEMAMix Optimizer: Better, Faster, Older",
+    arXiv:2409.03137), as ``pytorch_optimizer.AdEMAMix``: a fast average (beta1) and a
+    slow one (beta3, e.g. 0.9999, remembering ~10k steps) of the gradients, the slow
+    one added with weight alpha; both alpha and beta3 may warm up over
+    ``t_alpha_beta3`` steps.
+
+    .. math::
+        m_1 &\leftarrow m_1 + (1-\beta_1)(g - m_1), \quad
+        v \leftarrow \beta_2 v + (1-\beta_2) g^2, \quad
+        m_2 \leftarrow m_2 + (1-\beta_{3,t})(g - m_2) \\
+        p &\leftarrow p - \gamma\,\frac{m_1 / (1-\beta_1^t) + \alpha_t m_2}
+            {\sqrt{v} / \sqrt{1-\beta_2^t} + \epsilon}
+
+    with :func:`ademamix_schedules` giving ``alpha_t`` and ``beta3_t``. Weight decay
+    as :func:`adopt_`'s (``weight_decouple``, ``fixed_decay``). ``steps`` is required.
+    """
+    beta1, beta2, beta3 = betas
+    params, grads = _as_list(params), _as_list(grads)
+    ms, vs, ss = _as_list(exp_avgs), _as_list(exp_avg_sqs), _as_list(exp_avg_slows)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        steps[i] += 1
+        step = int(steps[i])
+        g = -g if maximize else g
+        if weight_decay != 0:
+            if weight_decouple:
+                p *= _scalar(1.0 - weight_decay * (1.0 if fixed_decay else lr), p)
+            else:
+                g = g + _scalar(weight_decay, p) * p
+        alpha_t, beta3_t = ademamix_schedules(step, alpha, t_alpha_beta3, beta1, beta3)
+        m, v, s = ms[i], vs[i], ss[i]
+        m[...] = _lerp(m, g, _scalar(1 - beta1, p))
+        v[...] = v * _scalar(beta2, p) + (_scalar(1 - beta2, p) * g) * g
+        s[...] = _lerp(s, g, _scalar(1.0 - beta3_t, p))
+        d = np.sqrt(v) / _scalar(math.sqrt(1.0 - math.pow(beta2, step)), p) + _scalar(eps, p)
+        u = m / _scalar(1.0 - math.pow(beta1, step), p) + _scalar(alpha_t, p) * s
+        p += (_scalar(-lr, p) * u) / d
 
 
 def adahessian_(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_sqs, steps, *,

@@ -54,6 +54,9 @@ RULES = {
     "adopt": _grid("adopt", lr=[0.01], betas=[(0.3, 0.9)], clip_lambda=[None],
                    weight_decay=[0.1], weight_decouple=[True], fixed_decay=[True], eps=[1e-3],
                    maximize=[True]),
+    "ademamix": _grid("ademamix", lr=[0.01], betas=[(0.3, 0.9, 0.95)], weight_decay=[0.1],
+                      weight_decouple=[True], fixed_decay=[True], alpha=[2.0],
+                      t_alpha_beta3=[7.0], eps=[1e-3], maximize=[True]),
     "lion": _grid("lion", lr=[0.01], betas=[(0.3, 0.9), (1.0, 0.0)], weight_decay=[0.1],
                   maximize=[True]),
 }
@@ -92,6 +95,8 @@ def state_names(rule, opts):
         return ["exp_avgs"]
     if rule == "adopt":
         return ["exp_avgs", "exp_avg_sqs"]
+    if rule == "ademamix":
+        return ["exp_avgs", "exp_avg_sqs", "exp_avg_slows"]
     names = ["exp_avgs", "exp_avg_sqs"]
     return names + (["max_exp_avg_sqs"] if opts.get("amsgrad") else [])
 
@@ -137,6 +142,9 @@ def call(module, rule, params, grads, state, steps, opts):
         return fn(params, grads, state["exp_avgs"], steps, **opts)
     if rule == "adopt":
         return fn(params, grads, state["exp_avgs"], state["exp_avg_sqs"], steps, **opts)
+    if rule == "ademamix":
+        return fn(params, grads, state["exp_avgs"], state["exp_avg_sqs"],
+                  state["exp_avg_slows"], steps, **opts)
     return fn(params, grads, state["exp_avgs"], state["exp_avg_sqs"],
               state.get("max_exp_avg_sqs"), steps, **opts)
 
@@ -174,6 +182,13 @@ def prepare(kernels, rule, params, grads, state, steps, opts):
                                          "lr", "betas", "clip_lambda", "weight_decay",
                                          "weight_decouple", "fixed_decay", "eps",
                                          "maximize")])
+    if rule == "ademamix":
+        d = spec("ademamix").defaults
+        return kernels.prepare_ademamix(params, grads, state["exp_avgs"], state["exp_avg_sqs"],
+                                        state["exp_avg_slows"], steps, *[o.get(k, d[k]) for k in (
+                                            "lr", "betas", "weight_decay", "weight_decouple",
+                                            "fixed_decay", "alpha", "t_alpha_beta3", "eps",
+                                            "maximize")])
     if rule == "lion":
         return kernels.prepare_lion(params, grads, state["exp_avgs"], steps, o.get("lr", 1e-4),
                                     o.get("betas", (0.9, 0.99)), o.get("weight_decay", 0.0),

@@ -40,6 +40,8 @@ RULES = {
     "adopt_": (("exp_avgs", "exp_avg_sqs"), ("exp_avg_sqs",),
                [dict(), dict(weight_decay=0.1, weight_decouple=True, maximize=True,
                              clip_lambda=None)]),
+    "ademamix_": (("exp_avgs", "exp_avg_sqs", "exp_avg_slows"), ("exp_avg_sqs",),
+                  [dict(), dict(weight_decay=0.1, t_alpha_beta3=5.0, maximize=True)]),
 }
 SHAPES = [(), (7,), (256,), (1000,), (33, 17), (5000,)]
 
@@ -222,6 +224,9 @@ CLASSES = {   # class: (functional rule, state arguments, state names, options)
     "Lion": ("lion_", ("exp_avgs",), ("exp_avg",), dict(lr=0.01, weight_decay=0.1)),
     "ADOPT": ("adopt_", ("exp_avgs", "exp_avg_sqs"), ("exp_avg", "exp_avg_sq"),
               dict(lr=0.01, weight_decay=0.01)),
+    "AdEMAMix": ("ademamix_", ("exp_avgs", "exp_avg_sqs", "exp_avg_slows"),
+                 ("exp_avg", "exp_avg_sq", "exp_avg_slow"),
+                 dict(lr=0.01, weight_decay=0.01, t_alpha_beta3=4.0)),
 }
 
 

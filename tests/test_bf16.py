@@ -189,6 +189,9 @@ OTHER_RULES = {
                                            maximize=True)]),
     "adopt_": (("exp_avgs", "exp_avg_sqs"), [dict(), dict(betas=(0.4, 0.9), weight_decay=0.1,
                                                           eps=1e-3, maximize=True)]),
+    "ademamix_": (("exp_avgs", "exp_avg_sqs", "exp_avg_slows"),
+                  [dict(), dict(betas=(0.4, 0.9, 0.99), t_alpha_beta3=5.0, weight_decay=0.1,
+                                weight_decouple=True, maximize=True)]),
 }
 
 
@@ -247,6 +250,9 @@ CLASS_CASES = {
     "Lion": ("lion_", ("exp_avgs",), ("exp_avg",), dict(lr=0.01, weight_decay=0.1)),
     "ADOPT": ("adopt_", ("exp_avgs", "exp_avg_sqs"), ("exp_avg", "exp_avg_sq"),
               dict(lr=0.01, weight_decay=0.01)),
+    "AdEMAMix": ("ademamix_", ("exp_avgs", "exp_avg_sqs", "exp_avg_slows"),
+                 ("exp_avg", "exp_avg_sq", "exp_avg_slow"),
+                 dict(lr=0.01, weight_decay=0.01, t_alpha_beta3=4.0)),
 }
 
 

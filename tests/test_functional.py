@@ -79,9 +79,15 @@ def test_random_shapes_and_hyperparameters(rule, dtype, shapes, order, nsteps, s
             opts[key] = data.draw(st.booleans(), label=key)
         elif callable(values[0]):           # (ADOPT's clip_lambda: a function or None)
             opts[key] = data.draw(st.sampled_from(values), label=key)
+        elif key == "betas" and len(values[0]) == 3:     # (AdEMAMix: its logs need > 0)
+            opts[key] = (data.draw(st.floats(0.01, 0.99), label="beta1"),
+                         data.draw(st.floats(0.0, 0.9999), label="beta2"),
+                         data.draw(st.floats(0.01, 1.0), label="beta3"))
         elif key == "betas":
             opts[key] = (data.draw(st.floats(0.0, 0.99), label="beta1"),
                          data.draw(st.floats(0.0, 0.9999), label="beta2"))
+        elif key == "t_alpha_beta3":
+            opts[key] = data.draw(st.one_of(st.none(), st.floats(1.0, 50.0)), label=key)
         elif key == "etas":
             opts[key] = (data.draw(st.floats(0.05, 0.95), label="etaminus"),
                          data.draw(st.floats(1.01, 2.0), label="etaplus"))

@@ -26,6 +26,7 @@ CLASSES = {
     "asgd": (fastoptim.ASGD, dict(lr=0.05, t0=4.0, weight_decay=0.1)),
     "lion": (fastoptim.Lion, dict(lr=0.01, weight_decay=0.1, betas=(0.5, 0.95))),
     "adopt": (fastoptim.ADOPT, dict(lr=0.01, weight_decay=0.1, betas=(0.5, 0.95))),
+    "ademamix": (fastoptim.AdEMAMix, dict(lr=0.01, weight_decay=0.1, t_alpha_beta3=20.0)),
 }
 
 SHAPES = [(), (0,), (7,), (3, 4), (1000 + 5,)]
@@ -68,6 +69,10 @@ def _reference_state(name, params, kw):
     if name == "adopt":
         return dict(exp_avgs=[np.zeros_like(p) for p in params],
                     exp_avg_sqs=[np.zeros_like(p) for p in params])
+    if name == "ademamix":
+        return dict(exp_avgs=[np.zeros_like(p) for p in params],
+                    exp_avg_sqs=[np.zeros_like(p) for p in params],
+                    exp_avg_slows=[np.zeros_like(p) for p in params])
     if name == "asgd":
         return dict(axs=[np.zeros_like(p) for p in params],
                     etas=[np.full((), kw["lr"], np.float32) for p in params],
@@ -89,7 +94,7 @@ def _reference_step(name, params, grads, state, steps, kw):
           "adam": R.adam_, "adamw": R.adamw_, "adamax": R.adamax_,
           "adadelta": R.adadelta_, "radam": R.radam_, "rprop": R.rprop_,
           "nadam": R.nadam_, "asgd": R.asgd_, "lion": R.lion_,
-          "adopt": R.adopt_}[name]
+          "adopt": R.adopt_, "ademamix": R.ademamix_}[name]
     kw = {k: v for k, v in kw.items() if k != "initial_accumulator_value"}
     fn(params, grads, *state.values(), steps, **kw)
 

@@ -31,6 +31,13 @@ ORACLES = {
                     maximize=True),
                dict(lr=1e-2, clip_lambda=None, foreach=False),
                dict(lr=1e-2, clip_lambda=lambda step: 0.5 + 0.1 * step)]),
+    "AdEMAMix": ("pytorch_optimizer", "AdEMAMix",
+                 [dict(), dict(lr=1e-2, betas=(0.8, 0.99, 0.999), alpha=2.0,
+                               weight_decay=0.1),
+                  dict(lr=1e-2, t_alpha_beta3=100.0, weight_decay=0.1, weight_decouple=True),
+                  dict(lr=1e-2, t_alpha_beta3=50, alpha=8.0, weight_decay=0.01,
+                       weight_decouple=True, fixed_decay=True, maximize=True),
+                  dict(lr=1e-2, betas=(0.9, 0.999, 1.0), foreach=False, eps=1e-6)]),
 }
 CASES = [(name, i) for name, (_, _, mixes) in ORACLES.items() for i in range(len(mixes))]
 SHAPES = [(37,), (64, 33), (), (0,)]

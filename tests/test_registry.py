@@ -15,9 +15,11 @@ from fastoptim.rules import REGISTRY, spec
 CLASSES = {"sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop", "adam": "Adam",
            "adamw": "AdamW", "adamax": "Adamax", "adadelta": "Adadelta",
            "radam": "RAdam", "rprop": "Rprop", "nadam": "NAdam", "asgd": "ASGD",
-           "lion": "Lion", "adopt": "ADOPT", "adahessian": "AdaHessian"}
+           "lion": "Lion", "adopt": "ADOPT", "ademamix": "AdEMAMix",
+           "adahessian": "AdaHessian"}
 #: rules torch.optim lacks: the package whose class is the oracle (module, class)
-ORACLES = {"lion": ("lion_pytorch", "Lion"), "adopt": ("pytorch_optimizer", "ADOPT")}
+ORACLES = {"lion": ("lion_pytorch", "Lion"), "adopt": ("pytorch_optimizer", "ADOPT"),
+           "ademamix": ("pytorch_optimizer", "AdEMAMix")}
 
 
 def _torch_class(name):
@@ -187,6 +189,7 @@ OPTION_MIXES = {
     "asgd": [{}, {"weight_decay": 0.1, "t0": 1.0, "lambd": 1e-3, "maximize": True}],
     "lion": [{}, {"weight_decay": 0.1, "maximize": True, "betas": (0.5, 0.9)}],
     "adopt": [{}, {"weight_decay": 0.1, "weight_decouple": True, "clip_lambda": None}],
+    "ademamix": [{}, {"weight_decay": 0.1, "t_alpha_beta3": 10.0, "maximize": True}],
     "adahessian": [{}, {"hessian_power": 0.5, "weight_decay": 0.1}],
 }
 

@@ -26,7 +26,8 @@ RULES = {"SGD": dict(momentum=0.9, weight_decay=0.01),
          "NAdam": dict(weight_decay=0.01, momentum_decay=0.01),
          "ASGD": dict(t0=2.0, weight_decay=0.01),
          "Lion": dict(weight_decay=0.1),
-         "ADOPT": dict(weight_decay=0.1, weight_decouple=True)}
+         "ADOPT": dict(weight_decay=0.1, weight_decouple=True),
+         "AdEMAMix": dict(weight_decay=0.1, t_alpha_beta3=4.0)}
 SHAPES = [(64, 128), (10,), (300, 20), (7, 700)]
 
 

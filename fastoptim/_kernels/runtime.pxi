@@ -43,7 +43,7 @@ def build_cflags():
 # sets a threshold, _serial_threshold applies.
 
 cdef enum:
-    N_KINDS = 16                 # rule kinds (Step.kind), see the prepare_* functions
+    N_KINDS = 24                 # rule kinds (Step.kind), see the prepare_* functions
     KIND_SGD = 0
     KIND_ADAGRAD = 1
     KIND_RMSPROP = 2
@@ -59,6 +59,7 @@ cdef enum:
     KIND_ASGD = 12
     KIND_LION = 13
     KIND_ADOPT = 14
+    KIND_ADEMAMIX = 15
     CALIBRATION_RUNS = 3
     CALIBRATION_MIN = 4096
     CALIBRATION_MAX = 1 << 18
@@ -92,8 +93,8 @@ def get_serial_threshold():
 def calibration():
     """{"rule/dtype": threshold} for the rules calibrated so far, and the region cost."""
     names = (("sgd", "adagrad", "rmsprop", "adam", "adam-bf16", "traffic", "adahessian",
-              "adamax", "adadelta", "radam", "rprop", "nadam", "asgd", "lion", "adopt")
-             + tuple(f"kind{k}" for k in range(15, N_KINDS)))
+              "adamax", "adadelta", "radam", "rprop", "nadam", "asgd", "lion", "adopt", "ademamix")
+             + tuple(f"kind{k}" for k in range(16, N_KINDS)))
     out = {}
     cdef int k, d
     for k in range(N_KINDS):
@@ -134,6 +135,7 @@ cdef struct Batch:
     double *ts0                  # per-array scalars, filled by run() from the steps
     double *ts1
     double *ts2
+    double *ts3
     # per-parameter scalar state (NAdam's mu_product, ASGD's eta and mu): for each of up
     # to two, one 0-d array per updated array, float32 or float64 (pscal_double),
     # updated by the rule's scalars function
@@ -141,7 +143,8 @@ cdef struct Batch:
     char *pscal_double[2]
     # hyperparameters (double; rounded to each array's dtype inside the loop)
     double lr, momentum, dampening, weight_decay, eps, alpha, lr_decay
-    double beta1, beta2
+    double beta1, beta2, beta3
+    double t_alpha_beta3         # AdEMAMix's warmup (0: none)
     double hessian_power         # AdaHessian (_kernels_hessian.pxi)
     bint maximize, nesterov, centered, amsgrad, decoupled
     bint fixed_decay             # ADOPT: decoupled decay not scaled by lr

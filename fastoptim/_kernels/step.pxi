@@ -126,6 +126,7 @@ cdef class Step:
         PyMem_Free(self.b.ts0)
         PyMem_Free(self.b.ts1)
         PyMem_Free(self.b.ts2)
+        PyMem_Free(self.b.ts3)
         for r in range(2):
             PyMem_Free(self.b.pscal[r])
             PyMem_Free(self.b.pscal_double[r])
@@ -238,10 +239,11 @@ cdef class Step:
         self.b.ts0 = <double *> PyMem_Malloc(max(n, 1) * sizeof(double))
         self.b.ts1 = <double *> PyMem_Malloc(max(n, 1) * sizeof(double))
         self.b.ts2 = <double *> PyMem_Malloc(max(n, 1) * sizeof(double))
+        self.b.ts3 = <double *> PyMem_Malloc(max(n, 1) * sizeof(double))
         self.b.tkey = <uint32_t *> PyMem_Malloc(max(n, 1) * sizeof(uint32_t))
         if (self.b.is_double == NULL or self.b.offsets == NULL or self.b.index == NULL
                 or self.b.ts0 == NULL or self.b.ts1 == NULL or self.b.ts2 == NULL
-                or self.b.tkey == NULL):
+                or self.b.ts3 == NULL or self.b.tkey == NULL):
             raise MemoryError()
         if self.b.q8mode:
             if absmaxes is None or len(absmaxes) != nroles - 2:

@@ -83,6 +83,10 @@ RULES = {r.key: r for r in (
          lambda m, P, G, S, st: m.adopt_(P, G, S[0], S[1], st, lr=1e-3),
          "adopt", dict(lr=1e-3), False, "adopt",
          ("pytorch-optimizer", "pytorch_optimizer", "ADOPT")),
+    Rule("ademamix", "AdEMAMix",
+         lambda m, P, G, S, st: m.ademamix_(P, G, S[0], S[1], S[2], st, lr=1e-3),
+         "ademamix", dict(lr=1e-3), False, "ademamix",
+         ("pytorch-optimizer", "pytorch_optimizer", "AdEMAMix")),
 )}
 
 

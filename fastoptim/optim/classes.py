@@ -308,6 +308,27 @@ class ADOPT(Optimizer):
                                       seed=seed), nonfinite)
 
 
+class AdEMAMix(Optimizer):
+    """AdEMAMix (Adam with a fast and a slow first moment). Same options and defaults
+    as ``pytorch_optimizer.AdEMAMix``; formulas in :func:`fastoptim.reference.ademamix_`.
+    State: ``exp_avg``, ``exp_avg_sq``, ``exp_avg_slow``; the step is counted per group,
+    as :class:`ADOPT`'s. ``state_dtype``, ``rounding``, ``seed``, ``min_8bit_size``:
+    compressed state, as :class:`Adam`'s."""
+    _rule = spec("ademamix")
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), weight_decay=0.0,
+                 weight_decouple=False, fixed_decay=False, alpha=5.0, t_alpha_beta3=None,
+                 eps=1e-8, *, maximize=False, state_dtype=None, rounding="nearest", seed=0,
+                 min_8bit_size=4096, nonfinite="propagate"):
+        self._take_min_8bit_size(min_8bit_size)
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
+                                      weight_decouple=weight_decouple,
+                                      fixed_decay=fixed_decay, alpha=alpha,
+                                      t_alpha_beta3=t_alpha_beta3, eps=eps,
+                                      maximize=maximize, state_dtype=state_dtype,
+                                      rounding=rounding, seed=seed), nonfinite)
+
+
 def _lion_decoupling(decoupled, lr):
     """Lion's decoupled_weight_decay flag and the initial lr it divides by (both class
     layers)."""

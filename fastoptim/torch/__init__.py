@@ -12,7 +12,8 @@
 ``RAdam``, ``Rprop``, ``NAdam`` and ``ASGD`` subclass
 ``torch.optim.Optimizer`` with torch 2.13's constructor signatures, defaults, parameter
 group keys, argument errors and ``state`` / ``state_dict()`` layout (``Lion``: those of
-``lion_pytorch.Lion``, ``ADOPT``: ``pytorch_optimizer.ADOPT``), so checkpoints,
+``lion_pytorch.Lion``, ``ADOPT`` and ``AdEMAMix``: ``pytorch_optimizer``'s), so
+checkpoints,
 schedulers, ``GradScaler``, hooks, DDP and ``ZeroRedundancyOptimizer`` work unchanged
 and state moves between these classes and torch's in both directions.
 
@@ -91,8 +92,8 @@ How a step runs, point by point:
   ``libgomp.so.1``; the dynamic linker loads it once, so both share one OpenMP runtime
   and thread pool (no oversubscription).
 """
-from ._classes import (ADOPT, ASGD, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Lion,
-                       NAdam, RAdam, RMSprop, Rprop)
+from ._classes import (ADOPT, ASGD, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW,
+                       AdEMAMix, Lion, NAdam, RAdam, RMSprop, Rprop)
 from ._convert import to_bitsandbytes, to_torchao
 
 # (read by tests and tools; a kept step reads them from _probes at each step)
@@ -100,14 +101,14 @@ from ._base import _threads  # noqa: F401
 from ._probes import _EXACT, _LAYOUT_GUARD, _READER  # noqa: F401
 
 __all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "Adadelta", "RAdam",
-           "Rprop", "NAdam", "ASGD", "Lion", "ADOPT", "to_bitsandbytes",
-           "to_torchao"]
+           "Rprop", "NAdam", "ASGD", "Lion", "ADOPT", "AdEMAMix",
+           "to_bitsandbytes", "to_torchao"]
 
 # The code lives in submodules (_base: the optimizer base class; _plan and _reuse: the
 # planned and the kept step; _tensors: tensors as the kernels see them; _probes: torch
 # internals a kept step reads; _classes: one class per rule); the classes' public home,
 # for reprs and pickles, is this package.
 for _cls in (SGD, Adagrad, RMSprop, Adam, AdamW, Adamax, Adadelta, RAdam, Rprop, NAdam,
-             ASGD, Lion, ADOPT, to_bitsandbytes, to_torchao):
+             ASGD, Lion, ADOPT, AdEMAMix, to_bitsandbytes, to_torchao):
     _cls.__module__ = __name__
 del _cls

@@ -566,7 +566,42 @@ class Lion(_Optimizer):
         return super()._prepare(group, params, grads, states, steps)
 
 
-class ADOPT(_Optimizer):
+
+class _PytorchOptimizerRule(_Optimizer):
+    """What the classes of pytorch_optimizer's rules share: its extra keyword options
+    (``cautious``, ``stable_adamw``: refused when true, kept in the groups as it keeps
+    them), the options it keeps as attributes (the registry's ``attributes``, and
+    ``foreach``), which survive pickling, and real parameters only where it refuses
+    complex ones."""
+    _has_step = False
+    #: the attributes' values for an optimizer unpickled from before they existed
+    _attribute_defaults = {}
+
+    def _oracle_init(self, params, defaults, kwargs, attributes):
+        name = type(self).__name__
+        for key, value in kwargs.items():
+            if key not in ("cautious", "stable_adamw"):
+                raise TypeError(f"{name} got an unexpected keyword argument {key!r}")
+            if value:
+                raise ValueError(f"{key}=True: fastoptim.torch.{name} runs the plain "
+                                 f"{name} update; use pytorch_optimizer.{name} for this "
+                                 "variant")
+        self._rule.check_bounds(defaults)
+        self.__dict__.update(attributes)      # (the oracle's attributes, its names)
+        super().__init__(params, dict(defaults, **kwargs))
+        self._fastoptim_init()
+
+    def __getstate__(self):
+        return dict(super().__getstate__(),
+                    **{k: self.__dict__[k] for k in self._attribute_defaults})
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for key, value in self._attribute_defaults.items():
+            self.__dict__.setdefault(key, value)
+
+
+class ADOPT(_PytorchOptimizerRule):
     """``pytorch_optimizer.ADOPT`` on fastoptim's kernel.
 
     Same signature, defaults, group keys and state as pytorch-optimizer 4.1's ADOPT:
@@ -579,35 +614,40 @@ class ADOPT(_Optimizer):
     :func:`fastoptim.reference.adopt_` for the update.
     """
     _rule = spec("adopt")
-    _has_step = False
+    _attribute_defaults = {"clip_lambda": adopt_clip, "maximize": False, "foreach": None}
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.9999), clip_lambda=adopt_clip,
                  weight_decay=0.0, weight_decouple=False, fixed_decay=False, foreach=None,
                  eps=1e-6, maximize=False, **kwargs):
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
-        for key, value in kwargs.items():
-            if key not in ("cautious", "stable_adamw"):
-                raise TypeError(f"ADOPT got an unexpected keyword argument {key!r}")
-            if value:
-                raise ValueError(f"{key}=True: fastoptim.torch.ADOPT runs the plain ADOPT "
-                                 "update; use pytorch_optimizer.ADOPT for this variant")
-        self._rule.check_bounds({"lr": lr, "betas": betas, "weight_decay": weight_decay,
-                                 "eps": eps})
-        # the oracle's attributes, under its names
-        self.clip_lambda, self.maximize, self.foreach = clip_lambda, maximize, foreach
-        defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay,
-                    "weight_decouple": weight_decouple, "fixed_decay": fixed_decay,
-                    "foreach": foreach, "eps": eps, **kwargs}
-        super().__init__(params, defaults)
-        self._fastoptim_init()
+        self._oracle_init(
+            params, {"lr": lr, "betas": betas, "weight_decay": weight_decay,
+                     "weight_decouple": weight_decouple, "fixed_decay": fixed_decay,
+                     "foreach": foreach, "eps": eps}, kwargs,
+            {"clip_lambda": clip_lambda, "maximize": maximize, "foreach": foreach})
 
-    def __getstate__(self):
-        return dict(super().__getstate__(), clip_lambda=self.clip_lambda,
-                    maximize=self.maximize, foreach=self.foreach)
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self.__dict__.setdefault("clip_lambda", adopt_clip)
-        self.__dict__.setdefault("maximize", False)
-        self.__dict__.setdefault("foreach", None)
+class AdEMAMix(_PytorchOptimizerRule):
+    """``pytorch_optimizer.AdEMAMix`` on fastoptim's kernel.
+
+    Same signature, defaults, group keys and state as pytorch-optimizer 4.1's AdEMAMix:
+    ``exp_avg``, ``exp_avg_sq`` and ``exp_avg_slow`` per parameter, the step in the
+    group, ``maximize`` an attribute of the optimizer. Complex parameters are refused,
+    as the oracle refuses them; ``cautious``/``stable_adamw`` as :class:`ADOPT`'s. See
+    :func:`fastoptim.reference.ademamix_` for the update.
+    """
+    _rule = spec("ademamix")
+    _complex_params = False
+    _attribute_defaults = {"maximize": False, "foreach": None}
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), weight_decay=0.0,
+                 weight_decouple=False, fixed_decay=False, alpha=5.0, t_alpha_beta3=None,
+                 eps=1e-8, maximize=False, foreach=None, **kwargs):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        self._oracle_init(
+            params, {"lr": lr, "betas": betas, "weight_decay": weight_decay,
+                     "weight_decouple": weight_decouple, "fixed_decay": fixed_decay,
+                     "alpha": alpha, "t_alpha_beta3": t_alpha_beta3, "eps": eps,
+                     "foreach": foreach}, kwargs, {"maximize": maximize, "foreach": foreach})
