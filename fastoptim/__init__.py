@@ -5,8 +5,10 @@ Layers, each calling only the one below:
 ``reference`` (NumPy specification) <- compiled kernels <- ``functional`` (checked
 in-place functions) <- optimizer classes (``SGD``, ``Adagrad``, ``RMSprop``, ``Adam``,
 ``AdamW``, ``Adamax``, ``Adadelta``, ``RAdam``, ``Rprop``, ``NAdam``, ``ASGD``,
-``Lion``, ``ADOPT``, ``AdEMAMix``, and the second-order ``AdaHessian`` and ``Newton``) <- integrations
-(``fastoptim.torch``, ``fastoptim.bench``, ``fastoptim.demo``), imported lazily.
+``Lion``, ``ADOPT``, ``AdEMAMix``, ``AdamWScheduleFree``, and the second-order
+``SophiaH``, ``AdaHessian``
+and ``Newton``) <- integrations (``fastoptim.torch``, ``fastoptim.bench``,
+``fastoptim.demo``), imported lazily.
 ``fastoptim.landscapes`` holds 2-D test functions with exact gradients and Hessians.
 """
 __version__ = "0.1.0"
@@ -16,12 +18,14 @@ from ._config import (config, get_num_threads, get_serial_threshold, set_num_thr
                       set_serial_threshold, show_config)
 from .hessian import hutchinson_diag
 from .optim import (ADOPT, SGD, Adadelta, AdaHessian, Adagrad, Adam, Adamax, AdamW,
-                    AdEMAMix, Lion, Newton, NAdam, Optimizer, RAdam, RMSprop, Rprop, ASGD)
+                    AdamWScheduleFree, AdEMAMix, Lion, Newton, NAdam, Optimizer, RAdam,
+                    RMSprop, Rprop, ASGD, SophiaH)
 from .reference import bfloat16_to_float32, float32_to_bfloat16
 
 __all__ = [
     "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "Adadelta", "RAdam", "Rprop",
-    "NAdam", "ASGD", "Lion", "ADOPT", "AdEMAMix", "AdaHessian", "Newton",
+    "NAdam", "ASGD", "Lion", "ADOPT", "AdEMAMix", "SophiaH", "AdamWScheduleFree",
+    "AdaHessian", "Newton",
     "Optimizer",
     "hutchinson_diag", "bfloat16_to_float32", "float32_to_bfloat16",
     "functional", "reference",

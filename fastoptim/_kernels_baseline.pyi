@@ -120,6 +120,17 @@ def prepare_ademamix(params: _Arrays, grads: _Grads, exp_avgs: _States,
                      alpha: _Real, t_alpha_beta3: _Real | None, eps: _Real, maximize: bool,
                      state_dtype: str | None = None, rounding: str = "nearest", seed: int = 0,
                      absmaxes: Sequence[_States | None] | None = None) -> Step: ...
+def prepare_sophiah(params: _Arrays, grads: _Grads, hessians: _States | None,
+                    momentums: _States, hessian_moments: _States, steps: _Steps | None,
+                    lr: _Real, betas: tuple[_Real, _Real] | Sequence[_Real],
+                    weight_decay: _Real, weight_decouple: bool, fixed_decay: bool, p: _Real,
+                    eps: _Real, maximize: bool, state_dtype: str | None = None,
+                    rounding: str = "nearest", seed: int = 0,
+                    absmaxes: Sequence[_States | None] | None = None) -> Step: ...
+def prepare_adamw_schedulefree(params: _Arrays, grads: _Grads, zs: _States,
+                               exp_avg_sqs: _States, steps: _Steps | None, lr: _Real,
+                               betas: tuple[_Real, _Real] | Sequence[_Real], eps: _Real,
+                               weight_decay: _Real, ckp1: _Real, maximize: bool) -> Step: ...
 def prepare_adahessian(params: _Arrays, grads: _Grads, hessian_diags: _States,
                        exp_avgs: _States, exp_hessian_diag_sqs: _States,
                        steps: _Steps | None, lr: _Real,

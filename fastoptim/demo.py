@@ -33,8 +33,8 @@ import numpy as np
 
 from . import landscapes as _landscapes
 from .hessian import hutchinson_diag
-from .optim import (SGD, Adadelta, AdaHessian, Adagrad, Adam, Adamax, Newton, RAdam,
-                    RMSprop, Rprop)
+from .optim import (SGD, Adadelta, AdaHessian, Adagrad, Adam, Adamax, Lion, Newton, RAdam,
+                    RMSprop, Rprop, SophiaH)
 
 __all__ = ["CONTENDERS", "SETTINGS", "Contender", "Run", "run", "run_all", "summary",
            "plot_landscape", "plot_overview", "main"]
@@ -72,8 +72,13 @@ CONTENDERS = [
               lambda p, s: Adadelta(p, lr=1.0)),
     Contender("Rprop", "#7f7f7f", "grad",
               lambda p, s: Rprop(p, lr=s["lr_adaptive"])),
+    Contender("Lion", "#f7b6d2", "grad",
+              lambda p, s: Lion(p, lr=s["lr_adaptive"])),
     Contender("AdaHessian", "#17becf", "hessian_diag",
               lambda p, s: AdaHessian(p, lr=s["lr_adahessian"])),
+    # (an estimate at every step; the clip rho = 1 lets a step be a full lr per element)
+    Contender("SophiaH", "#8c6d31", "hessian_diag",
+              lambda p, s: SophiaH(p, lr=s["lr_adaptive"], p=1.0, update_period=1)),
     Contender("Newton", "#2ca02c", "hessian",
               lambda p, s: Newton(p, lr=s["lr_newton"], damping=s["damping"])),
     Contender("saddle-free Newton", "#9467bd", "hessian",
@@ -392,9 +397,10 @@ def plot_overview(results, path):
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9,
+    # (two rows: one row of 14 labels runs off the figure)
+    fig.legend(handles, labels, loc="lower center", ncol=-(-len(labels) // 2), fontsize=9,
                frameon=False)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 

@@ -22,7 +22,7 @@ from .rules import RuleSpec, spec
 
 __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adamax_", "adadelta_",
            "radam_", "rprop_", "nadam_", "asgd_", "lion_", "adopt_", "ademamix_",
-           "adahessian_",
+           "sophiah_", "adamw_schedulefree_", "adahessian_",
            "newton_", "bfloat16_to_float32", "float32_to_bfloat16"]
 
 _k = _config._kernels
@@ -147,6 +147,22 @@ def prepare_ademamix(params, grads, exp_avgs, exp_avg_sqs, exp_avg_slows, steps,
                                lr, betas, weight_decay, weight_decouple, fixed_decay, alpha,
                                t_alpha_beta3, eps, maximize, state_dtype, rounding, seed,
                                absmaxes)
+
+
+def prepare_sophiah(params, grads, hessians, momentums, hessian_moments, steps, *, lr=6e-2,
+                    betas=(0.96, 0.99), weight_decay=0.0, weight_decouple=True,
+                    fixed_decay=False, p=1e-2, eps=1e-12, maximize=False, state_dtype=None,
+                    rounding="nearest", seed=0, absmaxes=None):
+    return _k.prepare_sophiah(params, grads, hessians, momentums, hessian_moments, steps, lr,
+                              betas, weight_decay, weight_decouple, fixed_decay, p, eps,
+                              maximize, state_dtype, rounding, seed, absmaxes)
+
+
+def prepare_adamw_schedulefree(params, grads, zs, exp_avg_sqs, steps, *, lr=0.0025,
+                               betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, ckp1=1.0,
+                               maximize=False):
+    return _k.prepare_adamw_schedulefree(params, grads, zs, exp_avg_sqs, steps, lr, betas,
+                                         eps, weight_decay, ckp1, maximize)
 
 
 def prepare_adahessian(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_sqs,
@@ -396,6 +412,12 @@ adopt_ = _in_place(prepare_adopt, """ADOPT, in place. See :func:`reference.adopt
     ``clip_lambda`` is called with each parameter's step when the update is checked.""")
 ademamix_ = _in_place(prepare_ademamix, """AdEMAMix, in place. See
     :func:`reference.ademamix_`.""")
+sophiah_ = _in_place(prepare_sophiah, """SophiaH, in place. See :func:`reference.sophiah_`;
+    ``hessians`` (one Hessian-diagonal estimate per parameter) on the steps that update
+    the Hessian moment, None on the others.""")
+adamw_schedulefree_ = _in_place(prepare_adamw_schedulefree, """Schedule-Free AdamW, in
+    place. See :func:`reference.adamw_schedulefree_`; ``lr`` and ``ckp1`` are this step's
+    (:func:`reference.schedulefree_schedule`).""")
 adahessian_ = _in_place(prepare_adahessian, """AdaHessian, in place, from Hessian-diagonal
     estimates (one per parameter). See :func:`reference.adahessian_`; estimate the
     diagonals with :func:`fastoptim.hessian.hutchinson_diag` (or

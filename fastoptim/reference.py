@@ -22,7 +22,7 @@ import numpy as np
 
 __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adamax_", "adadelta_",
            "radam_", "rprop_", "nadam_", "asgd_", "lion_", "adopt_",
-           "ademamix_", "adahessian_",
+           "ademamix_", "sophiah_", "adamw_schedulefree_", "adahessian_",
            "newton_", "bfloat16_to_float32", "float32_to_bfloat16"]
 
 
@@ -791,6 +791,123 @@ def ademamix_(params, grads, exp_avgs, exp_avg_sqs, exp_avg_slows, steps, *, lr=
         d = np.sqrt(v) / _scalar(math.sqrt(1.0 - math.pow(beta2, step)), p) + _scalar(eps, p)
         u = m / _scalar(1.0 - math.pow(beta1, step), p) + _scalar(alpha_t, p) * s
         p += (_scalar(-lr, p) * u) / d
+
+
+@_stored_state(("momentums", "hessian_moments"), lambda o: ("momentums", "hessian_moments"))
+def sophiah_(params, grads, hessians, momentums, hessian_moments, steps, *, lr=6e-2,
+             betas=(0.96, 0.99), weight_decay=0.0, weight_decouple=True, fixed_decay=False,
+             p=1e-2, eps=1e-12, maximize=False):
+    r"""SophiaH, the second-order clipped stochastic optimizer with Hutchinson's
+    Hessian-diagonal estimate (Liu et al., 2023, "Sophia: A Scalable Stochastic
+    Second-order Optimizer for Language Model Pre-training", arXiv:2305.14342), as
+    ``pytorch_optimizer.SophiaH``: the momentum is preconditioned by an average of
+    Hessian-diagonal estimates and the result clipped element-wise, so a step is a
+    Newton step where the curvature is trusted and a sign step (of size ``lr * p``)
+    where it is small, negative or noisy: near a saddle the negative curvature no
+    longer attracts, it is clipped away.
+
+    .. math::
+        m &\leftarrow m + (1-\beta_1)(g - m) \\
+        h &\leftarrow h + (1-\beta_2)(\hat h - h) \quad
+            \text{(on the steps given an estimate } \hat h\text{)} \\
+        p &\leftarrow p - \gamma\,\operatorname{clamp}(m / \max(h, \epsilon),\ -\rho,\ \rho)
+
+    ``hessians``: one Hessian-diagonal estimate per parameter on the steps that update
+    ``h`` (:func:`fastoptim.hessian.hutchinson_diag`, or the torch class's own), None on
+    the others. Weight decay as :func:`adopt_`'s (here ``weight_decouple`` defaults to
+    True). ``p`` is the oracle's name for the clip ``rho``. ``steps`` is required (it is
+    counted; the classes keep one count per group, as the oracle).
+    """
+    rho = p
+    beta1, beta2 = betas
+    params, grads = _as_list(params), _as_list(grads)
+    hs = _as_list(hessians) if hessians is not None else [None] * len(params)
+    ms, hms = _as_list(momentums), _as_list(hessian_moments)
+    for i, (w, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        steps[i] += 1
+        g = -g if maximize else g
+        if weight_decay != 0:
+            if weight_decouple:
+                w *= _scalar(1.0 - weight_decay * (1.0 if fixed_decay else lr), w)
+            else:
+                g = g + _scalar(weight_decay, w) * w
+        m, hm = ms[i], hms[i]
+        m[...] = _lerp(m, g, _scalar(1 - beta1, w))
+        if hs[i] is not None:
+            hm[...] = _lerp(hm, hs[i], _scalar(1 - beta2, w))
+        u = m / np.maximum(hm, _scalar(eps, w))
+        u = np.minimum(np.maximum(u, _scalar(-rho, w)), _scalar(rho, w))
+        w += _scalar(-lr, w) * u
+
+
+def adamw_schedulefree_(params, grads, zs, exp_avg_sqs, steps, *, lr=0.0025,
+                        betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, ckp1=1.0,
+                        maximize=False):
+    r"""Schedule-Free AdamW (Defazio et al., 2024, "The Road Less Scheduled",
+    arXiv:2405.15682), as ``schedulefree.AdamWScheduleFree``: no learning-rate schedule;
+    the optimizer keeps the base sequence ``z`` (plain AdamW-normalized steps) and the
+    parameters hold ``y``, an interpolation between ``z`` and the average ``x`` of the
+    ``z`` sequence, where the gradient is taken; ``x`` (the point to evaluate) is
+    reached by :meth:`eval` of the classes (:func:`schedulefree_switch_`).
+
+    .. math::
+        v &\leftarrow \beta_2 v + (1-\beta_2) g^2, \quad
+        \hat g = \frac{g}{\sqrt{v / (1-\beta_2^k)} + \epsilon} + \lambda y \\
+        y &\leftarrow y + c_{k+1}(z - y) + \gamma_k(\beta_1(1-c_{k+1}) - 1)\,\hat g,
+        \quad z \leftarrow z - \gamma_k \hat g
+
+    ``lr`` is this step's (scheduled) learning rate and ``ckp1`` the weight of this
+    step in the average, both from :func:`schedulefree_schedule` (the classes keep its
+    running values in their groups, as the oracle). ``zs`` start as copies of the
+    parameters; ``steps`` (required) counts k from 1 for the bias correction.
+    """
+    beta1, beta2 = betas
+    params, grads = _as_list(params), _as_list(grads)
+    z_list, vs = _as_list(zs), _as_list(exp_avg_sqs)
+    for i, (y, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        steps[i] += 1
+        g = -g if maximize else g
+        z, v = z_list[i], vs[i]
+        v[...] = v * _scalar(beta2, y) + (_scalar(1 - beta2, y) * g) * g
+        d = np.sqrt(v / _scalar(1 - beta2 ** float(steps[i]), y)) + _scalar(eps, y)
+        gn = g / d
+        if weight_decay != 0:
+            gn = gn + _scalar(weight_decay, y) * y
+        y[...] = _lerp(y, z, _scalar(ckp1, y))
+        y += _scalar(lr * (beta1 * (1 - ckp1) - 1), y) * gn
+        z -= _scalar(lr, y) * gn
+
+
+def schedulefree_schedule(k, lr, warmup_steps, r, weight_lr_power, lr_max, weight_sum):
+    """Schedule-Free's per-step numbers for step ``k`` (counted from 0), as the oracle
+    computes them in Python: ``(scheduled_lr, lr_max, weight_sum, ckp1)`` -- the lr
+    after a linear warmup over ``warmup_steps``, the largest lr so far, the running sum
+    of the average's weights ``(k+1)^r * lr_max^weight_lr_power``, and this step's
+    weight in the average (0 while the sum is 0)."""
+    sched = (k + 1) / warmup_steps if k < warmup_steps else 1.0
+    lr = lr * sched
+    lr_max = max(lr, lr_max)
+    weight = ((k + 1) ** r) * (lr_max ** weight_lr_power)
+    weight_sum = weight_sum + weight
+    try:
+        ckp1 = weight / weight_sum
+    except ZeroDivisionError:
+        ckp1 = 0
+    return lr, lr_max, weight_sum, ckp1
+
+
+def schedulefree_switch_(params, zs, weight):
+    """Schedule-Free's switch between its points, in place: ``p <- lerp(p, z, w)`` for
+    each parameter with a ``z`` (None: not stepped yet). ``w = 1 - beta1`` turns the
+    evaluation point x into the gradient point y (``train()``), ``w = 1 - 1/beta1``
+    turns y back into x (``eval()``), as the oracle does."""
+    for p, z in zip(_as_list(params), _as_list(zs)):
+        if z is not None:
+            p[...] = _lerp(p, z, _scalar(weight, p))
 
 
 def adahessian_(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_sqs, steps, *,

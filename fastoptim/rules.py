@@ -55,11 +55,12 @@ class RuleSpec:
     takes one 0-d array per parameter for each, after the per-element state, and
     updates it in place (float32, as torch keeps it).
 
-    ``group_step``: the step is counted per parameter group (``group["step"]``, an int
-    advanced once per ``step()`` for the whole group, whether or not a parameter has a
-    gradient), as the oracle packages of the rules beyond torch.optim count it
-    (pytorch_optimizer's), instead of per parameter (``state["step"]``, torch.optim's);
-    the kernel takes it as every parameter's count. ``attributes``: options the oracle
+    ``group_step``: the name of a count kept per parameter group (``group["step"]``;
+    Schedule-Free's ``group["k"]``), an int advanced once per ``step()`` for the whole
+    group, whether or not a parameter has a gradient, as the oracle packages of the
+    rules beyond torch.optim count (instead of per parameter, ``state["step"]``,
+    torch.optim's); the kernel takes it as every parameter's count. ``param_copies``:
+    state that starts as a copy of the parameter (Schedule-Free's ``z``). ``attributes``: options the oracle
     keeps as attributes of the optimizer, not in its groups (ADOPT's ``clip_lambda``
     and ``maximize``): the torch class keeps them so (its state dicts are the
     oracle's), the NumPy class in its groups (and loads groups that lack them).
@@ -78,8 +79,9 @@ class RuleSpec:
     bounds: tuple = ()
     unsigned_state: tuple = ()
     scalar_state: tuple = ()
-    group_step: bool = False
+    group_step: str = ""
     attributes: tuple = ()
+    param_copies: tuple = ()
 
     def __post_init__(self):
         if not self.kernel:
@@ -266,7 +268,7 @@ REGISTRY = {s.name: s for s in (
              (("lr", 1e-3), ("betas", (0.9, 0.9999)), ("clip_lambda", adopt_clip),
               ("weight_decay", 0.0), ("weight_decouple", False), ("fixed_decay", False),
               ("eps", 1e-6), ("maximize", False)),
-             ("exp_avg", "exp_avg_sq"), counts_steps=False, group_step=True,
+             ("exp_avg", "exp_avg_sq"), counts_steps=False, group_step="step",
              attributes=("clip_lambda", "maximize"),
              state_formats=("bfloat16", "8bit"), unsigned_state=("exp_avg_sq",),
              bounds=(("lr", "nonneg", "learning rate"),
@@ -280,7 +282,7 @@ REGISTRY = {s.name: s for s in (
               ("weight_decouple", False), ("fixed_decay", False), ("alpha", 5.0),
               ("t_alpha_beta3", None), ("eps", 1e-8), ("maximize", False)),
              ("exp_avg", "exp_avg_sq", "exp_avg_slow"), counts_steps=False,
-             group_step=True, attributes=("maximize",),
+             group_step="step", attributes=("maximize",),
              state_formats=("bfloat16", "8bit"), unsigned_state=("exp_avg_sq",),
              bounds=(("lr", "nonneg", "learning rate"),
                      ("betas[0]", "unit", "beta parameter at index 0"),
@@ -289,6 +291,38 @@ REGISTRY = {s.name: s for s in (
                      ("alpha", "nonneg", "alpha value"),
                      ("weight_decay", "nonneg", "weight_decay value"),
                      ("eps", "nonneg", "epsilon value"))),
+    # pytorch_optimizer.SophiaH (its step is the group's; the Hessian-diagonal estimate
+    # an input on the steps that update its average; update_period, num_samples and
+    # hessian_distribution are for the torch class, which estimates it)
+    RuleSpec("sophiah", "SophiaH",
+             (("lr", 6e-2), ("betas", (0.96, 0.99)), ("weight_decay", 0.0),
+              ("weight_decouple", True), ("fixed_decay", False), ("p", 1e-2),
+              ("update_period", 10), ("num_samples", 1),
+              ("hessian_distribution", "gaussian"), ("eps", 1e-12), ("maximize", False)),
+             ("momentum", "hessian_moment"), counts_steps=False, group_step="step",
+             inputs=("hessians",),
+             attributes=("maximize", "update_period", "num_samples", "hessian_distribution"),
+             state_formats=("bfloat16", "8bit"),
+             bounds=(("lr", "nonneg", "learning rate"),
+                     ("betas[0]", "unit", "beta parameter at index 0"),
+                     ("betas[1]", "unit", "beta parameter at index 1"),
+                     ("weight_decay", "nonneg", "weight_decay value"),
+                     ("p", "nonneg", "p (update clip) value"),
+                     ("eps", "nonneg", "epsilon value"))),
+    # schedulefree.AdamWScheduleFree (its count is group["k"]; the group also keeps the
+    # schedule's running values, as the oracle). z is an iterate, not a statistic: it
+    # stays in the parameters' dtype (no compressed formats)
+    RuleSpec("adamw_schedulefree", "AdamWScheduleFree",
+             (("lr", 0.0025), ("betas", (0.9, 0.999)), ("eps", 1e-8), ("weight_decay", 0.0),
+              ("warmup_steps", 0), ("r", 0.0), ("weight_lr_power", 2.0),
+              ("maximize", False)),
+             ("z", "exp_avg_sq"), counts_steps=False, group_step="k", param_copies=("z",),
+             attributes=("maximize",),
+             bounds=(("lr", "nonneg", "learning rate"),
+                     ("betas[0]", "unit", "beta parameter at index 0"),
+                     ("betas[1]", "unit", "beta parameter at index 1"),
+                     ("eps", "nonneg", "epsilon value"),
+                     ("weight_decay", "nonneg", "weight_decay value"))),
     RuleSpec("adahessian", "AdaHessian",
              (("lr", 0.15), ("betas", (0.9, 0.999)), ("eps", 1e-4), ("weight_decay", 0.0),
               ("hessian_power", 1.0), ("maximize", False)),

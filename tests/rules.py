@@ -57,6 +57,8 @@ RULES = {
     "ademamix": _grid("ademamix", lr=[0.01], betas=[(0.3, 0.9, 0.95)], weight_decay=[0.1],
                       weight_decouple=[True], fixed_decay=[True], alpha=[2.0],
                       t_alpha_beta3=[7.0], eps=[1e-3], maximize=[True]),
+    "adamw_schedulefree": _grid("adamw_schedulefree", lr=[0.01], betas=[(0.3, 0.9)],
+                                eps=[1e-3], weight_decay=[0.1], maximize=[True]),
     "lion": _grid("lion", lr=[0.01], betas=[(0.3, 0.9), (1.0, 0.0)], weight_decay=[0.1],
                   maximize=[True]),
 }
@@ -97,6 +99,8 @@ def state_names(rule, opts):
         return ["exp_avgs", "exp_avg_sqs"]
     if rule == "ademamix":
         return ["exp_avgs", "exp_avg_sqs", "exp_avg_slows"]
+    if rule == "adamw_schedulefree":
+        return ["zs", "exp_avg_sqs"]
     names = ["exp_avgs", "exp_avg_sqs"]
     return names + (["max_exp_avg_sqs"] if opts.get("amsgrad") else [])
 
@@ -145,6 +149,9 @@ def call(module, rule, params, grads, state, steps, opts):
     if rule == "ademamix":
         return fn(params, grads, state["exp_avgs"], state["exp_avg_sqs"],
                   state["exp_avg_slows"], steps, **opts)
+    if rule == "adamw_schedulefree":            # (this step's weight in the average: 0.3)
+        return fn(params, grads, state["zs"], state["exp_avg_sqs"], steps,
+                  **dict(opts, ckp1=0.3))
     return fn(params, grads, state["exp_avgs"], state["exp_avg_sqs"],
               state.get("max_exp_avg_sqs"), steps, **opts)
 
@@ -189,6 +196,12 @@ def prepare(kernels, rule, params, grads, state, steps, opts):
                                             "lr", "betas", "weight_decay", "weight_decouple",
                                             "fixed_decay", "alpha", "t_alpha_beta3", "eps",
                                             "maximize")])
+    if rule == "adamw_schedulefree":
+        d = spec("adamw_schedulefree").defaults
+        return kernels.prepare_adamw_schedulefree(
+            params, grads, state["zs"], state["exp_avg_sqs"], steps,
+            *[o.get(k, d[k]) for k in ("lr", "betas", "eps", "weight_decay")], 0.3,
+            o.get("maximize", False))
     if rule == "lion":
         return kernels.prepare_lion(params, grads, state["exp_avgs"], steps, o.get("lr", 1e-4),
                                     o.get("betas", (0.9, 0.99)), o.get("weight_decay", 0.0),

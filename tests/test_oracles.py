@@ -2,6 +2,7 @@
 trajectories over hundreds of steps, fp64 and fp32, for several option mixes, through
 both class layers; checkpoints both ways; the oracle's refusals. A missing oracle
 package is a skip that names it (they are test extras: ``pip install ".[test]"``)."""
+import copy
 import pickle
 
 import numpy as np
@@ -38,6 +39,22 @@ ORACLES = {
                   dict(lr=1e-2, t_alpha_beta3=50, alpha=8.0, weight_decay=0.01,
                        weight_decouple=True, fixed_decay=True, maximize=True),
                   dict(lr=1e-2, betas=(0.9, 0.999, 1.0), foreach=False, eps=1e-6)]),
+    # (Hessian estimates given on the steps that update their average; the oracle's own
+    # autograd estimate: test_sophiah_estimates_the_hessian_as_the_oracle)
+    "SophiaH": ("pytorch_optimizer", "SophiaH",
+                [dict(), dict(lr=1e-2, betas=(0.9, 0.95), update_period=3, p=0.5,
+                              weight_decay=0.1),
+                 dict(lr=1e-2, update_period=4, weight_decay=0.1, weight_decouple=False,
+                      eps=1e-3),
+                 dict(lr=1e-2, update_period=2, weight_decay=0.01, fixed_decay=True,
+                      maximize=True, foreach=False)]),
+    # (train() before the first step, as the oracle requires; an eval()/train() round
+    # trip midway: test_trajectories_follow_the_oracle)
+    "AdamWScheduleFree": ("schedulefree", "AdamWScheduleFree",
+                          [dict(), dict(lr=1e-2, warmup_steps=20, weight_decay=0.1, r=0.5),
+                           dict(lr=1e-2, betas=(0.5, 0.9), weight_lr_power=0.0,
+                                foreach=False, eps=1e-6),
+                           dict(lr=1e-2, warmup_steps=5, weight_lr_power=1.0, maximize=True)]),
 }
 CASES = [(name, i) for name, (_, _, mixes) in ORACLES.items() for i in range(len(mixes))]
 SHAPES = [(37,), (64, 33), (), (0,)]
@@ -48,6 +65,42 @@ def _tensors(rng, dtype):
     out = [torch.tensor(rng.standard_normal(s), dtype=dtype) for s in SHAPES]
     out.append(torch.tensor(rng.standard_normal((6, 5)), dtype=dtype).t())
     return out
+
+
+def _hessians(name, kw, k, start, rng, dtype):
+    """SophiaH's Hessian-diagonal estimates on the steps that update their average (the
+    first and every update_period-th), else None; None for the other rules."""
+    if name != "SophiaH" or k % kw.get("update_period", 10):
+        return None
+    return [torch.tensor(rng.standard_normal(t.shape) + 0.5, dtype=dtype) for t in start]
+
+
+def _step_all(name, h, torch_opts, numpy_opt=None, numpy_grads=None):
+    """One step of each optimizer, with the Hessian estimates ``h`` where given."""
+    for o in torch_opts:
+        o.step() if h is None else o.step(hessian=[x.clone() for x in h])
+    if numpy_opt is not None:
+        if h is None:
+            numpy_opt.step(numpy_grads)
+        else:
+            numpy_opt.step(numpy_grads, [x.numpy().copy() for x in h])
+
+
+def _train(*opts):
+    """Schedule-Free's train mode (its step refuses eval mode); nothing for the rest."""
+    for o in opts:
+        if hasattr(o, "train") and hasattr(o, "eval"):
+            o.train()
+
+
+def _oracle_options(oracle_cls, kw):
+    """The oracle's options, and the sign of its gradients: where the oracle has no
+    ``maximize`` (Schedule-Free; fastoptim adds it), it steps on the negated gradient."""
+    import inspect
+    if "maximize" in inspect.signature(oracle_cls.__init__).parameters:
+        return kw, 1
+    return ({k: v for k, v in kw.items() if k != "maximize"},
+            -1 if kw.get("maximize") else 1)
 
 
 def _numpy_options(kw):
@@ -83,19 +136,25 @@ def test_trajectories_follow_the_oracle(name, mix, dtype):
     b = [torch.nn.Parameter(t.clone()) for t in start]
     b[-1] = torch.nn.Parameter(start[-1].t().clone().t())            # (Fortran order)
     arrays = [t.numpy().copy(order="K") for t in start]
-    oa, ob = oracle_cls(a, **kw), getattr(fot, name)(b, **kw)
+    okw, sign = _oracle_options(oracle_cls, kw)
+    oa, ob = oracle_cls(a, **okw), getattr(fot, name)(b, **kw)
     oc = getattr(fastoptim, name)(arrays, **_numpy_options(kw))
+    _train(oa, ob, oc)
     for k in range(300):
         grads = [torch.tensor(rng.standard_normal(t.shape), dtype=dtype) for t in start]
         skip = k % 7 == 3
         for i, (x, y, g) in enumerate(zip(a, b, grads)):
-            x.grad = None if skip and i == 1 else g.clone()
+            x.grad = None if skip and i == 1 else g.clone() * sign
             y.grad = None if skip and i == 1 else g.clone()
+        if k == 150 and hasattr(oa, "eval"):        # (Schedule-Free: to x and back)
+            for o in (oa, ob, oc):
+                o.eval()
+            for o in (oa, ob, oc):
+                o.train()
         keep = [None if y.grad is None else y.grad.clone() for y in b]
-        oa.step()
-        ob.step()
-        oc.step([None if skip and i == 1 else g.numpy().copy()
-                 for i, g in enumerate(grads)])
+        _step_all(name, _hessians(name, kw, k, start, rng, dtype), (oa, ob), oc,
+                  [None if skip and i == 1 else g.numpy().copy()
+                   for i, g in enumerate(grads)])
         for y, g in zip(b, keep):
             assert (y.grad is None) == (g is None)
             if g is not None:
@@ -103,8 +162,9 @@ def test_trajectories_follow_the_oracle(name, mix, dtype):
     for i, (x, y, z) in enumerate(zip(a, b, arrays)):
         _close(y.detach(), x.detach(), dtype, f"{name} {kw} param {i} (torch class)")
         _close(torch.from_numpy(z), x.detach(), dtype, f"{name} {kw} param {i} (NumPy class)")
-        for key, want in oa.state[x].items():
-            if isinstance(want, torch.Tensor) and want.shape == x.shape:
+        for key in ob._rule.state:          # (the oracle's own extras: SophiaH's hessian)
+            want = oa.state[x].get(key)
+            if want is not None:
                 _close(ob.state[y][key], want, dtype, f"{name} {kw} {key} {i}")
                 _close(torch.from_numpy(oc.state[i][key]), want, dtype,
                        f"{name} {kw} {key} {i} (NumPy class)")
@@ -121,12 +181,13 @@ def test_checkpoints_move_to_and_from_the_oracle(name):
     rng = np.random.default_rng(5)
     start = _tensors(rng, torch.float64)
     grads = [[torch.tensor(rng.standard_normal(t.shape)) for t in start] for _ in range(20)]
+    hess = [_hessians(name, kw, k, start, rng, torch.float64) for k in range(20)]
 
-    def run(opt, params, gs):
-        for g in gs:
+    def run(opt, params, gs, first):
+        for k, g in enumerate(gs):
             for p, x in zip(params, g):
                 p.grad = x.clone()
-            opt.step()
+            _step_all(name, hess[first + k], (opt,))
 
     def through_disk(sd):
         buf = io.BytesIO()
@@ -136,25 +197,27 @@ def test_checkpoints_move_to_and_from_the_oracle(name):
 
     ref = [t.clone().requires_grad_() for t in start]
     oref = oracle_cls(ref, **kw)
-    run(oref, ref, grads)
+    _train(oref)
+    run(oref, ref, grads, 0)
     # oracle -> fastoptim.torch -> oracle
     a = [t.clone().requires_grad_() for t in start]
     oa = oracle_cls(a, **kw)
-    run(oa, a, grads[:10])
+    _train(oa)
+    run(oa, a, grads[:10], 0)
     b = [torch.nn.Parameter(x.detach().clone()) for x in a]
     ob = getattr(fot, name)(b, **kw)
     ob.load_state_dict(through_disk(oa.state_dict()))
-    run(ob, b, grads[10:15])
+    run(ob, b, grads[10:15], 10)
     c = [x.detach().clone().requires_grad_() for x in b]
     oc = oracle_cls(c, **kw)
     oc.load_state_dict(through_disk(ob.state_dict()))
-    run(oc, c, grads[15:])
+    run(oc, c, grads[15:], 15)
     # oracle -> the NumPy class
     arrays = [x.detach().numpy().copy() for x in a]
     on = getattr(fastoptim, name)(arrays, **_numpy_options(kw))
     on.load_state_dict(through_disk(oa.state_dict()))
-    for g in grads[10:]:
-        on.step([x.numpy().copy() for x in g])
+    for k, g in enumerate(grads[10:]):
+        _step_all(name, hess[10 + k], (), on, [x.numpy().copy() for x in g])
     for i, (x, y, z) in enumerate(zip(ref, c, arrays)):
         _close(y.detach(), x.detach(), torch.float64, f"param {i} (oracle -> torch class)")
         _close(torch.from_numpy(z), x.detach(), torch.float64, f"param {i} (-> NumPy class)")
@@ -308,3 +371,167 @@ def test_adopt_steps_complex_parameters_as_the_oracle(dtype):
     for key in ("exp_avg", "exp_avg_sq"):
         _close(torch.view_as_real(ob.state[b][key]), torch.view_as_real(oa.state[a][key]),
                real, key)
+
+
+def _mlp(dtype):
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(),
+                               torch.nn.Linear(8, 1)).to(dtype)
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("opts", [dict(update_period=3),
+                                  dict(update_period=2, num_samples=2,
+                                       hessian_distribution="rademacher", weight_decay=0.1)])
+def test_sophiah_estimates_the_hessian_as_the_oracle(opts, dtype):
+    """fastoptim.torch.SophiaH estimates the Hessian diagonals itself as the oracle does
+    (Hutchinson, autograd Hessian-vector products of the gradients made with
+    create_graph=True, the random vectors drawn in the oracle's order): with torch's
+    generator seeded alike before each step, 60 steps of a small network follow the
+    oracle; its checkpoint holds no copy of the estimate."""
+    oracle_cls = _oracle("pytorch_optimizer", "SophiaH")
+    torch.manual_seed(0)
+    X, Y = torch.randn(64, 5, dtype=dtype), torch.randn(64, 1, dtype=dtype)
+    ma, mb = _mlp(dtype), _mlp(dtype)
+    oa = oracle_cls(ma.parameters(), lr=0.01, **opts)
+    ob = fot.SophiaH(mb.parameters(), lr=0.01, **opts)
+    for k in range(60):
+        for m, o in ((ma, oa), (mb, ob)):
+            o.zero_grad()
+            ((m(X) - Y) ** 2).mean().backward(create_graph=True)
+            torch.manual_seed(100 + k)
+            o.step()
+    for x, y in zip(ma.parameters(), mb.parameters()):
+        _close(y.detach(), x.detach(), dtype, "param")
+        for key in ("momentum", "hessian_moment"):
+            _close(ob.state[y][key], oa.state[x][key], dtype, key)
+    assert ob.param_groups[0]["step"] == oa.param_groups[0]["step"] == 60
+    ob.load_state_dict(oa.state_dict())                 # (the oracle's holds "hessian")
+    assert all("hessian" not in st for st in ob.state.values())
+
+
+def test_sophiah_asks_for_what_a_hessian_step_needs_and_changes_nothing():
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = fot.SophiaH([p], lr=0.1, update_period=2)
+    p.grad = torch.ones(4)                               # (no graph to differentiate)
+    with pytest.raises(RuntimeError, match=r"create_graph=True.*or pass"):
+        opt.step()
+    with pytest.raises(ValueError, match="shape of parameter and hessian"):
+        opt.step(hessian=[torch.ones(3)])
+    with pytest.raises(ValueError, match="one tensor per parameter"):
+        opt.step(hessian=torch.ones(4))
+    assert torch.equal(p.detach(), torch.ones(4)) and not opt.state[p]
+    assert opt.param_groups[0].get("step", 0) == 0
+    opt.step(hessian=[torch.full((4,), 2.0)])
+    opt.step()                                           # step 2: no estimate due
+    assert opt.param_groups[0]["step"] == 2
+    with pytest.raises(ValueError, match="update_period must be an int >= 1"):
+        fot.SophiaH([p], update_period=0)
+    with pytest.raises(ValueError, match="hessian_distribution must be"):
+        fastoptim.SophiaH([np.ones(3)], hessian_distribution="uniform")
+    # the NumPy class needs the estimates on the steps that update their average
+    w = np.ones(4, np.float32)
+    nopt = fastoptim.SophiaH([w], lr=0.1, update_period=2)
+    with pytest.raises(ValueError, match=r"step 1 updates the Hessian moment"):
+        nopt.step([np.ones(4, np.float32)])
+    assert np.array_equal(w, np.ones(4)) and not nopt.state
+    nopt.step([np.ones(4, np.float32)], [np.full(4, 2.0, np.float32)])
+    nopt.step([np.ones(4, np.float32)])
+    with pytest.raises(ValueError, match=r"step 3 updates"):
+        nopt.step([np.ones(4, np.float32)])
+    np.testing.assert_array_equal(w, p.detach().numpy())
+
+
+@pytest.mark.parametrize("fmt", ["bfloat16", "8bit"])
+def test_sophiah_compressed_state_is_the_numpy_class_s(fmt):
+    """fastoptim.torch.SophiaH with bfloat16 or 8-bit state (a group key, as for every
+    drop-in) steps as the NumPy class does, bit for bit, given the same estimates."""
+    rng = np.random.default_rng(2)
+    shapes = [(64, 80), (10,)]
+    start = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    ps = [torch.nn.Parameter(torch.from_numpy(a.copy())) for a in start]
+    arrays = [a.copy() for a in start]
+    opt = fot.SophiaH([{"params": ps, "state_dtype": fmt}], lr=0.01, update_period=3)
+    nopt = fastoptim.SophiaH(arrays, lr=0.01, update_period=3, state_dtype=fmt)
+    for k in range(9):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        hess = ([np.abs(rng.standard_normal(s)).astype(np.float32) for s in shapes]
+                if k % 3 == 0 else None)
+        for p, g in zip(ps, grads):
+            p.grad = torch.from_numpy(g.copy())
+        opt.step(hessian=None if hess is None else [torch.from_numpy(h) for h in hess])
+        nopt.step(grads, hess)
+    for p, a in zip(ps, arrays):
+        np.testing.assert_array_equal(p.detach().numpy(), a)
+    big = opt.state[ps[0]]["momentum"]
+    assert big.dtype == (torch.bfloat16 if fmt == "bfloat16" else torch.uint8)
+
+
+
+@pytest.mark.parametrize("direction", ["oracle->fastoptim", "fastoptim->oracle"])
+def test_schedulefree_checkpoints_in_eval_mode(direction):
+    """As the oracle advises, a Schedule-Free checkpoint is saved in eval mode (the
+    parameters hold x): loaded with the model's values into the other class, train()
+    returns both to y and they continue alike; the groups' running values (k,
+    weight_sum, lr_max, train_mode) travel in the state dict."""
+    oracle_cls = _oracle("schedulefree", "AdamWScheduleFree")
+    rng = np.random.default_rng(4)
+    start = _tensors(rng, torch.float64)
+    grads = [[torch.tensor(rng.standard_normal(t.shape)) for t in start] for _ in range(30)]
+    make_a, make_b = ((oracle_cls, fot.AdamWScheduleFree) if direction.startswith("oracle")
+                      else (fot.AdamWScheduleFree, oracle_cls))
+    kw = dict(lr=0.01, warmup_steps=5, weight_decay=0.05)
+    ref = [t.clone().requires_grad_() for t in start]
+    oref = oracle_cls(ref, **kw)
+    a = [t.clone().requires_grad_() for t in start]
+    oa = make_a(a, **kw)
+    for o, ps, gs in ((oref, ref, grads), (oa, a, grads[:15])):
+        o.train()
+        for g in gs[:15]:
+            for p, x in zip(ps, g):
+                p.grad = x.clone()
+            o.step()
+        o.eval()
+    sd = oa.state_dict()
+    assert sd["param_groups"][0]["train_mode"] is False and sd["param_groups"][0]["k"] == 15
+    b = [x.detach().clone().requires_grad_() for x in a]        # (the model's x)
+    ob = make_b(b, **kw)
+    # (a copy: torch's load_state_dict keeps the dict's tensors when their dtype fits, and
+    # this one's are oa's own state, which the NumPy class loads below)
+    ob.load_state_dict(copy.deepcopy(sd))
+    for o, ps in ((oref, ref), (ob, b)):
+        o.train()
+        for g in grads[15:]:
+            for p, x in zip(ps, g):
+                p.grad = x.clone()
+            o.step()
+        o.eval()
+    for x, y in zip(ref, b):
+        _close(y.detach(), x.detach(), torch.float64, direction)
+    assert ob.param_groups[0]["weight_sum"] == oref.param_groups[0]["weight_sum"]
+    # the NumPy class takes the same checkpoint
+    arrays = [x.detach().numpy().copy() for x in a]
+    on = fastoptim.AdamWScheduleFree(arrays, **kw)
+    on.load_state_dict(sd)
+    on.train()
+    for g in grads[15:]:
+        on.step([x.numpy().copy() for x in g])
+    on.eval()
+    for x, z in zip(ref, arrays):
+        _close(torch.from_numpy(z), x.detach(), torch.float64, "NumPy class")
+
+
+def test_schedulefree_refuses_a_step_in_eval_mode_and_changes_nothing():
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    for opt, step in ((fot.AdamWScheduleFree([p]), lambda o: o.step()),
+                      (fastoptim.AdamWScheduleFree([np.ones(3)]),
+                       lambda o: o.step([np.ones(3)]))):
+        with pytest.raises(RuntimeError, match="not in train mode"):
+            step(opt)
+        assert opt.param_groups[0]["k"] == 0 and opt.param_groups[0]["weight_sum"] == 0.0
+        opt.train()
+        step(opt)
+        assert opt.param_groups[0]["k"] == 1 and opt.param_groups[0]["weight_sum"] > 0
+    assert torch.equal(p.grad, torch.ones(3))                    # (never written)

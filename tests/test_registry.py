@@ -16,10 +16,16 @@ CLASSES = {"sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop", "adam": "Ad
            "adamw": "AdamW", "adamax": "Adamax", "adadelta": "Adadelta",
            "radam": "RAdam", "rprop": "Rprop", "nadam": "NAdam", "asgd": "ASGD",
            "lion": "Lion", "adopt": "ADOPT", "ademamix": "AdEMAMix",
+           "sophiah": "SophiaH", "adamw_schedulefree": "AdamWScheduleFree",
            "adahessian": "AdaHessian"}
 #: rules torch.optim lacks: the package whose class is the oracle (module, class)
 ORACLES = {"lion": ("lion_pytorch", "Lion"), "adopt": ("pytorch_optimizer", "ADOPT"),
-           "ademamix": ("pytorch_optimizer", "AdEMAMix")}
+           "ademamix": ("pytorch_optimizer", "AdEMAMix"),
+           "sophiah": ("pytorch_optimizer", "SophiaH"),
+           "adamw_schedulefree": ("schedulefree", "AdamWScheduleFree")}
+#: state an oracle keeps that fastoptim does not (SophiaH's copy of its last estimate,
+#: which no step reads)
+ORACLE_EXTRA_STATE = {"sophiah": ("hessian",)}
 
 
 def _torch_class(name):
@@ -100,18 +106,26 @@ def test_kept_state_and_its_order_are_torch_optim_s(name):
         p = torch.nn.Parameter(torch.ones(5))
         p.grad = torch.ones(5)
         ref = _torch_class(name)([p], **opts)
-        ref.step()
-        keys = list(ref.state[p])
+        if hasattr(ref, "eval"):            # (Schedule-Free steps in train mode only)
+            ref.train()
+        # (SophiaH's first step updates its Hessian moment: given an estimate here)
+        hess = {"hessian": [torch.ones(5)]} if spec(name).inputs else {}
+        ref.step(**hess)
+        keys = [k for k in ref.state[p] if k not in ORACLE_EXTRA_STATE.get(name, ())]
         assert ("step" in keys) == s.counts_steps, (name, opts)
         assert tuple(k for k in keys if k != "step") == want, (name, opts, keys)
         q = torch.nn.Parameter(torch.ones(5))
         q.grad = torch.ones(5)
         ours = getattr(fot, CLASSES[name])([q], **opts)
-        ours.step()
+        if hasattr(ours, "eval"):
+            ours.train()
+        ours.step(**hess)
         assert list(ours.state[q]) == keys, (name, opts)
         a = np.ones(5)
         cls = getattr(fastoptim, CLASSES[name])([a], **opts)
-        cls.step([np.ones(5)])
+        if hasattr(cls, "eval"):
+            cls.train()
+        cls.step([np.ones(5)], *([np.ones(5)] if hess else []))
         assert sorted(k for k in cls.state.get(0, {}) if k != "step") == sorted(want), \
             (name, opts)
 
@@ -190,6 +204,8 @@ OPTION_MIXES = {
     "lion": [{}, {"weight_decay": 0.1, "maximize": True, "betas": (0.5, 0.9)}],
     "adopt": [{}, {"weight_decay": 0.1, "weight_decouple": True, "clip_lambda": None}],
     "ademamix": [{}, {"weight_decay": 0.1, "t_alpha_beta3": 10.0, "maximize": True}],
+    "sophiah": [{}, {"weight_decay": 0.1, "weight_decouple": False, "p": 0.5}],
+    "adamw_schedulefree": [{}, {"weight_decay": 0.1, "ckp1": 0.3, "maximize": True}],
     "adahessian": [{}, {"hessian_power": 0.5, "weight_decay": 0.1}],
 }
 

@@ -60,6 +60,8 @@ cdef enum:
     KIND_LION = 13
     KIND_ADOPT = 14
     KIND_ADEMAMIX = 15
+    KIND_SOPHIAH = 16
+    KIND_SCHEDULEFREE = 17
     CALIBRATION_RUNS = 3
     CALIBRATION_MIN = 4096
     CALIBRATION_MAX = 1 << 18
@@ -93,8 +95,9 @@ def get_serial_threshold():
 def calibration():
     """{"rule/dtype": threshold} for the rules calibrated so far, and the region cost."""
     names = (("sgd", "adagrad", "rmsprop", "adam", "adam-bf16", "traffic", "adahessian",
-              "adamax", "adadelta", "radam", "rprop", "nadam", "asgd", "lion", "adopt", "ademamix")
-             + tuple(f"kind{k}" for k in range(16, N_KINDS)))
+              "adamax", "adadelta", "radam", "rprop", "nadam", "asgd", "lion", "adopt", "ademamix", "sophiah",
+              "adamw-schedulefree")
+             + tuple(f"kind{k}" for k in range(18, N_KINDS)))
     out = {}
     cdef int k, d
     for k in range(N_KINDS):
@@ -127,6 +130,8 @@ cdef double _measure_region(int n_threads):
 cdef struct Batch:
     Py_ssize_t n                 # arrays updated this step (grad not None)
     int nroles
+    int ninputs                  # the last roles: read-only inputs in the parameters'
+                                 # dtype, not state (SophiaH's Hessian diagonals)
     void **ptr[MAX_ROLES]        # ptr[role][t]: data of array t for that role (NULL if unused)
     char *is_double              # is_double[t]: dtype of array t
     Py_ssize_t *offsets          # offsets[t]: start of array t in the concatenated range; n+1

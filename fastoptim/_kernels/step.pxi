@@ -53,11 +53,12 @@ def scatter_counts(cnp.ndarray addresses, cnp.ndarray doubles, cnp.ndarray count
             (<float *> <uintptr_t> a[i])[0] = <float> c[i]
 
 
-cdef bint _first_state_is_uint8(tuple lists, int nroles, Py_ssize_t i):
+cdef bint _first_state_is_uint8(tuple lists, int nstate_end, Py_ssize_t i):
     """8-bit state: whether parameter i's state is 8-bit (its first state array holds
-    uint8 codes; _check_array then holds the others to it)."""
+    uint8 codes; _check_array then holds the others to it). State roles end before
+    ``nstate_end``."""
     cdef int r
-    for r in range(2, nroles):
+    for r in range(2, nstate_end):
         if lists[r] is not None:
             obj = lists[r][i] if i < len(lists[r]) else None
             return cnp.PyArray_Check(obj) and cnp.PyArray_TYPE(<cnp.ndarray> obj) == cnp.NPY_UINT8
@@ -191,11 +192,14 @@ cdef class Step:
         inputs, such as gradients and AdaHessian's Hessian diagonals, may overlap one
         another). With 8-bit state (``b.q8mode``): a parameter's state arrays are all
         uint8 codes, or all in its dtype (a small parameter's); ``absmaxes[r - 2][i]``
-        holds the block scales of state role r of parameter i where it is 8-bit."""
+        holds the block scales of state role r of parameter i where it is 8-bit. The
+        last ``b.ninputs`` roles are read-only inputs in the parameters' dtype and
+        layout, as the gradients (a list of None: no input this step)."""
         cdef list params = lists[0]
         cdef list grads = lists[1]
         cdef Py_ssize_t n = len(params), i, t, k, r, nint = 0
         cdef int nroles = len(lists)
+        cdef int nstate_end = nroles - self.b.ninputs     # roles [2, nstate_end): state
         cdef cnp.ndarray p, a
         cdef Interval *iv = NULL
         cdef Py_ssize_t who = 0
@@ -246,17 +250,17 @@ cdef class Step:
                 or self.b.ts3 == NULL or self.b.tkey == NULL):
             raise MemoryError()
         if self.b.q8mode:
-            if absmaxes is None or len(absmaxes) != nroles - 2:
+            if absmaxes is None or len(absmaxes) != nstate_end - 2:
                 raise ValueError("8-bit state needs one list of block scales per state "
                                  "list (absmaxes)")
-            for r in range(2, nroles):
+            for r in range(2, nstate_end):
                 if lists[r] is not None and len(absmaxes[r - 2]) != n:
                     raise ValueError(f"absmaxes[{r - 2}] has {len(absmaxes[r - 2])} entries, "
                                      f"expected {n} (one per parameter)")
             self.b.q8 = <char *> PyMem_Malloc(max(n, 1) * sizeof(char))
             if self.b.q8 == NULL:
                 raise MemoryError()
-            for r in range(nroles - 2):
+            for r in range(nstate_end - 2):
                 self.b.absmax[r] = <float **> PyMem_Malloc(max(n, 1) * sizeof(float *))
                 if self.b.absmax[r] == NULL:
                     raise MemoryError()
@@ -282,7 +286,7 @@ cdef class Step:
                 self.b.index[t] = i
                 q8 = False
                 if self.b.q8mode:
-                    q8 = _first_state_is_uint8(lists, nroles, i)
+                    q8 = _first_state_is_uint8(lists, nstate_end, i)
                     if q8 and cnp.PyArray_TYPE(p) != cnp.NPY_FLOAT:
                         raise TypeError(f"{names[0]}[{i}] has dtype {p.dtype}; 8-bit state "
                                         f"is for float32 parameters")
@@ -294,11 +298,18 @@ cdef class Step:
                         a = p
                     elif lst is None:
                         self.b.ptr[r][t] = NULL
-                        if self.b.q8mode:
+                        if self.b.q8mode and r < nstate_end:
                             self.b.absmax[r - 2][t] = NULL
                         continue
-                    elif r == ROLE_GRAD:
+                    elif r == ROLE_GRAD or r >= nstate_end:
+                        if r != ROLE_GRAD:
+                            obj = lst[i]
+                            if obj is None:
+                                raise ValueError(f"{names[r]}[{i}] is None but grads[{i}] "
+                                                 f"is not; give one for every updated "
+                                                 f"parameter, or none (None)")
                         a = _check_array(obj, names[r], i, False, p, names[0])
+                        obj = grads[i]
                         if _layout(a) not in ("A", _layout(p)) or not cnp.PyArray_ISALIGNED(a):
                             # Read-only input in another memory order: a copy in the
                             # parameter's order keeps the element-wise walk correct.
@@ -390,6 +401,9 @@ cdef class Step:
         if self.kind == KIND_ADAHESSIAN:
             raise ValueError("this step reads other inputs than its gradients (the "
                              "Hessian diagonals): it cannot be reused")
+        if self.b.ninputs:
+            raise ValueError("this step reads other inputs than its gradients: it cannot "
+                             "be reused")
         if self.kind == KIND_ADOPT:
             raise ValueError("this step's clips were computed from its step counts when "
                              "it was prepared: it cannot be reused")

@@ -174,7 +174,7 @@ cdef void _run_q8(const Batch *b, Py_ssize_t t, Py_ssize_t lo, Py_ssize_t hi,
     cdef float *scales[MAX_STATE]
     cdef float *p = <float *> b.ptr[ROLE_PARAM][t]
     cdef const float *g = <const float *> b.ptr[ROLE_GRAD][t]
-    cdef int j, ns = b.nroles - 2, w
+    cdef int j, ns = b.nroles - 2 - b.ninputs, w
     cdef Py_ssize_t c = lo, n, k
     cdef float amax
     for j in range(MAX_STATE):
@@ -182,6 +182,8 @@ cdef void _run_q8(const Batch *b, Py_ssize_t t, Py_ssize_t lo, Py_ssize_t hi,
         scales[j] = b.absmax[j][t] if codes[j] != NULL else NULL
         s[j] = &buf[j][0] if codes[j] != NULL else NULL
     while c < hi:
+        for j in range(ns, b.nroles - 2):   # read-only inputs: float32, this block's
+            s[j] = <float *> b.ptr[2 + j][t] + c if b.ptr[2 + j][t] != NULL else NULL
         n = hi - c if hi - c < Q8_BLOCK else Q8_BLOCK
         k = c // Q8_BLOCK
         if c + Q8_PREFETCH * Q8_BLOCK + Q8_BLOCK <= hi:     # a block, some blocks ahead

@@ -100,23 +100,31 @@ def _torch_call(torch, rule, P, G, S, variant):
     dtype = torch.from_numpy(P[0][:0].reshape(-1)).dtype
     probe = torch.zeros(1, dtype=dtype)
     probe.grad = torch.ones(1, dtype=dtype)
-    probe_opt = cls([probe], **rule.torch_kwargs, **kw)
+    probe_opt = _ready(cls([probe], **rule.torch_kwargs, **kw))
     probe_opt.step()
     template = probe_opt.state[probe]
-    scalars = {n for n, _ in spec(rule.torch_name.lower()).scalar_state}
+    scalars = {n for n, _ in rule.spec.scalar_state}
     if set(template) - {"step"} - scalars != set(rule.torch_state):
         raise RuntimeError(f"{cls.__module__}.{cls.__name__} keeps state "
                            f"{sorted(template)}, expected {list(rule.torch_state)}")
     tp = [torch.from_numpy(p) for p in P]
     for t, g in zip(tp, G):
         t.grad = torch.from_numpy(g)
-    opt = cls(tp, **rule.torch_kwargs, **kw)
+    opt = _ready(cls(tp, **rule.torch_kwargs, **kw))
     for i, t in enumerate(tp):
         state = {name: value.clone() for name, value in template.items()}
         for slot, name in enumerate(rule.torch_state):
             state[name] = torch.from_numpy(S[slot][i])
         opt.state[t] = state
     return opt.step
+
+
+def _ready(opt):
+    """An optimizer ready to step: Schedule-Free's in train mode (its oracle and
+    fastoptim's classes refuse a step in eval mode)."""
+    if hasattr(opt, "train") and hasattr(opt, "eval"):
+        opt.train()
+    return opt
 
 
 def _torch_class(torch, rule, variant):
@@ -139,7 +147,9 @@ def _dropin_call(torch, rule, P, G):
     params = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in P]
     for t, g in zip(params, G):
         t.grad = torch.from_numpy(g.copy())
-    opt = getattr(fot, rule.torch_name)(params, **rule.torch_kwargs)
+    opt = _ready(getattr(fot, rule.torch_name)(params, **rule.torch_kwargs))
+    if rule.spec.inputs:      # (SophiaH: its estimate, once)
+        opt.step(hessian=[torch.ones_like(p) for p in params])
     return opt.step
 
 
@@ -167,8 +177,10 @@ def build_contenders(rule, arrays, threads, torch=None, warm_prefix=None,
         n = max(threads)
         from .. import optim
         cls = getattr(optim, rule.torch_name)
-        opt = cls([p.copy() for p in P], **rule.torch_kwargs)
+        opt = _ready(cls([p.copy() for p in P], **rule.torch_kwargs))
         grads = [g.copy() for g in G]
+        if opt._rule.inputs:                      # (SophiaH: its estimate, once)
+            opt.step(grads, [np.ones_like(g) for g in grads])
         out.append(Contender("fastoptim", "optimizer class", n, lambda: opt.step(grads),
                              before=_set_fo_threads(n)))
         if torch is not None:

@@ -94,7 +94,8 @@ def format_summary(cases):
     over NumPy and the fastest torch variant, whose time ends the line."""
     threads = sorted({t for c in cases for t in _fo_rows(c)})
     cols = "".join(f"{f'fo{t} time':>11}{'of ceil':>9}" for t in threads)
-    lines = [f"{'rule':<13}{'dtype':<8}{'size':>12}{cols}{'GB/s':>8}{'x numpy':>9}"
+    w = max([13] + [len(c["title"]) + 1 for c in cases])     # (AdamWScheduleFree: 17)
+    lines = [f"{'rule':<{w}}{'dtype':<8}{'size':>12}{cols}{'GB/s':>8}{'x numpy':>9}"
              f"{'x torch':>9}  fastest torch"]
     for c in cases:
         fo = _fo_rows(c)
@@ -102,7 +103,7 @@ def format_summary(cases):
         torch_rows = [r for r in c["rows"] if r["impl"] == "torch"]
         fastest = min(torch_rows, key=lambda r: r["time_s"]) if torch_rows else None
         size = c["label"] or _fmt_size(c["size"])
-        line = f"{c['title']:<13}{c['dtype']:<8}{size:>12}"
+        line = f"{c['title']:<{w}}{c['dtype']:<8}{size:>12}"
         for t in threads:
             r = fo.get(t)
             if r is None:

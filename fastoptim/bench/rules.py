@@ -20,6 +20,7 @@ class Rule:
 
     def __init__(self, key, title, call, name, options, torch_fused, kernel, oracle=None):
         entry = spec(name)
+        self.spec = entry                   # (the registry entry)
         self.key = key
         self.title = title
         self.call = call
@@ -87,6 +88,18 @@ RULES = {r.key: r for r in (
          lambda m, P, G, S, st: m.ademamix_(P, G, S[0], S[1], S[2], st, lr=1e-3),
          "ademamix", dict(lr=1e-3), False, "ademamix",
          ("pytorch-optimizer", "pytorch_optimizer", "AdEMAMix")),
+    # (the steps between Hessian updates, which the issue times: the estimate is the
+    # caller's, or autograd's; the classes get one at a first, untimed step)
+    Rule("sophiah", "SophiaH",
+         lambda m, P, G, S, st: m.sophiah_(P, G, None, S[0], S[1], st, lr=6e-2),
+         "sophiah", dict(lr=6e-2, update_period=10**9), False, "sophiah",
+         ("pytorch-optimizer", "pytorch_optimizer", "SophiaH")),
+    # (a mid-run step: the average's weight 0.01)
+    Rule("adamw_schedulefree", "AdamWScheduleFree",
+         lambda m, P, G, S, st: m.adamw_schedulefree_(P, G, S[0], S[1], st, lr=0.0025,
+                                                      ckp1=0.01),
+         "adamw_schedulefree", dict(lr=0.0025), False, "adamw-schedulefree",
+         ("schedulefree", "schedulefree", "AdamWScheduleFree")),
 )}
 
 

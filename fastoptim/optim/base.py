@@ -131,14 +131,17 @@ class Optimizer(_StateDict):
     #: per-parameter scalar state and its initial value (fastoptim.rules)
     _scalar_state = {}
 
-    def _prepare(self, group, grads, arrays, steps):
+    def _prepare(self, group, grads, arrays, steps, *inputs):
         """The group's prepared step (the registry maps state and options to the rule's
-        ``functional.prepare_*``); 8-bit state adds its block scales."""
+        ``functional.prepare_*``); 8-bit state adds its block scales. ``inputs``: the
+        rule's read-only inputs (the registry's ``inputs``; None each when not given)."""
         if group.get("state_dtype") == "8bit":
             none = [None] * len(group["params"])
             arrays = dict(arrays, absmaxes=tuple(arrays.get(n + "_absmax") or none
                                                  for n in self._rule.kernel_state))
-        return self._kernel_call(group["params"], grads, arrays, steps, group)
+        if len(inputs) < len(self._rule.inputs):
+            inputs = (None,) * len(self._rule.inputs)
+        return self._kernel_call(group["params"], grads, arrays, steps, group, *inputs)
 
     def _init_state(self, group, state):
         """State that exists before any step (Adagrad's accumulators)."""
@@ -189,7 +192,9 @@ class Optimizer(_StateDict):
             return {name: arr, name + "_absmax": absmax}
         dtype = np.uint16 if self._state_bf16(group) else p.dtype
         arr = _placed_zeros(p, slot, dtype)
-        if value != 0:
+        if name in self._rule.param_copies:           # (Schedule-Free's z)
+            arr[...] = p
+        elif value != 0:
             # (bfloat16 state: the value rounded to nearest even, as its bits)
             arr[...] = float32_to_bfloat16(np.float32(value)) if dtype == np.uint16 else value
         return {name: arr}
@@ -292,8 +297,9 @@ class Optimizer(_StateDict):
                 state.arrays = arrays
                 state.complete_for = complete
         if group_step:
-            for state, count in zip(self._gstate, after):
+            for group, state, count in zip(self.param_groups, self._gstate, after):
                 state.steps[:] = count
+                group[self._rule.group_step] = count       # (where the oracle shows it)
         return True
 
     def _check_across_groups(self, per_group, per_extra):

@@ -6,6 +6,7 @@ import numbers
 import numpy as np
 
 from .. import functional as F
+from .. import reference as R
 from ..reference import adopt_clip
 from ..rules import spec
 from .base import Optimizer
@@ -329,6 +330,84 @@ class AdEMAMix(Optimizer):
                                       rounding=rounding, seed=seed), nonfinite)
 
 
+class AdamWScheduleFree(Optimizer):
+    """Schedule-Free AdamW. Same options and defaults as
+    ``schedulefree.AdamWScheduleFree``; formulas in
+    :func:`fastoptim.reference.adamw_schedulefree_`. The parameters hold the gradient
+    point y while training and the average x while evaluating: call :meth:`train`
+    before the first step (a step in eval mode raises) and :meth:`eval` before
+    evaluating or saving, as with the oracle. State: ``z`` (a copy of the parameter at
+    its first step) and ``exp_avg_sq``; the groups keep the oracle's running values
+    (``k``, the step count; ``train_mode``, ``weight_sum``, ``lr_max``,
+    ``scheduled_lr``). No compressed state: ``z`` is an iterate, not a statistic."""
+    _rule = spec("adamw_schedulefree")
+
+    def __init__(self, params, lr=0.0025, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 warmup_steps=0, r=0.0, weight_lr_power=2.0, *, maximize=False,
+                 nonfinite="propagate"):
+        self._pending = {}
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, r=r, k=0,
+                                      warmup_steps=warmup_steps, train_mode=False,
+                                      weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0,
+                                      weight_lr_power=weight_lr_power,
+                                      weight_decay=weight_decay, maximize=maximize),
+                         nonfinite)
+
+    def train(self):
+        """Parameters to the gradient point y (``p = lerp(p, z, 1 - beta1)``)."""
+        self._switch(True)
+
+    def eval(self):
+        """Parameters to the average x (``p = lerp(p, z, 1 - 1/beta1)``)."""
+        self._switch(False)
+
+    def _switch(self, to_train):
+        for group, gstate in zip(self.param_groups, self._gstate):
+            if bool(group["train_mode"]) != to_train:
+                beta1 = group["betas"][0]
+                zs = gstate.arrays.get("z") or []
+                R.schedulefree_switch_(group["params"][:len(zs)], zs,
+                                       1 - beta1 if to_train else 1 - 1 / beta1)
+                group["train_mode"] = to_train
+
+    def step(self, grads):
+        """One step from the gradients at y (train mode only, as the oracle)."""
+        if not self.param_groups[0]["train_mode"]:
+            raise RuntimeError(_SCHEDULEFREE_EVAL_STEP)
+        self._pending = {id(g): _schedule(g, lambda name, x: x) for g in self.param_groups}
+        try:
+            done = self._step(self._split_grads(grads))
+        finally:
+            pending, self._pending = self._pending, {}
+        if done:
+            for group in self.param_groups:
+                _apply_schedule(group, pending[id(group)])
+        return done
+
+    def _prepare(self, group, grads, arrays, steps, *inputs):
+        lr, _, _, ckp1 = self._pending.get(id(group), (group["lr"], None, None, 1.0))
+        return super()._prepare(dict(group, lr=lr, ckp1=ckp1), grads, arrays, steps)
+
+
+_SCHEDULEFREE_EVAL_STEP = ("Optimizer was not in train mode when step is called. Please "
+                           "insert .train() and .eval() calls on the optimizer. See "
+                           "documentation for details.")
+
+
+def _schedule(group, value):
+    """This step's Schedule-Free numbers for ``group`` (both class layers; ``value``
+    reads an option, a tensor lr as its number)."""
+    return R.schedulefree_schedule(group["k"] if "k" in group else 0,
+                                   value("lr", group["lr"]), group["warmup_steps"],
+                                   group["r"], group["weight_lr_power"], group["lr_max"],
+                                   group["weight_sum"])
+
+
+def _apply_schedule(group, numbers_):
+    """Keep a step's running values in its group, as the oracle does."""
+    group["scheduled_lr"], group["lr_max"], group["weight_sum"], _ = numbers_
+
+
 def _lion_decoupling(decoupled, lr):
     """Lion's decoupled_weight_decay flag and the initial lr it divides by (both class
     layers)."""
@@ -397,6 +476,69 @@ class AdaHessian(_CurvatureOptimizer):
     def _prepare(self, group, grads, arrays, steps, hessian_diags=None):
         return self._kernel_call(group["params"], grads, arrays, steps, group,
                                  hessian_diags if hessian_diags is not None else [])
+
+
+class SophiaH(_CurvatureOptimizer):
+    """SophiaH (clipped steps preconditioned by Hessian-diagonal estimates). Same
+    options and defaults as ``pytorch_optimizer.SophiaH``; formulas in
+    :func:`fastoptim.reference.sophiah_`. State: ``momentum``, ``hessian_moment``; the
+    step is counted per group, as :class:`ADOPT`'s.
+
+    ``step(grads, hessian=None)``: ``hessian`` is one Hessian-diagonal estimate per
+    parameter (:func:`fastoptim.hutchinson_diag`), needed on the steps that update the
+    Hessian moment: the first and every ``update_period``-th after it, counted by the
+    first group as the oracle counts (a step without one then raises, changing
+    nothing); given on another step, it updates the moment there too. This class
+    differentiates nothing: ``num_samples`` and ``hessian_distribution`` are kept for
+    state dicts and for :class:`fastoptim.torch.SophiaH`, which estimates.
+    ``state_dtype``, ``rounding``, ``seed``, ``min_8bit_size``: compressed state, as
+    :class:`Adam`'s (both state arrays with the signed map: estimates may be negative).
+    """
+    _curvature_name = "hessian"
+    _rule = spec("sophiah")
+
+    def __init__(self, params, lr=6e-2, betas=(0.96, 0.99), weight_decay=0.0,
+                 weight_decouple=True, fixed_decay=False, p=1e-2, update_period=10,
+                 num_samples=1, hessian_distribution="gaussian", eps=1e-12, *,
+                 maximize=False, state_dtype=None, rounding="nearest", seed=0,
+                 min_8bit_size=4096, nonfinite="propagate"):
+        self._take_min_8bit_size(min_8bit_size)
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
+                                      weight_decouple=weight_decouple,
+                                      fixed_decay=fixed_decay, p=p,
+                                      update_period=update_period, num_samples=num_samples,
+                                      hessian_distribution=hessian_distribution, eps=eps,
+                                      maximize=maximize, state_dtype=state_dtype,
+                                      rounding=rounding, seed=seed), nonfinite)
+
+    def _check_hyperparameters(self, group):
+        _check_hutchinson(group["update_period"], group["num_samples"],
+                          group["hessian_distribution"])
+        super()._check_hyperparameters(group)
+
+    def step(self, grads, hessian=None):
+        """Update every parameter in place from its gradient; ``hessian``: the
+        Hessian-diagonal estimates, on the steps that update their average."""
+        if hessian is not None:
+            return self._step_with(grads, hessian)
+        step = int(self._gstate[0].steps[0]) + 1
+        period = self.param_groups[0]["update_period"]
+        if (step - 1) % period == 0:
+            raise ValueError(f"step {step} updates the Hessian moment (the first step and "
+                             f"every update_period={period} after it): pass "
+                             "hessian=[one Hessian-diagonal estimate per parameter]; "
+                             "nothing was changed")
+        return self._step(self._split_grads(grads))
+
+
+def _check_hutchinson(update_period, num_samples, distribution):
+    """SophiaH's options of its Hessian estimate (both class layers)."""
+    for name, value in (("update_period", update_period), ("num_samples", num_samples)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if distribution not in ("gaussian", "rademacher"):
+        raise ValueError("hessian_distribution must be 'gaussian' or 'rademacher', got "
+                         f"{distribution!r}")
 
 
 class Newton(_CurvatureOptimizer):

@@ -88,7 +88,8 @@ class _StateDict:
             saved = {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
             saved["params"] = list(range(idx, idx + len(group["params"])))
             if self._rule is not None and self._rule.group_step:
-                saved["step"] = int(gstate.steps[0]) if len(gstate.steps) else 0
+                saved[self._rule.group_step] = (int(gstate.steps[0]) if len(gstate.steps)
+                                                else 0)
             groups.append(saved)
             for i in range(len(group["params"])):
                 entry = self._entry_state(gstate, i, copy_arrays=bfloat16 == "bits")
@@ -178,9 +179,11 @@ class _StateDict:
             new_groups.append(new_group)
             gstate = _GroupState(len(group["params"]))
             self._init_state(new_group, gstate)
-            if self._rule is not None and self._rule.group_step and "step" in saved:
-                where = f"state_dict['param_groups'][{gi}]['step']"
-                gstate.steps[:] = _as_step(_from_tensor(saved["step"], where), where)
+            key = self._rule.group_step if self._rule is not None else ""
+            if key and key in saved:
+                where = f"state_dict['param_groups'][{gi}][{key!r}]"
+                gstate.steps[:] = _as_step(_from_tensor(saved[key], where), where)
+                new_group[key] = int(gstate.steps[0]) if len(gstate.steps) else 0
             new_states.append(gstate)
             idx += len(ids)
         for key, entry in saved_state.items():

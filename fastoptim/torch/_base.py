@@ -212,14 +212,8 @@ class _Optimizer(_Keeping, _Planning, _TorchOptimizer):
 
     # --- the step ----------------------------------------------------------------------
 
-    @_step_hooks
-    def step(self, closure=None):
-        """Perform a single optimization step (one compiled call per parameter group).
-
-        Args:
-            closure (Callable, optional): A closure that reevaluates the model
-                and returns the loss.
-        """
+    def _step(self, closure=None):
+        """The step, without torch's hooks (a subclass's step wraps it)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -234,10 +228,21 @@ class _Optimizer(_Keeping, _Planning, _TorchOptimizer):
                     plan.run(n_threads)
                 if isinstance(plan, _GroupPlan):
                     self._keep(gi, self.param_groups[gi], plan)
-            if self._rule.group_step:       # (the oracle's count: every group, every step)
+            key = self._rule.group_step
+            if key:                         # (the oracle's count: every group, every step)
                 for group in self.param_groups:
-                    group["step"] = group.get("step", 0) + 1
+                    group[key] = group.get(key, 0) + 1
         return loss
+
+    @_step_hooks
+    def step(self, closure=None):
+        """Perform a single optimization step (one compiled call per parameter group).
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss.
+        """
+        return self._step(closure)
 
     # (the kept step: _reuse._Keeping; the planned one: _plan._Planning)
 
@@ -332,20 +337,26 @@ class _Optimizer(_Keeping, _Planning, _TorchOptimizer):
             state[name] = torch.tensor(value, dtype=_scalar_dtype())
         for name in self._state_names(group):
             state.update(self._state_entries(group, p, name))
+            if name in self._rule.param_copies:         # (Schedule-Free's z)
+                state[name].copy_(p.detach())
         return state
 
     def _step_tensor(self, group, p):
         return _new_step(group, p)
 
-    def _prepare(self, group, params, grads, states, steps):
+    def _prepare(self, group, params, grads, states, steps, *inputs):
         """The kernel call for ``params`` (their state lists by name), through the
-        registry; options are read as plain numbers (see _Options)."""
+        registry; options are read as plain numbers (see _Options). ``inputs``: the
+        rule's read-only inputs (the registry's ``inputs``: one list each, or None on a
+        step without them)."""
+        if len(inputs) < len(self._rule.inputs):
+            inputs = (None,) * len(self._rule.inputs)
         if group.get("state_dtype") == "8bit" and "absmaxes" not in states:
             states = dict(states, absmaxes=tuple([] for _ in self._rule.kernel_state))
         if self._rule.attributes:           # (options the oracle keeps outside its groups)
             group = dict(group, **{k: getattr(self, k) for k in self._rule.attributes})
         return F.prepare(self._kernel_rule(group), params, grads, states, steps,
-                         _Options(group, self._rule.defaults))
+                         _Options(group, self._rule.defaults), *inputs)
 
     def _kernel_rule(self, group):
         return self._rule

@@ -2,10 +2,11 @@
 fastoptim's kernels (the rest is the base class's and the registry's)."""
 import torch
 
-from ..optim.classes import _lion_decoupling
+from ..optim.classes import (_SCHEDULEFREE_EVAL_STEP, _apply_schedule, _check_hutchinson,
+                             _lion_decoupling, _schedule)
 from ..reference import adopt_clip
 from ..rules import spec
-from ._base import _check_fused, _Optimizer, _to_scalar, _value
+from ._base import _check_fused, _Optimizer, _step_hooks, _to_scalar, _value
 from ._tensors import _new_step, _scalar_dtype, _step_to_tensor
 
 
@@ -567,12 +568,12 @@ class Lion(_Optimizer):
 
 
 
-class _PytorchOptimizerRule(_Optimizer):
-    """What the classes of pytorch_optimizer's rules share: its extra keyword options
-    (``cautious``, ``stable_adamw``: refused when true, kept in the groups as it keeps
-    them), the options it keeps as attributes (the registry's ``attributes``, and
-    ``foreach``), which survive pickling, and real parameters only where it refuses
-    complex ones."""
+class _OracleRule(_Optimizer):
+    """What the classes of the rules beyond torch.optim share: the options their oracle
+    keeps as attributes of the optimizer (the registry's ``attributes``, and
+    pytorch_optimizer's ``foreach``), which survive pickling, and pytorch_optimizer's
+    extra keyword options (``cautious``, ``stable_adamw``: refused when true, kept in
+    the groups as it keeps them)."""
     _has_step = False
     #: the attributes' values for an optimizer unpickled from before they existed
     _attribute_defaults = {}
@@ -601,7 +602,7 @@ class _PytorchOptimizerRule(_Optimizer):
             self.__dict__.setdefault(key, value)
 
 
-class ADOPT(_PytorchOptimizerRule):
+class ADOPT(_OracleRule):
     """``pytorch_optimizer.ADOPT`` on fastoptim's kernel.
 
     Same signature, defaults, group keys and state as pytorch-optimizer 4.1's ADOPT:
@@ -628,7 +629,7 @@ class ADOPT(_PytorchOptimizerRule):
             {"clip_lambda": clip_lambda, "maximize": maximize, "foreach": foreach})
 
 
-class AdEMAMix(_PytorchOptimizerRule):
+class AdEMAMix(_OracleRule):
     """``pytorch_optimizer.AdEMAMix`` on fastoptim's kernel.
 
     Same signature, defaults, group keys and state as pytorch-optimizer 4.1's AdEMAMix:
@@ -651,3 +652,202 @@ class AdEMAMix(_PytorchOptimizerRule):
                      "weight_decouple": weight_decouple, "fixed_decay": fixed_decay,
                      "alpha": alpha, "t_alpha_beta3": t_alpha_beta3, "eps": eps,
                      "foreach": foreach}, kwargs, {"maximize": maximize, "foreach": foreach})
+
+
+class SophiaH(_OracleRule):
+    """``pytorch_optimizer.SophiaH`` on fastoptim's kernel.
+
+    Same signature, defaults, group keys and state as pytorch-optimizer 4.1's SophiaH:
+    ``momentum`` and ``hessian_moment`` per parameter, the step in the group, and
+    ``update_period``, ``num_samples``, ``distribution`` and ``maximize`` as
+    attributes of the optimizer. Every ``update_period`` steps (counted by the first
+    group), ``step()`` estimates each Hessian diagonal by Hutchinson's method with
+    autograd, as the oracle does: ``num_samples`` Hessian-vector products of the
+    gradients (so ``loss.backward(create_graph=True)`` must have made them) along
+    ``torch.randn_like`` (or Rademacher) vectors drawn from torch's generator in the
+    oracle's order. ``step(hessian=[...])`` takes estimates instead (one per
+    parameter, in group order), as the oracle does; the estimate is not kept in the
+    state (the oracle keeps a copy, ``state["hessian"]``, which a checkpoint may carry
+    and loading ignores). Complex parameters are refused, as the oracle refuses them.
+    See :func:`fastoptim.reference.sophiah_` for the update.
+    """
+    _rule = spec("sophiah")
+    _complex_params = False
+    _attribute_defaults = {"update_period": 10, "num_samples": 1, "distribution": "gaussian",
+                           "maximize": False, "foreach": None}
+
+    def __init__(self, params, lr=6e-2, betas=(0.96, 0.99), weight_decay=0.0,
+                 weight_decouple=True, fixed_decay=False, p=1e-2, update_period=10,
+                 num_samples=1, hessian_distribution="gaussian", eps=1e-12, maximize=False,
+                 foreach=None, **kwargs):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        _check_hutchinson(update_period, num_samples, hessian_distribution)
+        self._oracle_init(
+            params, {"lr": lr, "foreach": foreach, "betas": betas,
+                     "weight_decay": weight_decay, "weight_decouple": weight_decouple,
+                     "fixed_decay": fixed_decay, "p": p, "eps": eps}, kwargs,
+            {"update_period": update_period, "num_samples": num_samples,
+             "distribution": hessian_distribution, "maximize": maximize,
+             "foreach": foreach})
+
+    def load_state_dict(self, state_dict):
+        """torch's load; the oracle's copy of the last estimate (``hessian``) is
+        dropped (a step never reads it)."""
+        super().load_state_dict(state_dict)
+        for st in self.state.values():
+            if isinstance(st, dict):
+                st.pop("hessian", None)
+
+    @property
+    def hessian_distribution(self):
+        """The constructor's name for ``distribution`` (the oracle's attribute)."""
+        return self.distribution
+
+    @_step_hooks
+    def step(self, closure=None, hessian=None):
+        """One step; on the steps that update the Hessian moment (every
+        ``update_period``, or when ``hessian`` is given) the Hessian diagonals are
+        estimated first (or taken from ``hessian``, one tensor per parameter)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        step = self.param_groups[0].get("step", 0) + 1
+        if hessian is not None:
+            inputs = self._given_hessians(hessian)
+        elif (step - 1) % self.update_period == 0:
+            inputs = self._hutchinson(step)
+        else:
+            inputs = None
+        self._step_inputs = inputs
+        try:
+            self._step()
+        finally:
+            self._step_inputs = None
+        return loss
+
+    def _given_hessians(self, hessian):
+        params = [p for g in self.param_groups for p in g["params"]]
+        if not isinstance(hessian, (list, tuple)) or len(hessian) != len(params):
+            raise ValueError(f"hessian must be a list of one tensor per parameter "
+                             f"({len(params)}, in group order), got "
+                             f"{type(hessian).__name__}")
+        out = {}
+        for i, (p, h) in enumerate(zip(params, hessian)):
+            if not isinstance(h, torch.Tensor):
+                raise TypeError(f"hessian[{i}] must be a tensor, got {type(h).__name__}")
+            if h.shape != p.shape:
+                raise ValueError(f"the shape of parameter and hessian does not match. "
+                                 f"{p.size()} vs {h.size()} (hessian[{i}])")
+            out[id(p)] = h.detach()
+        return out
+
+    def _hutchinson(self, step):
+        """The oracle's estimate: z * (H z), averaged over num_samples vectors z."""
+        params = [p for g in self.param_groups for p in g["params"]
+                  if p.requires_grad and p.grad is not None and not p.grad.is_sparse]
+        out = {id(p): torch.zeros_like(p) for p in params}
+        if not params:
+            return out
+        grads = [p.grad for p in params]
+        for i in range(self.num_samples):
+            if self.distribution == "rademacher":
+                zs = [torch.randint_like(p, 0, 2) * 2.0 - 1.0 for p in params]
+            else:
+                zs = [torch.randn_like(p) for p in params]
+            try:
+                h_zs = torch.autograd.grad(grads, params, grad_outputs=zs,
+                                           retain_graph=i < self.num_samples - 1)
+            except RuntimeError as e:
+                raise RuntimeError(
+                    f"SophiaH estimates the Hessian diagonal at step {step} (every "
+                    f"update_period={self.update_period} steps) from the gradients' graph: "
+                    f"call loss.backward(create_graph=True) before step(), or pass "
+                    f"step(hessian=[...]) ({e})") from None
+            for h_z, z, p in zip(h_zs, zs, params):
+                out[id(p)].addcmul_(h_z, z, value=1.0 / self.num_samples)
+        return out
+
+
+
+class AdamWScheduleFree(_OracleRule):
+    """``schedulefree.AdamWScheduleFree`` on fastoptim's kernel.
+
+    Same signature, defaults, group keys (``k``, ``train_mode``, ``weight_sum``,
+    ``lr_max``, ``scheduled_lr`` among them, kept as the oracle keeps them) and state
+    (``z``, a copy of the parameter at its first step, and ``exp_avg_sq``) as
+    schedulefree 1.4's. ``train()`` and ``eval()`` move the parameters between the
+    gradient point y and the average x with the oracle's ``lerp_``; a step in eval mode
+    raises the oracle's error (as a ``RuntimeError``). ``maximize`` (keyword-only) is
+    added, as an attribute of the optimizer (the groups stay the oracle's). Complex
+    parameters are refused. Unlike the oracle (which normalizes ``p.grad`` in place), a
+    step never writes ``p.grad``. See :func:`fastoptim.reference.adamw_schedulefree_`
+    for the update.
+    """
+    _rule = spec("adamw_schedulefree")
+    _complex_params = False
+    _attribute_defaults = {"maximize": False}
+
+    def __init__(self, params, lr=0.0025, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 warmup_steps=0, r=0.0, weight_lr_power=2.0,
+                 foreach=hasattr(torch, "_foreach_mul_"), *, maximize=False):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        self._pending = {}
+        self._oracle_init(
+            params, dict(lr=lr, betas=betas, eps=eps, r=r, k=0, warmup_steps=warmup_steps,
+                         train_mode=False, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0,
+                         weight_lr_power=weight_lr_power, weight_decay=weight_decay,
+                         foreach=foreach), {}, {"maximize": maximize})
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_pending", {})
+
+    @torch.no_grad()
+    def eval(self):
+        """Parameters to the average x, as the oracle: ``p.lerp_(z, 1 - 1/beta1)``."""
+        for group in self.param_groups:
+            if group["train_mode"]:
+                beta1, _ = group["betas"]
+                for p in group["params"]:
+                    state = self.state[p]
+                    if "z" in state:
+                        p.lerp_(end=state["z"].to(p.device), weight=1 - 1 / beta1)
+                group["train_mode"] = False
+
+    @torch.no_grad()
+    def train(self):
+        """Parameters to the gradient point y, as the oracle: ``p.lerp_(z, 1 - beta1)``."""
+        for group in self.param_groups:
+            if not group["train_mode"]:
+                beta1, _ = group["betas"]
+                for p in group["params"]:
+                    state = self.state[p]
+                    if "z" in state:
+                        p.lerp_(end=state["z"].to(p.device), weight=1 - beta1)
+                group["train_mode"] = True
+
+    @_step_hooks
+    def step(self, closure=None):
+        """One step from the gradients at y (train mode only, as the oracle)."""
+        if not self.param_groups[0]["train_mode"]:
+            raise RuntimeError(_SCHEDULEFREE_EVAL_STEP)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._pending = {id(g): _schedule(g, _value) for g in self.param_groups}
+        try:
+            self._step()
+        finally:
+            pending, self._pending = self._pending, {}
+        for group in self.param_groups:
+            _apply_schedule(group, pending[id(group)])
+        return loss
+
+    def _prepare(self, group, params, grads, states, steps, *inputs):
+        lr, _, _, ckp1 = self.__dict__.get("_pending", {}).get(
+            id(group), (group["lr"], None, None, 1.0))
+        return super()._prepare(dict(group, lr=lr, ckp1=ckp1), params, grads, states, steps)

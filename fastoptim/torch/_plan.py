@@ -81,6 +81,10 @@ class _Planning:
             cache = self._views = {}
         names = self._state_names(group)
         kparams, kgrads, kstates = [], [], {n: [] for n in names}
+        # the rule's read-only inputs this step (SophiaH's Hessian diagonals: set by its
+        # step, by parameter), read as gradients are
+        given = self.__dict__.get("_step_inputs") if self._rule.inputs else None
+        kinputs = [] if given is not None else None
         steps, fresh, where, strided = [], [], [], []
         for i, p in enumerate(group["params"]):
             g = p.grad
@@ -93,6 +97,8 @@ class _Planning:
             v = self._plan_param(plan, gi, group, i, p, pl, cache, strided)
             kparams.append(v.array)
             kgrads.append(self._plan_grad(plan, gi, group, i, p, pl, g, v))
+            if kinputs is not None:
+                kinputs.append(self._plan_grad(plan, gi, group, i, p, pl, given[id(p)], v))
             plan.used.append(p)
             plan.grads.append(g)
             is_new, step = self._plan_state(plan, gi, group, i, p, v, names, kstates)
@@ -103,8 +109,8 @@ class _Planning:
             plan.written.append(p)
         if not kparams:
             return plan
-        if self._rule.scalar_state or self._rule.group_step:
-            plan.reusable = False       # (a kept step watches neither 0-d state nor groups)
+        if self._rule.scalar_state or self._rule.group_step or self._rule.inputs:
+            plan.reusable = False   # (a kept step watches no 0-d state, group, or input)
         if _compressed.compressed(group):
             plan.reusable = False
             if group["state_dtype"] == "8bit":
@@ -114,7 +120,8 @@ class _Planning:
         if self._has_step:
             plan.step_views = steps
         try:
-            plan.kernel = self._prepare(group, kparams, kgrads, kstates, plan.steps)
+            plan.kernel = self._prepare(group, kparams, kgrads, kstates, plan.steps,
+                                        *((kinputs,) if self._rule.inputs else ()))
         except (TypeError, ValueError) as e:
             # name the user's parameter instead of the kernel's list position
             msg = _KERNEL_NAME.sub(
@@ -205,10 +212,11 @@ class _Planning:
         """The step counts the kernel takes (int64), from the state's step tensors (or
         the group's count, for a rule that keeps one: every parameter's)."""
         if self._rule.group_step:
-            count = group.get("step", 0)
+            key = self._rule.group_step
+            count = group.get(key, 0)
             if isinstance(count, bool) or not isinstance(count, numbers.Integral) \
                     or count < 0:
-                raise ValueError(f"param_groups[{gi}]['step'] is {count!r}; the group's "
+                raise ValueError(f"param_groups[{gi}][{key!r}] is {count!r}; the group's "
                                  "step count must be an int >= 0")
             return np.full(len(fresh), count, dtype=np.int64)
         if self._has_step:
