@@ -695,11 +695,11 @@ def adopt_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr=1e-3, betas=(0.9, 
     is what lets any beta2 converge; the first step only seeds the second moment.
 
     .. math::
-        t = 1: \quad v &\leftarrow v + g^2 \quad 	ext{(nothing else moves)} \
-        t > 1: \quad n &= \operatorname{clamp}\Big(rac{g}{\max(\sqrt{v}, \epsilon)},
-            -c_t, c_t\Big), \quad c_t = 	ext{clip\_lambda}(t) \
-        m &\leftarrow m + (1-eta_1)(n - m), \quad p \leftarrow p - \gamma m, \quad
-        v \leftarrow eta_2 v + (1-eta_2) g^2
+        t = 1: \quad v &\leftarrow v + g^2 \quad \text{(nothing else moves)} \\
+        t > 1: \quad n &= \operatorname{clamp}\Big(\frac{g}{\max(\sqrt{v}, \epsilon)},
+            -c_t, c_t\Big), \quad c_t = \text{clip\_lambda}(t) \\
+        m &\leftarrow m + (1-\beta_1)(n - m), \quad p \leftarrow p - \gamma m, \quad
+        v \leftarrow \beta_2 v + (1-\beta_2) g^2
 
     Weight decay: ``weight_decouple`` multiplies ``p`` by ``1 - wd * lr`` (``1 - wd``
     with ``fixed_decay``) first, else ``wd * p`` joins the gradient (also on the first
