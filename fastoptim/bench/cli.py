@@ -76,7 +76,7 @@ def _parser():
         prog="python -m fastoptim.bench",
         description="Time fastoptim's update rules against the NumPy reference, "
                     "torch.optim and a same-traffic memory ceiling measured in the "
-                    "same run. The default run (about a minute on an idle 2-core "
+                    "same run. The default run (about two minutes on an idle 2-core "
                     "machine) measures every rule at 2^16 and 2^24 float32 elements, "
                     "the parameter list of a small transformer and a 16-element step; "
                     "--full measures the whole matrix.")
@@ -211,10 +211,11 @@ def main(argv=None):
     if opts.dry_run:
         plan = opts.plan()
         print(f"{opts.matrix} run: {len(plan)} cases")
+        w = max([13] + [len(RULES[key].title) + 1 for _, key, _, _ in plan])
         for kind, key, dtype, n in plan:
             size = "transformer" if kind == "model" else (
                 f"{n} elem" if kind == "overhead" else _fmt_size(n))
-            print(f"  {kind:<9}{RULES[key].title:<13}{dtype:<8}{size}")
+            print(f"  {kind:<9}{RULES[key].title:<{w}}{dtype:<8}{size}")
         return 0
     if opts.plot:
         try:

@@ -58,6 +58,11 @@ class _Options(Mapping):
             return tuple(_value(f"{name}[{i}]", y) for i, y in enumerate(x))
         return _value(name, x)
 
+    def __contains__(self, name):
+        # (Mapping's would read the value through __getitem__: the kernel call asks for
+        # each option the group may lack, the compressed-state keys among them)
+        return name in self.group
+
     def __iter__(self):
         return iter(self.group)
 
