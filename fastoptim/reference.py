@@ -677,6 +677,17 @@ def lion_(params, grads, exp_avgs, steps=None, *, lr=1e-4, betas=(0.9, 0.99),
         m[...] = m * _scalar(beta2, p) + _scalar(1 - beta2, p) * g
 
 
+def _oracle_weight_decay(p, g, lr, weight_decay, weight_decouple, fixed_decay):
+    """pytorch_optimizer's weight decay (ADOPT, AdEMAMix, SophiaH): decoupled, ``p`` is
+    multiplied by ``1 - wd * lr`` (``1 - wd`` with ``fixed_decay``) in place; else
+    ``wd * p`` joins the gradient, which is returned."""
+    if weight_decay == 0:
+        return g
+    if weight_decouple:
+        p *= _scalar(1.0 - weight_decay * (1.0 if fixed_decay else lr), p)
+        return g
+    return g + _scalar(weight_decay, p) * p
+
 def adopt_clip(step):
     """ADOPT's default clip of the normalized gradient: ``step ** 0.25`` (the oracle's
     ``clip_lambda``; a module-level function, so optimizers holding it pickle)."""
@@ -716,12 +727,8 @@ def adopt_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr=1e-3, betas=(0.9, 
             continue
         steps[i] += 1
         step = int(steps[i])
-        g = -g if maximize else g
-        if weight_decay != 0:
-            if weight_decouple:
-                p *= _scalar(1.0 - weight_decay * (1.0 if fixed_decay else lr), p)
-            else:
-                g = g + _scalar(weight_decay, p) * p
+        g = _oracle_weight_decay(p, -g if maximize else g, lr, weight_decay, weight_decouple,
+                                 fixed_decay)
         m, v = ms[i], vs[i]
         if step == 1:
             v += g * g
@@ -777,12 +784,8 @@ def ademamix_(params, grads, exp_avgs, exp_avg_sqs, exp_avg_slows, steps, *, lr=
             continue
         steps[i] += 1
         step = int(steps[i])
-        g = -g if maximize else g
-        if weight_decay != 0:
-            if weight_decouple:
-                p *= _scalar(1.0 - weight_decay * (1.0 if fixed_decay else lr), p)
-            else:
-                g = g + _scalar(weight_decay, p) * p
+        g = _oracle_weight_decay(p, -g if maximize else g, lr, weight_decay, weight_decouple,
+                                 fixed_decay)
         alpha_t, beta3_t = ademamix_schedules(step, alpha, t_alpha_beta3, beta1, beta3)
         m, v, s = ms[i], vs[i], ss[i]
         m[...] = _lerp(m, g, _scalar(1 - beta1, p))
@@ -827,12 +830,8 @@ def sophiah_(params, grads, hessians, momentums, hessian_moments, steps, *, lr=6
         if g is None:
             continue
         steps[i] += 1
-        g = -g if maximize else g
-        if weight_decay != 0:
-            if weight_decouple:
-                w *= _scalar(1.0 - weight_decay * (1.0 if fixed_decay else lr), w)
-            else:
-                g = g + _scalar(weight_decay, w) * w
+        g = _oracle_weight_decay(w, -g if maximize else g, lr, weight_decay, weight_decouple,
+                                 fixed_decay)
         m, hm = ms[i], hms[i]
         m[...] = _lerp(m, g, _scalar(1 - beta1, w))
         if hs[i] is not None:

@@ -46,7 +46,7 @@ cdef inline void _ademamix_typed(const Batch *b, Py_ssize_t t, Py_ssize_t lo, Py
                    <floating> (1.0 - b.beta2), <floating> b.ts3[t], <floating> b.ts0[t],
                    <floating> b.ts1[t], <floating> b.ts2[t], <floating> b.eps,
                    <floating> b.weight_decay,
-                   <floating> (1.0 - b.weight_decay * (1.0 if b.fixed_decay else b.lr)),
+                   <floating> _oracle_decay(b),
                    has_wd and not b.decoupled, has_wd and b.decoupled, b.maximize,
                    _codec(b, t, lo))
 

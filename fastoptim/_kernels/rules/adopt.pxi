@@ -47,7 +47,7 @@ cdef inline void _adopt_typed(const Batch *b, Py_ssize_t t, Py_ssize_t lo, Py_ss
                               stored *unused) noexcept nogil:
     # (first and the flags are literal at each call: one loop per case)
     cdef bint has_wd = b.weight_decay != 0.0
-    cdef floating decay = <floating> (1.0 - b.weight_decay * (1.0 if b.fixed_decay else b.lr))
+    cdef floating decay = <floating> _oracle_decay(b)
     cdef Codec c = _codec(b, t, lo)
     cdef floating neg_lr = <floating> (-b.lr), omb1 = <floating> (1.0 - b.beta1)
     cdef floating beta2 = <floating> b.beta2, omb2 = <floating> (1.0 - b.beta2)

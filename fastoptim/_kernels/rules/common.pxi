@@ -25,3 +25,9 @@ cdef inline floating _lerp(floating start, floating end, floating w) noexcept no
 # literal constants at every call site, so the compiler emits one branch-free,
 # vectorized copy of the loop per combination. The other flags only choose between
 # values and become vector blends.
+
+
+cdef inline double _oracle_decay(const Batch *b) noexcept nogil:
+    # pytorch_optimizer's decoupled weight decay multiplier (ADOPT, AdEMAMix, SophiaH):
+    # 1 - wd * lr, or 1 - wd with fixed_decay
+    return 1.0 - b.weight_decay * (1.0 if b.fixed_decay else b.lr)

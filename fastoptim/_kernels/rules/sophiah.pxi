@@ -43,7 +43,7 @@ cdef inline void _sophiah_typed(const Batch *b, Py_ssize_t t, Py_ssize_t lo, Py_
     # (the third slot is the input role: the parameters' dtype whatever the state's)
     cdef const floating *h = <const floating *> (<void *> hraw)
     cdef bint has_wd = b.weight_decay != 0.0
-    cdef floating decay = <floating> (1.0 - b.weight_decay * (1.0 if b.fixed_decay else b.lr))
+    cdef floating decay = <floating> _oracle_decay(b)
     cdef Codec c = _codec(b, t, lo)
     # (the rho of the update's clip in b.momentum)
     if h != NULL:
