@@ -426,6 +426,11 @@ def test_sophiah_asks_for_what_a_hessian_step_needs_and_changes_nothing():
     opt.step(hessian=[torch.full((4,), 2.0)])
     opt.step()                                           # step 2: no estimate due
     assert opt.param_groups[0]["step"] == 2
+    frozen = torch.ones(2)                               # (a gradient, no requires_grad)
+    frozen.grad = torch.ones(2)
+    with pytest.raises(ValueError, match="does not require one: SophiaH cannot estimate"):
+        fot.SophiaH([frozen]).step()
+    assert torch.equal(frozen, torch.ones(2))
     with pytest.raises(ValueError, match="update_period must be an int >= 1"):
         fot.SophiaH([p], update_period=0)
     with pytest.raises(ValueError, match="hessian_distribution must be"):

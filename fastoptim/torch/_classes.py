@@ -745,8 +745,17 @@ class SophiaH(_OracleRule):
 
     def _hutchinson(self, step):
         """The oracle's estimate: z * (H z), averaged over num_samples vectors z."""
+        for gi, g in enumerate(self.param_groups):
+            for i, p in enumerate(g["params"]):
+                if p.grad is not None and not p.requires_grad:
+                    # (the oracle would step it without updating its Hessian moment,
+                    # which one kernel call for the group cannot do)
+                    raise ValueError(
+                        f"{self._param_name(gi, g, i)} has a gradient but does not require "
+                        f"one: SophiaH cannot estimate its Hessian at step {step}; pass "
+                        "step(hessian=[...]) or set requires_grad")
         params = [p for g in self.param_groups for p in g["params"]
-                  if p.requires_grad and p.grad is not None and not p.grad.is_sparse]
+                  if p.grad is not None and not p.grad.is_sparse]
         out = {id(p): torch.zeros_like(p) for p in params}
         if not params:
             return out
