@@ -579,6 +579,11 @@ class _OracleRule(_Optimizer):
     _attribute_defaults = {}
 
     def _oracle_init(self, params, defaults, kwargs, attributes):
+        """The constructor's end: torch's check of a tensor lr, the oracle's extra
+        keyword options, the bounds, the attributes, then torch's Optimizer."""
+        lr = defaults["lr"]
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
         name = type(self).__name__
         for key, value in kwargs.items():
             if key not in ("cautious", "stable_adamw"):
@@ -620,8 +625,6 @@ class ADOPT(_OracleRule):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.9999), clip_lambda=adopt_clip,
                  weight_decay=0.0, weight_decouple=False, fixed_decay=False, foreach=None,
                  eps=1e-6, maximize=False, **kwargs):
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
         self._oracle_init(
             params, {"lr": lr, "betas": betas, "weight_decay": weight_decay,
                      "weight_decouple": weight_decouple, "fixed_decay": fixed_decay,
@@ -645,8 +648,6 @@ class AdEMAMix(_OracleRule):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), weight_decay=0.0,
                  weight_decouple=False, fixed_decay=False, alpha=5.0, t_alpha_beta3=None,
                  eps=1e-8, maximize=False, foreach=None, **kwargs):
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
         self._oracle_init(
             params, {"lr": lr, "betas": betas, "weight_decay": weight_decay,
                      "weight_decouple": weight_decouple, "fixed_decay": fixed_decay,
@@ -680,8 +681,6 @@ class SophiaH(_OracleRule):
                  weight_decouple=True, fixed_decay=False, p=1e-2, update_period=10,
                  num_samples=1, hessian_distribution="gaussian", eps=1e-12, maximize=False,
                  foreach=None, **kwargs):
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
         _check_hutchinson(update_period, num_samples, hessian_distribution)
         self._oracle_init(
             params, {"lr": lr, "foreach": foreach, "betas": betas,
@@ -801,8 +800,6 @@ class AdamWScheduleFree(_OracleRule):
     def __init__(self, params, lr=0.0025, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  warmup_steps=0, r=0.0, weight_lr_power=2.0,
                  foreach=hasattr(torch, "_foreach_mul_"), *, maximize=False):
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
         self._pending = {}
         self._oracle_init(
             params, dict(lr=lr, betas=betas, eps=eps, r=r, k=0, warmup_steps=warmup_steps,
