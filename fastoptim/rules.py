@@ -60,7 +60,9 @@ class RuleSpec:
     group, whether or not a parameter has a gradient, as the oracle packages of the
     rules beyond torch.optim count (instead of per parameter, ``state["step"]``,
     torch.optim's); the kernel takes it as every parameter's count. ``param_copies``:
-    state that starts as a copy of the parameter (Schedule-Free's ``z``). ``attributes``: options the oracle
+    state that starts as a copy of the parameter (Schedule-Free's ``z``). ``oracle``:
+    for a rule torch.optim lacks, ``(package, module, class)`` of the package people
+    use for it, whose class is the tests' oracle and the benchmark's contender. ``attributes``: options the oracle
     keeps as attributes of the optimizer, not in its groups (ADOPT's ``clip_lambda``
     and ``maximize``): the torch class keeps them so (its state dicts are the
     oracle's), the NumPy class in its groups (and loads groups that lack them).
@@ -82,6 +84,7 @@ class RuleSpec:
     group_step: str = ""
     attributes: tuple = ()
     param_copies: tuple = ()
+    oracle: tuple = ()
 
     def __post_init__(self):
         if not self.kernel:
@@ -259,6 +262,7 @@ REGISTRY = {s.name: s for s in (
              (("lr", 1e-4), ("betas", (0.9, 0.99)), ("weight_decay", 0.0),
               ("maximize", False)),
              ("exp_avg",), counts_steps=False, state_formats=("bfloat16", "8bit"),
+             oracle=("lion-pytorch", "lion_pytorch", "Lion"),
              bounds=(("lr", "nonneg", "learning rate"),
                      ("betas[0]", "closed_unit", "beta parameter at index 0"),
                      ("betas[1]", "closed_unit", "beta parameter at index 1"),
@@ -271,6 +275,7 @@ REGISTRY = {s.name: s for s in (
              ("exp_avg", "exp_avg_sq"), counts_steps=False, group_step="step",
              attributes=("clip_lambda", "maximize"),
              state_formats=("bfloat16", "8bit"), unsigned_state=("exp_avg_sq",),
+             oracle=("pytorch-optimizer", "pytorch_optimizer", "ADOPT"),
              bounds=(("lr", "nonneg", "learning rate"),
                      ("betas[0]", "unit", "beta parameter at index 0"),
                      ("betas[1]", "unit", "beta parameter at index 1"),
@@ -284,6 +289,7 @@ REGISTRY = {s.name: s for s in (
              ("exp_avg", "exp_avg_sq", "exp_avg_slow"), counts_steps=False,
              group_step="step", attributes=("maximize",),
              state_formats=("bfloat16", "8bit"), unsigned_state=("exp_avg_sq",),
+             oracle=("pytorch-optimizer", "pytorch_optimizer", "AdEMAMix"),
              bounds=(("lr", "nonneg", "learning rate"),
                      ("betas[0]", "unit", "beta parameter at index 0"),
                      ("betas[1]", "unit", "beta parameter at index 1"),
@@ -303,6 +309,7 @@ REGISTRY = {s.name: s for s in (
              inputs=("hessians",),
              attributes=("maximize", "update_period", "num_samples", "hessian_distribution"),
              state_formats=("bfloat16", "8bit"),
+             oracle=("pytorch-optimizer", "pytorch_optimizer", "SophiaH"),
              bounds=(("lr", "nonneg", "learning rate"),
                      ("betas[0]", "unit", "beta parameter at index 0"),
                      ("betas[1]", "unit", "beta parameter at index 1"),
@@ -318,6 +325,7 @@ REGISTRY = {s.name: s for s in (
               ("maximize", False)),
              ("z", "exp_avg_sq"), counts_steps=False, group_step="k", param_copies=("z",),
              attributes=("maximize",),
+             oracle=("schedulefree", "schedulefree", "AdamWScheduleFree"),
              bounds=(("lr", "nonneg", "learning rate"),
                      ("betas[0]", "unit", "beta parameter at index 0"),
                      ("betas[1]", "unit", "beta parameter at index 1"),

@@ -14,49 +14,48 @@ import fastoptim  # noqa: E402
 import fastoptim.torch as fot  # noqa: E402
 
 
-def _oracle(module, name):
-    return getattr(pytest.importorskip(module, reason=f"{module} (the oracle of {name}) is "
-                                       "not installed"), name)
+def _oracle(name):
+    """The oracle class of fastoptim's rule ``name`` (the registry names it), or a skip
+    that names its package."""
+    package, module, cls = getattr(fot, name)._rule.oracle
+    return getattr(pytest.importorskip(module, reason=f"{package} (the oracle of {name}) "
+                                       "is not installed"), cls)
 
 
-#: rule -> (oracle module, class, option mixes)
-ORACLES = {
-    "Lion": ("lion_pytorch", "Lion",
-             [dict(), dict(lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1),
-              dict(lr=3e-3, weight_decay=0.5, decoupled_weight_decay=True),
-              dict(lr=1e-2, betas=(1.0, 0.0), weight_decay=0.01)]),
-    "ADOPT": ("pytorch_optimizer", "ADOPT",
-              [dict(), dict(lr=1e-2, betas=(0.5, 0.9), weight_decay=0.1, eps=1e-3),
-               dict(lr=1e-2, weight_decay=0.1, weight_decouple=True),
-               dict(lr=1e-2, weight_decay=0.01, weight_decouple=True, fixed_decay=True,
-                    maximize=True),
-               dict(lr=1e-2, clip_lambda=None, foreach=False),
-               dict(lr=1e-2, clip_lambda=lambda step: 0.5 + 0.1 * step)]),
-    "AdEMAMix": ("pytorch_optimizer", "AdEMAMix",
-                 [dict(), dict(lr=1e-2, betas=(0.8, 0.99, 0.999), alpha=2.0,
-                               weight_decay=0.1),
-                  dict(lr=1e-2, t_alpha_beta3=100.0, weight_decay=0.1, weight_decouple=True),
-                  dict(lr=1e-2, t_alpha_beta3=50, alpha=8.0, weight_decay=0.01,
-                       weight_decouple=True, fixed_decay=True, maximize=True),
-                  dict(lr=1e-2, betas=(0.9, 0.999, 1.0), foreach=False, eps=1e-6)]),
+#: rule -> option mixes (its oracle: the registry's)
+MIXES = {
+    "Lion": [
+        dict(), dict(lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1),
+        dict(lr=3e-3, weight_decay=0.5, decoupled_weight_decay=True),
+        dict(lr=1e-2, betas=(1.0, 0.0), weight_decay=0.01)],
+    "ADOPT": [
+        dict(), dict(lr=1e-2, betas=(0.5, 0.9), weight_decay=0.1, eps=1e-3),
+        dict(lr=1e-2, weight_decay=0.1, weight_decouple=True),
+        dict(lr=1e-2, weight_decay=0.01, weight_decouple=True, fixed_decay=True,
+             maximize=True),
+        dict(lr=1e-2, clip_lambda=None, foreach=False),
+        dict(lr=1e-2, clip_lambda=lambda step: 0.5 + 0.1 * step)],
+    "AdEMAMix": [
+        dict(), dict(lr=1e-2, betas=(0.8, 0.99, 0.999), alpha=2.0, weight_decay=0.1),
+        dict(lr=1e-2, t_alpha_beta3=100.0, weight_decay=0.1, weight_decouple=True),
+        dict(lr=1e-2, t_alpha_beta3=50, alpha=8.0, weight_decay=0.01,
+             weight_decouple=True, fixed_decay=True, maximize=True),
+        dict(lr=1e-2, betas=(0.9, 0.999, 1.0), foreach=False, eps=1e-6)],
     # (Hessian estimates given on the steps that update their average; the oracle's own
     # autograd estimate: test_sophiah_estimates_the_hessian_as_the_oracle)
-    "SophiaH": ("pytorch_optimizer", "SophiaH",
-                [dict(), dict(lr=1e-2, betas=(0.9, 0.95), update_period=3, p=0.5,
-                              weight_decay=0.1),
-                 dict(lr=1e-2, update_period=4, weight_decay=0.1, weight_decouple=False,
-                      eps=1e-3),
-                 dict(lr=1e-2, update_period=2, weight_decay=0.01, fixed_decay=True,
-                      maximize=True, foreach=False)]),
+    "SophiaH": [
+        dict(), dict(lr=1e-2, betas=(0.9, 0.95), update_period=3, p=0.5, weight_decay=0.1),
+        dict(lr=1e-2, update_period=4, weight_decay=0.1, weight_decouple=False, eps=1e-3),
+        dict(lr=1e-2, update_period=2, weight_decay=0.01, fixed_decay=True,
+             maximize=True, foreach=False)],
     # (train() before the first step, as the oracle requires; an eval()/train() round
     # trip midway: test_trajectories_follow_the_oracle)
-    "AdamWScheduleFree": ("schedulefree", "AdamWScheduleFree",
-                          [dict(), dict(lr=1e-2, warmup_steps=20, weight_decay=0.1, r=0.5),
-                           dict(lr=1e-2, betas=(0.5, 0.9), weight_lr_power=0.0,
-                                foreach=False, eps=1e-6),
-                           dict(lr=1e-2, warmup_steps=5, weight_lr_power=1.0, maximize=True)]),
+    "AdamWScheduleFree": [
+        dict(), dict(lr=1e-2, warmup_steps=20, weight_decay=0.1, r=0.5),
+        dict(lr=1e-2, betas=(0.5, 0.9), weight_lr_power=0.0, foreach=False, eps=1e-6),
+        dict(lr=1e-2, warmup_steps=5, weight_lr_power=1.0, maximize=True)],
 }
-CASES = [(name, i) for name, (_, _, mixes) in ORACLES.items() for i in range(len(mixes))]
+CASES = [(name, i) for name, mixes in MIXES.items() for i in range(len(mixes))]
 SHAPES = [(37,), (64, 33), (), (0,)]
 
 
@@ -128,8 +127,7 @@ def test_trajectories_follow_the_oracle(name, mix, dtype):
     """300 steps of the oracle, fastoptim.torch's class and the NumPy class from the same
     values and gradients (a parameter skipped now and then): parameters and state
     stay within rounding of the oracle's; the gradients are never written."""
-    module, cls_name, mixes = ORACLES[name]
-    oracle_cls, kw = _oracle(module, cls_name), mixes[mix]
+    oracle_cls, kw = _oracle(name), MIXES[name][mix]
     rng = np.random.default_rng(mix)
     start = _tensors(rng, dtype)
     a = [t.clone().requires_grad_() for t in start]
@@ -170,14 +168,13 @@ def test_trajectories_follow_the_oracle(name, mix, dtype):
                        f"{name} {kw} {key} {i} (NumPy class)")
 
 
-@pytest.mark.parametrize("name", list(ORACLES))
+@pytest.mark.parametrize("name", list(MIXES))
 def test_checkpoints_move_to_and_from_the_oracle(name):
     """A state dict of the oracle loads into both of fastoptim's classes (and the torch
     class's into the oracle), through torch.save/torch.load(weights_only=True) in both
     directions, and every optimizer continues on the same trajectory."""
     import io
-    module, cls_name, mixes = ORACLES[name]
-    oracle_cls, kw = _oracle(module, cls_name), mixes[1]
+    oracle_cls, kw = _oracle(name), MIXES[name][1]
     rng = np.random.default_rng(5)
     start = _tensors(rng, torch.float64)
     grads = [[torch.tensor(rng.standard_normal(t.shape)) for t in start] for _ in range(20)]
@@ -283,7 +280,7 @@ def test_adopt_counts_steps_per_group_as_the_oracle():
     of whose parameters has a gradient; a parameter that first gets one later takes
     the normal update, not the first step's. Both classes keep that count, save it in
     the group (where the oracle's state dicts have it) and load it back."""
-    oracle_cls = _oracle("pytorch_optimizer", "ADOPT")
+    oracle_cls = _oracle("ADOPT")
     rng = np.random.default_rng(3)
     start = [torch.tensor(rng.standard_normal(s)) for s in ((5,), (4, 3))]
     a = [t.clone().requires_grad_() for t in start]
@@ -355,7 +352,7 @@ def _numpy(x):
 def test_adopt_steps_complex_parameters_as_the_oracle(dtype):
     """The oracle steps a complex parameter as its real pairs (view_as_real), and so
     does fastoptim.torch.ADOPT."""
-    oracle_cls = _oracle("pytorch_optimizer", "ADOPT")
+    oracle_cls = _oracle("ADOPT")
     rng = np.random.default_rng(9)
     start = torch.tensor(rng.standard_normal(12) + 1j * rng.standard_normal(12), dtype=dtype)
     a, b = start.clone().requires_grad_(), torch.nn.Parameter(start.clone())
@@ -390,7 +387,7 @@ def test_sophiah_estimates_the_hessian_as_the_oracle(opts, dtype):
     create_graph=True, the random vectors drawn in the oracle's order): with torch's
     generator seeded alike before each step, 60 steps of a small network follow the
     oracle; its checkpoint holds no copy of the estimate."""
-    oracle_cls = _oracle("pytorch_optimizer", "SophiaH")
+    oracle_cls = _oracle("SophiaH")
     torch.manual_seed(0)
     X, Y = torch.randn(64, 5, dtype=dtype), torch.randn(64, 1, dtype=dtype)
     ma, mb = _mlp(dtype), _mlp(dtype)
@@ -480,7 +477,7 @@ def test_schedulefree_checkpoints_in_eval_mode(direction):
     parameters hold x): loaded with the model's values into the other class, train()
     returns both to y and they continue alike; the groups' running values (k,
     weight_sum, lr_max, train_mode) travel in the state dict."""
-    oracle_cls = _oracle("schedulefree", "AdamWScheduleFree")
+    oracle_cls = _oracle("AdamWScheduleFree")
     rng = np.random.default_rng(4)
     start = _tensors(rng, torch.float64)
     grads = [[torch.tensor(rng.standard_normal(t.shape)) for t in start] for _ in range(30)]

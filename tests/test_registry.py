@@ -18,11 +18,8 @@ CLASSES = {"sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop", "adam": "Ad
            "lion": "Lion", "adopt": "ADOPT", "ademamix": "AdEMAMix",
            "sophiah": "SophiaH", "adamw_schedulefree": "AdamWScheduleFree",
            "adahessian": "AdaHessian"}
-#: rules torch.optim lacks: the package whose class is the oracle (module, class)
-ORACLES = {"lion": ("lion_pytorch", "Lion"), "adopt": ("pytorch_optimizer", "ADOPT"),
-           "ademamix": ("pytorch_optimizer", "AdEMAMix"),
-           "sophiah": ("pytorch_optimizer", "SophiaH"),
-           "adamw_schedulefree": ("schedulefree", "AdamWScheduleFree")}
+#: rules torch.optim lacks: the package whose class is the oracle (the registry's)
+ORACLES = {name: s.oracle for name, s in REGISTRY.items() if s.oracle}
 #: state an oracle keeps that fastoptim does not (SophiaH's copy of its last estimate,
 #: which no step reads)
 ORACLE_EXTRA_STATE = {"sophiah": ("hessian",)}
@@ -33,7 +30,7 @@ def _torch_class(name):
     so when the package is missing)."""
     import torch
     if name in ORACLES:
-        module, cls = ORACLES[name]
+        _, module, cls = ORACLES[name]
         return getattr(pytest.importorskip(module, reason=f"the oracle of {name}"), cls)
     return getattr(torch.optim, CLASSES[name])
 

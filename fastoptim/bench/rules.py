@@ -14,11 +14,11 @@ class Rule:
     ``options`` keep, in its order (``torch_state``: torch's names for them). ``kernel``
     is the kernel family that runs it (the name its serial threshold is calibrated
     under, ``_kernels.calibration``). ``oracle``: for a rule torch.optim lacks, the
-    ``(package, module, class)`` whose optimizer the benchmark runs in torch's place
-    (the package people use, and the tests' oracle), if installed.
+    registry's ``(package, module, class)`` whose optimizer the benchmark runs in
+    torch's place, if installed (None for torch.optim's rules).
     """
 
-    def __init__(self, key, title, call, name, options, torch_fused, kernel, oracle=None):
+    def __init__(self, key, title, call, name, options, torch_fused, kernel):
         entry = spec(name)
         self.spec = entry                   # (the registry entry)
         self.key = key
@@ -30,7 +30,7 @@ class Rule:
         self.n_state = len(self.torch_state)
         self.torch_fused = torch_fused
         self.kernel = kernel
-        self.oracle = oracle
+        self.oracle = entry.oracle or None
 
     def __repr__(self):
         return f"Rule({self.key!r})"
@@ -78,28 +78,23 @@ RULES = {r.key: r for r in (
          "asgd", dict(lr=1e-2, t0=10), False, "asgd"),
     Rule("lion", "Lion",
          lambda m, P, G, S, st: m.lion_(P, G, S[0], st, lr=1e-4, weight_decay=0.1),
-         "lion", dict(lr=1e-4, weight_decay=0.1), False, "lion",
-         ("lion-pytorch", "lion_pytorch", "Lion")),
+         "lion", dict(lr=1e-4, weight_decay=0.1), False, "lion"),
     Rule("adopt", "ADOPT",
          lambda m, P, G, S, st: m.adopt_(P, G, S[0], S[1], st, lr=1e-3),
-         "adopt", dict(lr=1e-3), False, "adopt",
-         ("pytorch-optimizer", "pytorch_optimizer", "ADOPT")),
+         "adopt", dict(lr=1e-3), False, "adopt"),
     Rule("ademamix", "AdEMAMix",
          lambda m, P, G, S, st: m.ademamix_(P, G, S[0], S[1], S[2], st, lr=1e-3),
-         "ademamix", dict(lr=1e-3), False, "ademamix",
-         ("pytorch-optimizer", "pytorch_optimizer", "AdEMAMix")),
+         "ademamix", dict(lr=1e-3), False, "ademamix"),
     # (the steps between Hessian updates, which the issue times: the estimate is the
     # caller's, or autograd's; the classes get one at a first, untimed step)
     Rule("sophiah", "SophiaH",
          lambda m, P, G, S, st: m.sophiah_(P, G, None, S[0], S[1], st, lr=6e-2),
-         "sophiah", dict(lr=6e-2, update_period=10**9), False, "sophiah",
-         ("pytorch-optimizer", "pytorch_optimizer", "SophiaH")),
+         "sophiah", dict(lr=6e-2, update_period=10**9), False, "sophiah"),
     # (a mid-run step: the average's weight 0.01)
     Rule("adamw_schedulefree", "AdamWScheduleFree",
          lambda m, P, G, S, st: m.adamw_schedulefree_(P, G, S[0], S[1], st, lr=0.0025,
                                                       ckp1=0.01),
-         "adamw_schedulefree", dict(lr=0.0025), False, "adamw-schedulefree",
-         ("schedulefree", "schedulefree", "AdamWScheduleFree")),
+         "adamw_schedulefree", dict(lr=0.0025), False, "adamw-schedulefree"),
 )}
 
 
