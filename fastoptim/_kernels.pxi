@@ -97,6 +97,7 @@ include "_kernels/rules/adopt.pxi"
 include "_kernels/rules/ademamix.pxi"
 include "_kernels/rules/sophiah.pxi"
 include "_kernels/rules/schedulefree.pxi"
+include "_kernels/rules/adafactor.pxi"
 include "_kernels/rules/traffic.pxi"
 include "_kernels/rules/adahessian.pxi"
 include "_kernels/segments.pxi"     # generated (setup.py, segments.pxi.tp): per-rule dispatch

@@ -1,3 +1,4 @@
 # The avx512 build of fastoptim/_kernels.pxi: the same API as the baseline build.
 from fastoptim._kernels_baseline import *
 from fastoptim._kernels_baseline import Step as Step
+from fastoptim._kernels_baseline import AdafactorStep as AdafactorStep

@@ -131,6 +131,20 @@ def prepare_adamw_schedulefree(params: _Arrays, grads: _Grads, zs: _States,
                                exp_avg_sqs: _States, steps: _Steps | None, lr: _Real,
                                betas: tuple[_Real, _Real] | Sequence[_Real], eps: _Real,
                                weight_decay: _Real, ckp1: _Real, maximize: bool) -> Step: ...
+class AdafactorStep:
+    """A checked, ready-to-run Adafactor update of a list of arrays (the interface of
+    Step: ``run(n_threads)`` cannot fail and runs once)."""
+    @property
+    def size(self) -> int: ...
+    @property
+    def count(self) -> int: ...
+    def run(self, n_threads: int = 1) -> None: ...
+
+def prepare_adafactor(params: _Arrays, grads: _Grads, row_vars: _States | None,
+                      col_vars: _States | None, variances: _States | None, steps: _Steps,
+                      lr: _Real, beta2_decay: _Real,
+                      eps: tuple[_Real | None, _Real] | Sequence[_Real | None], d: _Real,
+                      weight_decay: _Real, maximize: bool) -> AdafactorStep: ...
 def prepare_adahessian(params: _Arrays, grads: _Grads, hessian_diags: _States,
                        exp_avgs: _States, exp_hessian_diag_sqs: _States,
                        steps: _Steps | None, lr: _Real,

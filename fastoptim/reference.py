@@ -22,7 +22,7 @@ import numpy as np
 
 __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adamax_", "adadelta_",
            "radam_", "rprop_", "nadam_", "asgd_", "lion_", "adopt_",
-           "ademamix_", "sophiah_", "adamw_schedulefree_", "adahessian_",
+           "ademamix_", "sophiah_", "adamw_schedulefree_", "adafactor_", "adahessian_",
            "newton_", "bfloat16_to_float32", "float32_to_bfloat16"]
 
 
@@ -907,6 +907,153 @@ def schedulefree_switch_(params, zs, weight):
     for p, z in zip(_as_list(params), _as_list(zs)):
         if z is not None:
             p[...] = _lerp(p, z, _scalar(weight, p))
+
+
+# --- Adafactor: reductions in a fixed order ----------------------------------------------
+# Adafactor reduces whole arrays (row and column means of g^2, the RMS of the parameter
+# and of the update). A sum's rounding depends on its order, so the order is part of
+# the rule here, the same on every instruction set and thread count: the compiled loops
+# follow it, and the tests hold them equal to these functions bit for bit.
+
+#: a row is summed in this many interleaved partial sums (lane l takes elements l,
+#: l + 16, ...; one AVX-512 register, two AVX2 ones), added lane by lane, then the
+#: elements past the last full 16 one by one
+ADAFACTOR_LANES = 16
+#: a vector (or 0-d) parameter's reductions treat it as rows of this many elements
+ADAFACTOR_CHUNK = 4096
+#: a column sum adds blocks of this many rows (each block row by row), block by block
+ADAFACTOR_BLOCK = 32
+
+
+def _adafactor_row_sums(x):
+    """Row sums of the 2-D array ``x`` in the order described above."""
+    rows, n = x.shape
+    n16 = n - n % ADAFACTOR_LANES
+    s = np.zeros(rows, x.dtype)
+    if n16:
+        lanes = np.cumsum(x[:, :n16].reshape(rows, n16 // ADAFACTOR_LANES, ADAFACTOR_LANES),
+                          axis=1)[:, -1]
+        s = lanes[:, 0].copy()
+        for lane in range(1, ADAFACTOR_LANES):
+            s = s + lanes[:, lane]
+    for j in range(n16, n):
+        s = s + x[:, j]
+    return s
+
+
+def _adafactor_flat_row_sums(x):
+    """Row sums of a vector's values cut into rows of ADAFACTOR_CHUNK (the last shorter)."""
+    x = x.reshape(-1)
+    full = x.size // ADAFACTOR_CHUNK * ADAFACTOR_CHUNK
+    sums = [_adafactor_row_sums(x[:full].reshape(-1, ADAFACTOR_CHUNK))]
+    if full < x.size:
+        sums.append(_adafactor_row_sums(x[full:].reshape(1, -1)))
+    return np.concatenate(sums)
+
+
+def _adafactor_total(row_sums):
+    """Row sums added one after the other."""
+    if row_sums.size == 0:
+        return row_sums.dtype.type(0)
+    return np.cumsum(row_sums)[-1]
+
+
+def _adafactor_col_sums(x):
+    """Column sums of the (B, m, n) array ``x``: blocks of ADAFACTOR_BLOCK rows, each
+    summed row after row, the block sums added block after block."""
+    B, m, n = x.shape
+    blocks = [np.cumsum(x[:, r:r + ADAFACTOR_BLOCK], axis=1)[:, -1]
+              for r in range(0, m, ADAFACTOR_BLOCK)]
+    return np.cumsum(np.stack(blocks, axis=1), axis=1)[:, -1]
+
+
+def adafactor_eps1(eps, params, grads):
+    """The eps1 a step uses: ``eps[0]``, or when it is None the machine epsilon of the
+    first parameter that has a gradient (as torch.optim.Adafactor resolves it)."""
+    if eps[0] is not None:
+        return float(eps[0])
+    for p, g in zip(params, grads):
+        if g is not None:
+            return float(np.finfo(p.dtype).eps)
+    return None
+
+
+def adafactor_(params, grads, row_vars, col_vars, variances, steps, *, lr=1e-2,
+               beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0,
+               maximize=False):
+    r"""Adafactor (Shazeer & Stern, 2018, "Adafactor: Adaptive Learning Rates with
+    Sublinear Memory Cost", arXiv:1804.04235), as torch.optim.Adafactor (lr caps the
+    relative step and scales a decoupled weight decay; eps1 is applied to the variance
+    estimate, not to the factors).
+
+    .. math::
+        \hat\beta_{2,t} &= 1 - t^{\tau}, \quad \rho_t = \min(\gamma, 1/\sqrt t), \quad
+        \alpha_t = \max(\epsilon_2, \mathrm{RMS}(p))\,\rho_t, \quad
+        p \leftarrow p (1 - \gamma\lambda) \\
+        R &\leftarrow \mathrm{lerp}(R, \mathrm{mean}_{-1}(g^2), t^{\tau}), \quad
+        C \leftarrow \mathrm{lerp}(C, \mathrm{mean}_{-2}(g^2), t^{\tau}), \quad
+        \hat V = \frac{R C}{\max(\mathrm{mean}_{-2}(R), \epsilon_1)} \\
+        U &= \frac{g}{\sqrt{\max(\hat V, \epsilon_1^2)}}, \quad
+        p \leftarrow p - \frac{\alpha_t}{\max(1, \mathrm{RMS}(U)/d)}\, U
+
+    A parameter of two or more dimensions keeps the factors ``row_vars[i]`` (its shape
+    with the last axis 1) and ``col_vars[i]`` (the second-to-last axis 1), its
+    ``variances[i]`` None; a vector or 0-d parameter keeps ``variances[i]`` (its shape;
+    :math:`\hat V` is its lerp toward :math:`g^2`) and no factors. Arrays are
+    C-contiguous (the factors follow the last two axes). ``eps=(eps1, eps2)``: an eps1
+    of None takes the machine epsilon of the first parameter with a gradient.
+
+    Sums run in the fixed order of the functions above (torch sums in its own order,
+    so results agree with torch's to rounding, not bit for bit); each mean is its sum
+    divided by the count, each RMS ``sqrt(sum of squares) / sqrt(count)``, the square
+    root in the arrays' dtype, the rest in double.
+    """
+    params, grads = _as_list(params), _as_list(grads)
+    row_list, col_list = _as_list(row_vars), _as_list(col_vars)
+    var_list = _as_list(variances)
+    eps1 = adafactor_eps1(eps, params, grads)
+    eps2 = float(eps[1])
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        steps[i] += 1
+        t = float(steps[i])
+        g = -g if maximize else g
+        w = _scalar(t ** beta2_decay, p)
+        rho = min(lr, 1 / t ** 0.5)
+        g2 = g * g
+        if p.ndim > 1:
+            x = g2.reshape(-1, p.shape[-2], p.shape[-1])
+            rows = _adafactor_row_sums(x.reshape(-1, p.shape[-1]))
+            psum = _adafactor_row_sums((p * p).reshape(-1, p.shape[-1]))
+        else:
+            psum = _adafactor_flat_row_sums(p * p)
+        rms = float(np.sqrt(_adafactor_total(psum))) / max(p.size, 1) ** 0.5
+        alpha = max(eps2, rms) * rho
+        if weight_decay != 0:
+            p *= _scalar(1 - lr * weight_decay, p)
+        e2 = _scalar(eps1 * eps1, p)
+        if p.ndim > 1:
+            r, c = row_list[i], col_list[i]
+            B, m, n = x.shape
+            r[...] = _lerp(r, (rows / _scalar(n, p)).reshape(r.shape), w)
+            c[...] = _lerp(c, (_adafactor_col_sums(x) / _scalar(m, p)).reshape(c.shape), w)
+            rm = np.array([_adafactor_total(s) for s in r.reshape(B, m)]) / _scalar(m, p)
+            rm = np.where(rm < _scalar(eps1, p), _scalar(eps1, p), rm)
+            v = (r.reshape(B, m, 1) * c.reshape(B, 1, n)) / rm.reshape(B, 1, 1)
+            v = v.reshape(p.shape)
+        else:
+            var = var_list[i]
+            var[...] = _lerp(var, g2, w)
+            v = var
+        u = g * (_scalar(1, p) / np.sqrt(np.where(v < e2, e2, v)))
+        if p.ndim > 1:
+            usum = _adafactor_row_sums((u * u).reshape(-1, p.shape[-1]))
+        else:
+            usum = _adafactor_flat_row_sums(u * u)
+        urms = float(np.sqrt(_adafactor_total(usum))) / (max(p.size, 1) ** 0.5 * d)
+        denom = max(1.0, urms)
+        p += _scalar(-alpha / denom, p) * u
 
 
 def adahessian_(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_sqs, steps, *,

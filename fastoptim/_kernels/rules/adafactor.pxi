@@ -1,0 +1,513 @@
+# Part of the kernel module (included by fastoptim/_kernels.pxi): Adafactor.
+#
+# Not an element-wise rule: its factored second moment needs the row and column sums of
+# g^2 over the whole gradient before any element is updated, its step size the RMS of
+# the parameter, and its clipping the RMS of the whole update. So a parameter takes
+# three parallel passes over its memory (a vector parameter two):
+#
+#   matrix (viewed as B matrices m x n, C order; its factors R (B, m) and C (B, n)):
+#     1. read p and g: row sums of g^2 (-> R), of p^2 (-> RMS(p)), and column sums of
+#        g^2 per block of AF_BLOCK rows (threads split blocks; the block sums are added
+#        block after block in a small parallel pass over columns -> C)
+#     2. read g: the update U from R, C and the row means of R, and the row sums of U^2
+#     3. read g and p, write p: p (1 - lr wd) - alpha/denom * U, U computed again
+#   vector or 0-d (viewed as rows of AF_CHUNK elements; its full second moment V):
+#     1. read p, g and V, write V: V's lerp toward g^2, the row sums of p^2 and of U^2
+#     2. read g, V and p, write p
+#
+# Every sum follows the order fastoptim/reference.py defines (16 interleaved lane sums
+# per row, rows one after the other, column blocks one after the other), which does not
+# depend on the thread count or the instruction set: the kernel equals the reference
+# bit for bit. Threads split rows (or blocks, or column tiles) statically; below
+# AF_SERIAL elements a parameter runs on the calling thread.
+
+cdef enum:
+    AF_LANES = 16
+    AF_CHUNK = 4096
+    AF_BLOCK = 32
+    AF_COLTILE = 256
+    AF_SERIAL = 1 << 15
+
+
+cdef struct AfParam:
+    void *p
+    void *g
+    void *row            # factored: R, B*m values
+    void *col            # factored: C, B*n values
+    void *var            # vector: V, N values
+    void *scratch
+    Py_ssize_t index     # position in the caller's lists (its step counter)
+    Py_ssize_t N, B, m, n, nb   # nb: blocks of AF_BLOCK rows per matrix
+    bint factored, is_double
+
+
+cdef struct AfOpts:
+    double lr, beta2_decay, eps1, eps2, d, weight_decay
+    bint maximize
+
+
+cdef inline floating _af_sumsq(const floating *x, Py_ssize_t n) noexcept nogil:
+    """Sum of x^2 over one row: 16 interleaved lane sums, added lane by lane, then the
+    elements past the last full 16 (reference._adafactor_row_sums)."""
+    cdef floating acc[AF_LANES]
+    cdef floating s
+    cdef Py_ssize_t k, l, n16 = n - n % AF_LANES
+    for l in range(AF_LANES):
+        acc[l] = 0
+    k = 0
+    while k < n16:
+        for l in range(AF_LANES):
+            acc[l] = acc[l] + x[k + l] * x[k + l]
+        k += AF_LANES
+    s = acc[0]
+    for l in range(1, AF_LANES):
+        s = s + acc[l]
+    for k in range(n16, n):
+        s = s + x[k] * x[k]
+    return s
+
+
+cdef inline floating _af_total(const floating *x, Py_ssize_t n) noexcept nogil:
+    """x[0] + x[1] + ... in order (reference._adafactor_total)."""
+    cdef floating s = 0
+    cdef Py_ssize_t i
+    if n == 0:
+        return s
+    s = x[0]
+    for i in range(1, n):
+        s = s + x[i]
+    return s
+
+
+cdef inline floating _af_update(floating g, floating v, floating e2) noexcept nogil:
+    """U = g / sqrt(max(V, eps1^2)), as g * rsqrt (torch: clamp_, rsqrt_, mul_)."""
+    cdef floating one = 1
+    return g * (one / _sqrt(e2 if v < e2 else v))
+
+
+# --- matrices --------------------------------------------------------------------------
+
+cdef void _af_block(const floating *p, const floating *g, floating *rows, floating *prow,
+                    floating *cp, Py_ssize_t k, Py_ssize_t nb, Py_ssize_t m,
+                    Py_ssize_t n) noexcept nogil:
+    """Pass 1 on block k (of all B*nb): its rows' sums of g^2 and p^2, and its column
+    sums of g^2 (row after row) into cp + k*n."""
+    cdef Py_ssize_t b = k // nb, r0 = (k % nb) * AF_BLOCK, r1 = min(m, r0 + AF_BLOCK)
+    cdef Py_ssize_t r, j, row
+    cdef const floating *gr
+    cdef floating *c = cp + k * n
+    for r in range(r0, r1):
+        row = b * m + r
+        gr = g + row * n
+        if r == r0:
+            for j in range(n):
+                c[j] = gr[j] * gr[j]
+        else:
+            for j in range(n):
+                c[j] = c[j] + gr[j] * gr[j]
+        rows[row] = _af_sumsq(gr, n)
+        prow[row] = _af_sumsq(p + row * n, n)
+
+
+cdef void _af_cols(floating *col, const floating *cp, Py_ssize_t tile, Py_ssize_t nb,
+                   Py_ssize_t n, floating mf, floating w) noexcept nogil:
+    """C of one tile of AF_COLTILE columns: its block sums added block after block,
+    then C's lerp toward their mean."""
+    cdef Py_ssize_t tpb = (n + AF_COLTILE - 1) // AF_COLTILE
+    cdef Py_ssize_t b = tile // tpb, j0 = (tile % tpb) * AF_COLTILE
+    cdef Py_ssize_t j1 = min(n, j0 + AF_COLTILE), j, k
+    cdef const floating *base = cp + b * nb * n
+    cdef floating s
+    for j in range(j0, j1):
+        s = base[j]
+        for k in range(1, nb):
+            s = s + base[k * n + j]
+        col[b * n + j] = _lerp(col[b * n + j], s / mf, w)
+
+
+cdef floating _af_row_update(const floating *g, floating r, const floating *c,
+                             floating rm, floating e2, floating sign,
+                             Py_ssize_t n) noexcept nogil:
+    """Pass 2 on one row: the sum of U^2, U from R's r, C and the row mean rm."""
+    cdef floating acc[AF_LANES]
+    cdef floating s, u
+    cdef Py_ssize_t k, l, n16 = n - n % AF_LANES
+    for l in range(AF_LANES):
+        acc[l] = 0
+    k = 0
+    while k < n16:
+        for l in range(AF_LANES):
+            u = _af_update(g[k + l] * sign, (r * c[k + l]) / rm, e2)
+            acc[l] = acc[l] + u * u
+        k += AF_LANES
+    s = acc[0]
+    for l in range(1, AF_LANES):
+        s = s + acc[l]
+    for k in range(n16, n):
+        u = _af_update(g[k] * sign, (r * c[k]) / rm, e2)
+        s = s + u * u
+    return s
+
+
+cdef void _af_row_step(floating *p, const floating *g, floating r, const floating *c,
+                       floating rm, floating e2, floating sign, floating decay, bint has_wd,
+                       floating step, Py_ssize_t n) noexcept nogil:
+    """Pass 3 on one row: p (1 - lr wd) + step * U."""
+    cdef Py_ssize_t j
+    cdef floating pj
+    for j in range(n):
+        pj = p[j]
+        if has_wd:
+            pj = pj * decay
+        p[j] = pj + step * _af_update(g[j] * sign, (r * c[j]) / rm, e2)
+
+
+cdef void _af_matrix(const AfParam *a, floating *p, const floating *g, floating *row,
+                     floating *col, floating *scr, double t, const AfOpts *o,
+                     int nt) noexcept nogil:
+    cdef Py_ssize_t B = a.B, m = a.m, n = a.n, nb = a.nb, nrows = a.B * a.m, k, b, i
+    cdef Py_ssize_t ntiles = a.B * ((a.n + AF_COLTILE - 1) // AF_COLTILE)
+    cdef floating *rows = scr
+    cdef floating *prow = scr + nrows
+    cdef floating *urow = scr + 2 * nrows
+    cdef floating *rm = scr + 3 * nrows
+    cdef floating *cp = scr + 3 * nrows + B
+    cdef floating w = <floating> pow(t, o.beta2_decay)
+    cdef floating nf = <floating> n, mf = <floating> m
+    cdef floating e1 = <floating> o.eps1, e2 = <floating> (o.eps1 * o.eps1)
+    cdef floating sign = -1 if o.maximize else 1
+    cdef floating decay = <floating> (1.0 - o.lr * o.weight_decay)
+    cdef floating x
+    cdef bint has_wd = o.weight_decay != 0.0
+    cdef double rho, rms, alpha, urms, denom, root = pow(<double> a.N, 0.5)
+    cdef floating step
+    # 1. row sums of g^2 and p^2, block column sums of g^2
+    if nt > 1:
+        for k in prange(B * nb, num_threads=nt, schedule="static"):
+            _af_block(p, g, rows, prow, cp, k, nb, m, n)
+    else:
+        for k in range(B * nb):
+            _af_block(p, g, rows, prow, cp, k, nb, m, n)
+    rho = 1.0 / pow(t, 0.5)
+    rho = rho if rho < o.lr else o.lr
+    rms = <double> _sqrt(_af_total(prow, nrows)) / root
+    alpha = (rms if rms > o.eps2 else o.eps2) * rho
+    for i in range(nrows):
+        row[i] = _lerp(row[i], rows[i] / nf, w)
+    for b in range(B):
+        x = _af_total(row + b * m, m) / mf
+        rm[b] = e1 if x < e1 else x
+    if nt > 1:
+        for k in prange(ntiles, num_threads=nt, schedule="static"):
+            _af_cols(col, cp, k, nb, n, mf, w)
+    else:
+        for k in range(ntiles):
+            _af_cols(col, cp, k, nb, n, mf, w)
+    # 2. the RMS of the update
+    if nt > 1:
+        for i in prange(nrows, num_threads=nt, schedule="static"):
+            urow[i] = _af_row_update(g + i * n, row[i], col + (i // m) * n, rm[i // m], e2,
+                                     sign, n)
+    else:
+        for i in range(nrows):
+            urow[i] = _af_row_update(g + i * n, row[i], col + (i // m) * n, rm[i // m], e2,
+                                     sign, n)
+    urms = <double> _sqrt(_af_total(urow, nrows)) / (root * o.d)
+    denom = urms if urms > 1.0 else 1.0
+    step = <floating> (-alpha / denom)
+    # 3. the update
+    if nt > 1:
+        for i in prange(nrows, num_threads=nt, schedule="static"):
+            _af_row_step(p + i * n, g + i * n, row[i], col + (i // m) * n, rm[i // m], e2,
+                         sign, decay, has_wd, step, n)
+    else:
+        for i in range(nrows):
+            _af_row_step(p + i * n, g + i * n, row[i], col + (i // m) * n, rm[i // m], e2,
+                         sign, decay, has_wd, step, n)
+
+
+# --- vectors ---------------------------------------------------------------------------
+
+cdef void _af_chunk(const floating *p, const floating *g, floating *v, floating *prow,
+                    floating *urow, Py_ssize_t c, Py_ssize_t N, floating w, floating e2,
+                    floating sign) noexcept nogil:
+    """Pass 1 on one chunk: V's lerp toward g^2, the sums of p^2 and of U^2."""
+    cdef Py_ssize_t lo = c * AF_CHUNK, n = min(N - lo, <Py_ssize_t> AF_CHUNK)
+    cdef Py_ssize_t k, l, n16 = n - n % AF_LANES, j
+    cdef floating accp[AF_LANES]
+    cdef floating accu[AF_LANES]
+    cdef floating sp, su, gj, vj, u
+    for l in range(AF_LANES):
+        accp[l] = 0
+        accu[l] = 0
+    k = 0
+    while k < n16:
+        for l in range(AF_LANES):
+            j = lo + k + l
+            gj = g[j] * sign
+            vj = _lerp(v[j], gj * gj, w)
+            v[j] = vj
+            u = _af_update(gj, vj, e2)
+            accp[l] = accp[l] + p[j] * p[j]
+            accu[l] = accu[l] + u * u
+        k += AF_LANES
+    sp = accp[0]
+    su = accu[0]
+    for l in range(1, AF_LANES):
+        sp = sp + accp[l]
+        su = su + accu[l]
+    for k in range(n16, n):
+        j = lo + k
+        gj = g[j] * sign
+        vj = _lerp(v[j], gj * gj, w)
+        v[j] = vj
+        u = _af_update(gj, vj, e2)
+        sp = sp + p[j] * p[j]
+        su = su + u * u
+    prow[c] = sp
+    urow[c] = su
+
+
+cdef void _af_chunk_step(floating *p, const floating *g, const floating *v, Py_ssize_t c,
+                         Py_ssize_t N, floating e2, floating sign, floating decay,
+                         bint has_wd, floating step) noexcept nogil:
+    cdef Py_ssize_t lo = c * AF_CHUNK, hi = min(N, lo + AF_CHUNK), j
+    cdef floating pj
+    for j in range(lo, hi):
+        pj = p[j]
+        if has_wd:
+            pj = pj * decay
+        p[j] = pj + step * _af_update(g[j] * sign, v[j], e2)
+
+
+cdef void _af_vector(const AfParam *a, floating *p, const floating *g, floating *v,
+                     floating *scr, double t, const AfOpts *o, int nt) noexcept nogil:
+    cdef Py_ssize_t N = a.N, nrows = (a.N + AF_CHUNK - 1) // AF_CHUNK, c
+    cdef floating *prow = scr
+    cdef floating *urow = scr + nrows
+    cdef floating w = <floating> pow(t, o.beta2_decay)
+    cdef floating e2 = <floating> (o.eps1 * o.eps1)
+    cdef floating sign = -1 if o.maximize else 1
+    cdef floating decay = <floating> (1.0 - o.lr * o.weight_decay)
+    cdef bint has_wd = o.weight_decay != 0.0
+    cdef double rho, rms, alpha, urms, denom, root = pow(<double> a.N, 0.5)
+    cdef floating step
+    if nt > 1:
+        for c in prange(nrows, num_threads=nt, schedule="static"):
+            _af_chunk(p, g, v, prow, urow, c, N, w, e2, sign)
+    else:
+        for c in range(nrows):
+            _af_chunk(p, g, v, prow, urow, c, N, w, e2, sign)
+    rho = 1.0 / pow(t, 0.5)
+    rho = rho if rho < o.lr else o.lr
+    rms = <double> _sqrt(_af_total(prow, nrows)) / root
+    alpha = (rms if rms > o.eps2 else o.eps2) * rho
+    urms = <double> _sqrt(_af_total(urow, nrows)) / (root * o.d)
+    denom = urms if urms > 1.0 else 1.0
+    step = <floating> (-alpha / denom)
+    if nt > 1:
+        for c in prange(nrows, num_threads=nt, schedule="static"):
+            _af_chunk_step(p, g, v, c, N, e2, sign, decay, has_wd, step)
+    else:
+        for c in range(nrows):
+            _af_chunk_step(p, g, v, c, N, e2, sign, decay, has_wd, step)
+
+
+# --- the prepared step -------------------------------------------------------------------
+
+cdef class AdafactorStep:
+    """A checked, ready-to-run Adafactor update of a list of arrays (the interface of
+    Step: ``run(n_threads)`` cannot fail and runs once)."""
+    cdef AfParam *a
+    cdef Py_ssize_t n
+    cdef AfOpts o
+    cdef int64_t *steps
+    cdef list keep
+    cdef bint done
+    cdef Py_ssize_t total
+
+    def __cinit__(self):
+        self.a = NULL
+        self.n = 0
+        self.keep = []
+        self.done = False
+        self.total = 0
+
+    def __dealloc__(self):
+        PyMem_Free(self.a)
+
+    @property
+    def size(self):
+        """Number of elements this step updates (summed over arrays)."""
+        return self.total
+
+    @property
+    def count(self):
+        """Number of arrays this step updates."""
+        return self.n
+
+    def run(self, int n_threads=1):
+        """Apply the update in place. Runs at most once."""
+        if self.done:
+            raise RuntimeError("this step has already run")
+        self.done = True
+        with nogil:
+            _af_run(self.a, self.n, self.steps, &self.o, n_threads)
+
+
+cdef void _af_run(const AfParam *params, Py_ssize_t n, int64_t *steps, const AfOpts *o,
+                  int n_threads) noexcept nogil:
+    cdef Py_ssize_t t
+    cdef const AfParam *a
+    cdef double step
+    cdef int nt
+    for t in range(n):
+        a = &params[t]
+        steps[a.index] += 1
+        step = <double> steps[a.index]
+        if a.N == 0:
+            continue
+        nt = n_threads if a.N >= AF_SERIAL and fo_openmp_enabled() else 1
+        if a.factored and a.is_double:
+            _af_matrix(a, <double *> a.p, <const double *> a.g, <double *> a.row,
+                       <double *> a.col, <double *> a.scratch, step, o, nt)
+        elif a.factored:
+            _af_matrix(a, <float *> a.p, <const float *> a.g, <float *> a.row,
+                       <float *> a.col, <float *> a.scratch, step, o, nt)
+        elif a.is_double:
+            _af_vector(a, <double *> a.p, <const double *> a.g, <double *> a.var,
+                       <double *> a.scratch, step, o, nt)
+        else:
+            _af_vector(a, <float *> a.p, <const float *> a.g, <float *> a.var,
+                       <float *> a.scratch, step, o, nt)
+
+
+cdef cnp.ndarray _af_state(object obj, str name, Py_ssize_t i, cnp.ndarray p, tuple shape):
+    """A factor or second moment of params[i]: its dtype, ``shape``, C-contiguous."""
+    cdef cnp.ndarray a = _check_array(obj, name, i, True, None, None)
+    if cnp.PyArray_TYPE(a) != cnp.PyArray_TYPE(p):
+        raise TypeError(f"{name}[{i}] has dtype {a.dtype} but params[{i}] has dtype "
+                        f"{p.dtype}; they must match")
+    if (<object> a).shape != shape:
+        raise ValueError(f"{name}[{i}] has shape {(<object> a).shape}; params[{i}] of shape "
+                         f"{(<object> p).shape} keeps it of shape {shape}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(a):
+        raise ValueError(f"{name}[{i}] must be C-contiguous")
+    return a
+
+
+def prepare_adafactor(params, grads, row_vars, col_vars, variances, steps, lr,
+                      beta2_decay, eps, d, weight_decay, maximize):
+    """Check everything and return an AdafactorStep (fastoptim.functional.adafactor_)."""
+    cdef AdafactorStep s = AdafactorStep()
+    cdef list ps, gs, rs, cs, vs
+    cdef Py_ssize_t n, i, k, B, m, nc
+    cdef cnp.ndarray p, g, st, scratch
+    cdef AfParam *a
+    s.o.lr = _nonneg("learning rate", lr)
+    s.o.beta2_decay = _real("beta2_decay", beta2_decay, -INFINITY, False, 0.0, False)
+    if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+        raise TypeError(f"eps must be a pair (eps1 or None, eps2), got {eps!r}")
+    eps1 = None if eps[0] is None else _nonneg("epsilon1", eps[0])
+    s.o.eps2 = _nonneg("epsilon2", eps[1])
+    s.o.d = _real("clipping threshold d", d, 1.0, False, INFINITY, False)
+    s.o.weight_decay = _nonneg("weight_decay value", weight_decay)
+    s.o.maximize = _flag("maximize", maximize)
+    ps, gs = _arrays("params", params), _arrays("grads", grads)
+    n = len(ps)
+    rs = _optional_arrays("row_vars", row_vars) or [None] * n
+    cs = _optional_arrays("col_vars", col_vars) or [None] * n
+    vs = _optional_arrays("variances", variances) or [None] * n
+    for name, lst in (("grads", gs), ("row_vars", rs), ("col_vars", cs),
+                      ("variances", vs)):
+        if len(lst) != n:
+            raise ValueError(f"{name} has {len(lst)} entries, expected {n} (one per "
+                             f"parameter)")
+    if steps is None:
+        raise TypeError("steps must be a numpy.ndarray of int64 (Adafactor counts steps)")
+    if not cnp.PyArray_Check(steps):
+        raise TypeError(f"steps must be a numpy.ndarray of int64, got {type(steps).__name__}")
+    st = <cnp.ndarray> steps
+    if cnp.PyArray_TYPE(st) != cnp.NPY_INT64 or not cnp.PyArray_ISNOTSWAPPED(st):
+        raise TypeError(f"steps must have dtype int64, got {st.dtype}")
+    if st.ndim != 1 or st.shape[0] != n:
+        raise ValueError(f"steps must have shape ({n},), got {(<object> st).shape}")
+    if not cnp.PyArray_ISWRITEABLE(st) or not cnp.PyArray_IS_C_CONTIGUOUS(st):
+        raise ValueError("steps must be a writeable contiguous array (it is incremented "
+                         "in place)")
+    s.a = <AfParam *> PyMem_Malloc(max(n, 1) * sizeof(AfParam))
+    if s.a == NULL:
+        raise MemoryError()
+    written = [[], [], [], []]
+    read = [[]]
+    where = [[], [], [], [], []]         # the parameter index of each array listed
+    for i in range(n):
+        if gs[i] is None:
+            continue
+        if not 0 <= (<int64_t *> cnp.PyArray_DATA(st))[i] < INT64_MAX:
+            raise ValueError(f"steps[{i}] is {(<object> st)[i]}; steps must be >= 0 and "
+                             f"< 2**63 - 1")
+        p = _check_array(ps[i], "params", i, True, None, None)
+        g = _check_array(gs[i], "grads", i, False, p, "params")
+        a = &s.a[s.n]
+        memset(a, 0, sizeof(AfParam))
+        a.index = i
+        a.N = cnp.PyArray_SIZE(p)
+        a.is_double = cnp.PyArray_TYPE(p) == cnp.NPY_DOUBLE
+        a.factored = p.ndim >= 2
+        shape = (<object> p).shape
+        if a.factored:
+            if not cnp.PyArray_IS_C_CONTIGUOUS(p):
+                raise ValueError(f"params[{i}] must be C-contiguous: Adafactor's factors "
+                                 f"follow its last two axes")
+            if vs[i] is not None:
+                raise ValueError(f"variances[{i}] must be None: params[{i}] has "
+                                 f"{p.ndim} dimensions and keeps row_vars[{i}] and "
+                                 f"col_vars[{i}] instead")
+            # (wraparound is off in this module: no negative indices)
+            nd = len(shape)
+            row = _af_state(rs[i], "row_vars", i, p, shape[:nd - 1] + (1,))
+            col = _af_state(cs[i], "col_vars", i, p, shape[:nd - 2] + (1,) + shape[nd - 1:])
+            a.m, a.n = shape[nd - 2], shape[nd - 1]
+            a.B = a.N // (a.m * a.n) if a.m * a.n else 0
+            a.nb = (a.m + AF_BLOCK - 1) // AF_BLOCK
+            a.row, a.col = cnp.PyArray_DATA(row), cnp.PyArray_DATA(col)
+            written[1].append(row)
+            written[2].append(col)
+            where[1].append(i)
+            where[2].append(i)
+            nc = 3 * a.B * a.m + a.B + a.B * a.nb * a.n
+        else:
+            if rs[i] is not None or cs[i] is not None:
+                raise ValueError(f"row_vars[{i}] and col_vars[{i}] must be None: "
+                                 f"params[{i}] has {p.ndim} dimensions and keeps "
+                                 f"variances[{i}] instead")
+            var = _af_state(vs[i], "variances", i, p, shape)
+            a.var = cnp.PyArray_DATA(var)
+            written[3].append(var)
+            where[3].append(i)
+            nc = 2 * ((a.N + AF_CHUNK - 1) // AF_CHUNK)
+        if not cnp.PyArray_IS_C_CONTIGUOUS(g):
+            g = np.ascontiguousarray(g)
+        scratch = np.empty(max(nc, 1), dtype=p.dtype)
+        s.keep.extend((p, g, scratch))
+        a.p, a.g, a.scratch = cnp.PyArray_DATA(p), cnp.PyArray_DATA(g), cnp.PyArray_DATA(scratch)
+        written[0].append(p)
+        read[0].append(g)
+        where[0].append(i)
+        where[4].append(i)
+        if eps1 is None:
+            eps1 = float(np.finfo(p.dtype).eps)
+        s.n += 1
+        s.total += a.N
+    hit = first_overlap(written, read)
+    if hit is not None:
+        names = ("params", "row_vars", "col_vars", "variances", "grads")
+        la, ia, _, lb, ib, _ = hit
+        raise ValueError(f"{names[la]}[{where[la][ia]}] and {names[lb]}[{where[lb][ib]}] "
+                         f"share memory; the arrays a step updates must not overlap any "
+                         f"other array")
+    s.o.eps1 = 0.0 if eps1 is None else eps1
+    s.steps = <int64_t *> cnp.PyArray_DATA(st)
+    s.keep.append(st)
+    return s
