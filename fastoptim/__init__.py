@@ -5,7 +5,8 @@ Layers, each calling only the one below:
 ``reference`` (NumPy specification) <- compiled kernels <- ``functional`` (checked
 in-place functions) <- optimizer classes (``SGD``, ``Adagrad``, ``RMSprop``, ``Adam``,
 ``AdamW``, ``Adamax``, ``Adadelta``, ``RAdam``, ``Rprop``, ``NAdam``, ``ASGD``,
-``Lion``, ``ADOPT``, ``AdEMAMix``, ``AdamWScheduleFree``, and the second-order
+``Lion``, ``ADOPT``, ``AdEMAMix``, ``AdamWScheduleFree``, ``Adafactor``, and the
+second-order
 ``SophiaH``, ``AdaHessian``
 and ``Newton``) <- integrations (``fastoptim.torch``, ``fastoptim.bench``,
 ``fastoptim.demo``), imported lazily.
@@ -17,15 +18,15 @@ from . import functional, reference
 from ._config import (config, get_num_threads, get_serial_threshold, set_num_threads,
                       set_serial_threshold, show_config)
 from .hessian import hutchinson_diag
-from .optim import (ADOPT, SGD, Adadelta, AdaHessian, Adagrad, Adam, Adamax, AdamW,
-                    AdamWScheduleFree, AdEMAMix, Lion, Newton, NAdam, Optimizer, RAdam,
-                    RMSprop, Rprop, ASGD, SophiaH)
+from .optim import (ADOPT, SGD, Adadelta, Adafactor, AdaHessian, Adagrad, Adam, Adamax,
+                    AdamW, AdamWScheduleFree, AdEMAMix, Lion, Newton, NAdam, Optimizer,
+                    RAdam, RMSprop, Rprop, ASGD, SophiaH)
 from .reference import bfloat16_to_float32, float32_to_bfloat16
 
 __all__ = [
     "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "Adadelta", "RAdam", "Rprop",
     "NAdam", "ASGD", "Lion", "ADOPT", "AdEMAMix", "SophiaH", "AdamWScheduleFree",
-    "AdaHessian", "Newton",
+    "Adafactor", "AdaHessian", "Newton",
     "Optimizer",
     "hutchinson_diag", "bfloat16_to_float32", "float32_to_bfloat16",
     "functional", "reference",

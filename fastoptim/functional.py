@@ -22,7 +22,7 @@ from .rules import RuleSpec, spec
 
 __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adamax_", "adadelta_",
            "radam_", "rprop_", "nadam_", "asgd_", "lion_", "adopt_", "ademamix_",
-           "sophiah_", "adamw_schedulefree_", "adahessian_",
+           "sophiah_", "adamw_schedulefree_", "adafactor_", "adahessian_",
            "newton_", "bfloat16_to_float32", "float32_to_bfloat16"]
 
 _k = _config._kernels
@@ -163,6 +163,13 @@ def prepare_adamw_schedulefree(params, grads, zs, exp_avg_sqs, steps, *, lr=0.00
                                maximize=False):
     return _k.prepare_adamw_schedulefree(params, grads, zs, exp_avg_sqs, steps, lr, betas,
                                          eps, weight_decay, ckp1, maximize)
+
+
+def prepare_adafactor(params, grads, row_vars, col_vars, variances, steps, *, lr=1e-2,
+                      beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0,
+                      maximize=False):
+    return _k.prepare_adafactor(params, grads, row_vars, col_vars, variances, steps, lr,
+                                beta2_decay, eps, d, weight_decay, maximize)
 
 
 def prepare_adahessian(params, grads, hessian_diags, exp_avgs, exp_hessian_diag_sqs,
@@ -418,6 +425,12 @@ sophiah_ = _in_place(prepare_sophiah, """SophiaH, in place. See :func:`reference
 adamw_schedulefree_ = _in_place(prepare_adamw_schedulefree, """Schedule-Free AdamW, in
     place. See :func:`reference.adamw_schedulefree_`; ``lr`` and ``ckp1`` are this step's
     (:func:`reference.schedulefree_schedule`).""")
+adafactor_ = _in_place(prepare_adafactor, """Adafactor, in place. See
+    :func:`reference.adafactor_`: a parameter of two or more dimensions (C-contiguous)
+    keeps ``row_vars[i]`` and ``col_vars[i]`` (its shape with the last, or the one
+    before, axis 1) and ``variances[i] = None``; a vector or 0-d one ``variances[i]``
+    (its shape) and None factors. Not element-wise: two or three compiled parallel
+    passes per parameter.""")
 adahessian_ = _in_place(prepare_adahessian, """AdaHessian, in place, from Hessian-diagonal
     estimates (one per parameter). See :func:`reference.adahessian_`; estimate the
     diagonals with :func:`fastoptim.hessian.hutchinson_diag` (or

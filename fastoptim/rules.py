@@ -10,7 +10,7 @@ API, both class layers and torch.optim itself to the defaults written here
 in its kernel file (``fastoptim/_kernels/rules/<name>.pxi``).
 
 Adding a rule: its reference function, its kernel file (and its name in the kernels'
-rule table, ``fastoptim/_kernels/segments.pxi.tp``), its ``prepare_<name>`` in
+rule table, ``fastoptim/_kernels/segments.pxi.tp``, for an element-wise rule), its ``prepare_<name>`` in
 :mod:`fastoptim.functional`, one entry here, its NumPy class, its torch class, and its
 options in the tests' grid (``tests/rules.py``).
 """
@@ -41,7 +41,8 @@ class RuleSpec:
     ``bounds``: ``(option, bound, label)`` in the order torch.optim's constructor checks
     them; ``bound`` is how torch writes the test (see _BOUNDS), ``label`` names the
     option in torch's error text, ``Invalid <label>: <value>`` (the kernels' checks use
-    the same labels; ``betas[0]`` names an item of an option). :meth:`check_bounds`
+    the same labels; ``betas[0]`` names an item of an option); a fourth item, where
+    torch words it otherwise, is its text (:meth:`bound_message`). :meth:`check_bounds`
     raises those errors.
 
     ``inputs``, read-only arrays the kernel takes besides the gradients, before the
@@ -62,7 +63,12 @@ class RuleSpec:
     torch.optim's); the kernel takes it as every parameter's count. ``param_copies``:
     state that starts as a copy of the parameter (Schedule-Free's ``z``). ``oracle``:
     for a rule torch.optim lacks, ``(package, module, class)`` of the package people
-    use for it, whose class is the tests' oracle and the benchmark's contender. ``attributes``: options the oracle
+    use for it, whose class is the tests' oracle and the benchmark's contender. ``factored``:
+    state kept, by a parameter of two or more dimensions, as factors of the parameter's
+    shape with one of its last two axes 1 (the first named reduces the last axis, the
+    next the one before), in place of the rest of ``state``, which only vectors and
+    0-d parameters keep (Adafactor's row and column factors; see :meth:`state_shape`).
+    ``attributes``: options the oracle
     keeps as attributes of the optimizer, not in its groups (ADOPT's ``clip_lambda``
     and ``maximize``): the torch class keeps them so (its state dicts are the
     oracle's), the NumPy class in its groups (and loads groups that lack them).
@@ -85,6 +91,7 @@ class RuleSpec:
     attributes: tuple = ()
     param_copies: tuple = ()
     oracle: tuple = ()
+    factored: tuple = ()
 
     def __post_init__(self):
         if not self.kernel:
@@ -103,13 +110,36 @@ class RuleSpec:
         and with its texts: ``ValueError("Invalid <label>: <value>")`` for the first
         option of ``values`` (a dict by name) out of its bound. Tensor options compare
         as torch compares them."""
-        for key, bound, label in self.bounds:
+        for key, bound, label, *text in self.bounds:
             name, _, item = key.partition("[")
             if name not in values:
                 continue
             x = values[name][int(item[:-1])] if item else values[name]
-            if _BOUNDS[bound](x):
-                raise ValueError(f"Invalid {label}: {x}")
+            if x is not None and _BOUNDS[bound](x):
+                raise ValueError(self.bound_message(key, x))
+
+    def bound_message(self, key, value):
+        """torch's error text for option ``key`` (as ``bounds`` names it) at ``value``:
+        ``Invalid <label>: <value>``, or the entry's own text (its fourth item, a format
+        of the value: Adafactor's ``Learning rate should be >= 0 but is: {}``)."""
+        for k, _, label, *text in self.bounds:
+            if k == key:
+                return text[0].format(value) if text else f"Invalid {label}: {value}"
+        raise KeyError(key)
+
+    def state_shape(self, name, shape):
+        """The shape of state ``name`` of a parameter of ``shape``, or None when such a
+        parameter does not keep it: the parameter's own, but for a rule with
+        ``factored`` state (a matrix keeps its factors, a vector the rest)."""
+        shape = tuple(shape)
+        if not self.factored:
+            return shape
+        if len(shape) < 2:
+            return None if name in self.factored else shape
+        if name not in self.factored:
+            return None
+        axis = len(shape) - 1 - self.factored.index(name)
+        return shape[:axis] + (1,) + shape[axis + 1:]
 
     @property
     def defaults(self):
@@ -159,9 +189,12 @@ class RuleSpec:
 #: how torch.optim's constructors bound an option, as it writes the tests: "nonneg" is
 #: ``not 0.0 <= x`` (NaN refused), "not_negative" is ``x < 0.0`` (NaN passes: SGD's),
 #: "unit" is ``not 0.0 <= x < 1.0`` (Adam's betas), "closed_unit" ``not 0.0 <= x <= 1.0``
-#: (Adadelta's rho)
+#: (Adadelta's rho), "nonpos" ``not 0.0 >= x`` and "at_least_one" ``not 1.0 <= x``
+#: (Adafactor's beta2_decay and d); an option that is None is not checked (Adafactor's
+#: eps1)
 _BOUNDS = {"nonneg": lambda x: not 0.0 <= x, "not_negative": lambda x: x < 0.0,
-           "unit": lambda x: not 0.0 <= x < 1.0, "closed_unit": lambda x: not 0.0 <= x <= 1.0}
+           "unit": lambda x: not 0.0 <= x < 1.0, "closed_unit": lambda x: not 0.0 <= x <= 1.0,
+           "nonpos": lambda x: not 0.0 >= x, "at_least_one": lambda x: not 1.0 <= x}
 
 
 def _keeps(v):
@@ -331,6 +364,23 @@ REGISTRY = {s.name: s for s in (
                      ("betas[1]", "unit", "beta parameter at index 1"),
                      ("eps", "nonneg", "epsilon value"),
                      ("weight_decay", "nonneg", "weight_decay value"))),
+    # not element-wise: a matrix's second moment is factored into row and column means
+    # (their shapes: state_shape), the step scaled by RMS(p) and clipped by RMS(update);
+    # its own kernel (no compressed formats: the factors are already sublinear)
+    RuleSpec("adafactor", "Adafactor",
+             (("lr", 1e-2), ("beta2_decay", -0.8), ("eps", (None, 1e-3)), ("d", 1.0),
+              ("weight_decay", 0.0), ("maximize", False)),
+             ("row_var", "col_var", "variance"), factored=("row_var", "col_var"),
+             unsigned_state=("row_var", "col_var", "variance"),
+             bounds=(("lr", "nonneg", "learning rate", "Learning rate should be >= 0 but is: {}"),
+                     ("beta2_decay", "nonpos", "beta2_decay",
+                      "beta2_decay should be <= 0 but is: {}"),
+                     ("eps[0]", "nonneg", "epsilon1", "epsilon1 should be >= 0 but is: {}"),
+                     ("eps[1]", "nonneg", "epsilon2", "epsilon2 should be >= 0 but is: {}"),
+                     ("d", "at_least_one", "clipping threshold d",
+                      "Clipping threshold d should be >= 1 but is: {}"),
+                     ("weight_decay", "nonneg", "weight_decay value",
+                      "weight_decay should be >= 0 but is: {}"))),
     RuleSpec("adahessian", "AdaHessian",
              (("lr", 0.15), ("betas", (0.9, 0.999)), ("eps", 1e-4), ("weight_decay", 0.0),
               ("hessian_power", 1.0), ("maximize", False)),

@@ -24,19 +24,19 @@ parameter group and step; the formulas are in :mod:`fastoptim.reference`.
   before anything changes: every array and every step counter keep their values.
 """
 from .base import Optimizer
-from .classes import (ADOPT, SGD, Adadelta, AdaHessian, Adagrad, Adam, Adamax, AdamW,
-                      AdamWScheduleFree, AdEMAMix, Lion, Newton, NAdam, RAdam, RMSprop, Rprop,
-                      ASGD, SophiaH)
+from .classes import (ADOPT, SGD, Adadelta, Adafactor, AdaHessian, Adagrad, Adam, Adamax,
+                      AdamW, AdamWScheduleFree, AdEMAMix, Lion, Newton, NAdam, RAdam,
+                      RMSprop, Rprop, ASGD, SophiaH)
 
 __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "Adadelta",
            "RAdam", "Rprop", "NAdam", "ASGD", "Lion", "ADOPT", "AdEMAMix",
-           "SophiaH", "AdamWScheduleFree", "AdaHessian", "Newton"]
+           "SophiaH", "AdamWScheduleFree", "Adafactor", "AdaHessian", "Newton"]
 
 # The classes live in submodules (base: groups and the step; state_dict: state, state
 # dicts and loading torch's; classes: one per rule); their public home, for reprs and
 # pickles, is this package.
 for _cls in (Optimizer, SGD, Adagrad, RMSprop, Adam, AdamW, Adamax, Adadelta, RAdam, Rprop,
-             NAdam, ASGD, Lion, ADOPT, AdEMAMix, SophiaH, AdamWScheduleFree, AdaHessian,
-             Newton):
+             NAdam, ASGD, Lion, ADOPT, AdEMAMix, SophiaH, AdamWScheduleFree, Adafactor,
+             AdaHessian, Newton):
     _cls.__module__ = __name__
 del _cls

@@ -176,11 +176,18 @@ class Optimizer(_StateDict):
     def _new_state_entry(self, name, group, p):
         """A parameter's new state array ``name``, in the group's format, holding
         ``_initial_state_value``: ``{name: array}``, and for 8-bit state also
-        ``{name + "_absmax": block scales}``. A scalar state (NAdam's mu_product) is
+        ``{name + "_absmax": block scales}``; ``{}`` for state this parameter does not
+        keep (the registry's ``state_shape``: Adafactor's factors of a vector). A scalar state (NAdam's mu_product) is
         a 0-d float32 array, as torch keeps it."""
         if name in self._scalar_state:
             value = dict(self._rule.scalar_values(group))[name]
             return {name: np.full((), value, np.float32)}
+        if self._rule.factored:          # (Adafactor: a matrix's factors, a vector's V)
+            shape = self._rule.state_shape(name, p.shape)
+            if shape is None:
+                return {}
+            if shape != p.shape:
+                return {name: np.zeros(shape, p.dtype)}
         slot = self._all_state_names.index(name) + 1
         value = self._initial_state_value(group, name)
         if self._state_8bit(group, p):

@@ -440,6 +440,23 @@ class _CurvatureOptimizer(Optimizer):
         return self._step_with(grads, curvature)
 
 
+class Adafactor(Optimizer):
+    """Adafactor. Same options and defaults as ``torch.optim.Adafactor``; formulas in
+    :func:`fastoptim.reference.adafactor_`. State: ``step``, and ``row_var`` and
+    ``col_var`` (the parameter's shape with the last, or the one before, axis 1) for a
+    parameter of two or more dimensions, ``variance`` (its shape) for a vector or 0-d
+    one, as torch keeps them. Parameters of two or more dimensions must be C-contiguous
+    (the factors follow the last two axes). No compressed state formats: the factored
+    state is already ``m + n`` values per ``m x n`` matrix."""
+    _rule = spec("adafactor")
+
+    def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
+                 weight_decay=0.0, *, maximize=False, nonfinite="propagate"):
+        super().__init__(params, dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d,
+                                      weight_decay=weight_decay, maximize=maximize),
+                         nonfinite)
+
+
 class AdaHessian(_CurvatureOptimizer):
     """AdaHessian (Yao et al. 2021): Adam with the squared gradient replaced by the
     squared Hutchinson estimate of the Hessian diagonal. Formulas in

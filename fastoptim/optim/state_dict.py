@@ -235,6 +235,13 @@ class _StateDict:
                             f"{type(entry).__name__}")
         p = group["params"][i]
         names = self._state_names(group)
+        if self._rule is not None and self._rule.factored:
+            # (Adafactor: a matrix keeps its factors, a vector its second moment)
+            names = tuple(n for n in names if self._rule.state_shape(n, p.shape) is not None)
+            for name in entry:
+                if name in self._all_state_names and name not in names:
+                    raise ValueError(f"state_dict['state'][{key!r}] has {name!r}, which "
+                                     f"a parameter of shape {p.shape} does not keep")
         for name in entry:
             if name in _other_rules()[1] and name not in self._all_state_names:
                 raise ValueError(f"state_dict['state'][{key!r}] has {name!r}, which "
@@ -280,9 +287,11 @@ class _StateDict:
                 gstate.arrays.setdefault(name, [None] * len(group["params"]))[i] = \
                     np.array(value.reshape(()), np.float32)
                 continue
-            if value.shape != p.shape:
+            shape = p.shape if self._rule is None else self._rule.state_shape(name, p.shape)
+            if value.shape != shape:
                 raise ValueError(f"{where} has shape {value.shape}, but the parameter has "
-                                 f"shape {p.shape}")
+                                 f"shape {p.shape}" + ("" if shape == p.shape else
+                                                       f" and keeps it of shape {shape}"))
             signed = name not in self._rule.unsigned_state
             scales = None
             if coded:                              # 8-bit codes: their block scales too

@@ -9,14 +9,15 @@
         opt.step()
 
 ``SGD``, ``Adagrad``, ``RMSprop``, ``Adam``, ``AdamW``, ``Adamax``, ``Adadelta``,
-``RAdam``, ``Rprop``, ``NAdam`` and ``ASGD`` subclass
+``RAdam``, ``Rprop``, ``NAdam``, ``ASGD`` and ``Adafactor`` subclass
 ``torch.optim.Optimizer`` with torch 2.13's constructor signatures, defaults, parameter
 group keys, argument errors and ``state`` / ``state_dict()`` layout (``Lion``: those of
 ``lion_pytorch.Lion``, ``ADOPT``, ``AdEMAMix`` and ``SophiaH``:
 ``pytorch_optimizer``'s, ``AdamWScheduleFree``: ``schedulefree``'s), so
 checkpoints,
 schedulers, ``GradScaler``, hooks, DDP and ``ZeroRedundancyOptimizer`` work unchanged
-and state moves between these classes and torch's in both directions.
+and state moves between these classes and torch's in both directions. (``Adafactor``,
+not element-wise, has its own step, ``_adafactor``: the points below are the others'.)
 
 How a step runs, point by point:
 
@@ -96,6 +97,7 @@ How a step runs, point by point:
 from ._classes import (ADOPT, ASGD, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW,
                        AdamWScheduleFree, AdEMAMix, Lion, NAdam, RAdam, RMSprop, Rprop,
                        SophiaH)
+from ._adafactor import Adafactor
 from ._convert import to_bitsandbytes, to_torchao
 
 # (read by tests and tools; a kept step reads them from _probes at each step)
@@ -104,14 +106,14 @@ from ._probes import _EXACT, _LAYOUT_GUARD, _READER  # noqa: F401
 
 __all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "Adadelta", "RAdam",
            "Rprop", "NAdam", "ASGD", "Lion", "ADOPT", "AdEMAMix",
-           "SophiaH", "AdamWScheduleFree", "to_bitsandbytes", "to_torchao"]
+           "SophiaH", "AdamWScheduleFree", "Adafactor", "to_bitsandbytes", "to_torchao"]
 
 # The code lives in submodules (_base: the optimizer base class; _plan and _reuse: the
 # planned and the kept step; _tensors: tensors as the kernels see them; _probes: torch
 # internals a kept step reads; _classes: one class per rule); the classes' public home,
 # for reprs and pickles, is this package.
 for _cls in (SGD, Adagrad, RMSprop, Adam, AdamW, Adamax, Adadelta, RAdam, Rprop, NAdam,
-             ASGD, Lion, ADOPT, AdEMAMix, SophiaH, AdamWScheduleFree, to_bitsandbytes,
-             to_torchao):
+             ASGD, Lion, ADOPT, AdEMAMix, SophiaH, AdamWScheduleFree, Adafactor,
+             to_bitsandbytes, to_torchao):
     _cls.__module__ = __name__
 del _cls

@@ -1,0 +1,179 @@
+"""fastoptim.torch.Adafactor: torch.optim.Adafactor's signature, state and checks on
+fastoptim's Adafactor kernel.
+
+Adafactor is not element-wise (its factors are reductions over whole rows and columns),
+so it does not go through the planned step of the other classes (_plan, _reuse), which
+see every parameter as a flat run of elements: this class views each parameter, its
+gradient and its state as the kernel takes them (C order; a parameter in another
+layout goes through a C-ordered copy that is written back), checks every group, then
+runs them all. A refused step changes nothing.
+"""
+import numpy as np
+import torch
+from torch.optim.optimizer import Optimizer as _TorchOptimizer
+
+from .. import functional as F
+from ..rules import spec
+from ._base import _threads, _to_scalar, _value
+from ._tensors import _DTensor, _scalar_dtype
+
+_FLOAT = (torch.float32, torch.float64)
+
+
+class Adafactor(_TorchOptimizer):
+    """torch.optim.Adafactor on fastoptim's compiled kernel (same signature, defaults,
+    errors, state and state_dict; ``foreach`` is accepted and kept, the kernel runs
+    either way). Parameters must be float32 or float64 CPU tensors (torch refuses
+    complex ones too); a DTensor is refused: its row and column statistics would need
+    reductions across ranks."""
+    _rule = spec("adafactor")
+
+    def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
+                 weight_decay=0.0, *, foreach=None, maximize=False):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        self._rule.check_bounds({"lr": lr, "beta2_decay": beta2_decay, "eps": eps, "d": d,
+                                 "weight_decay": weight_decay})
+        defaults = {"lr": lr, "beta2_decay": beta2_decay, "eps": eps, "d": d,
+                    "weight_decay": weight_decay, "foreach": foreach, "maximize": maximize}
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            for p in group["params"]:
+                p_state = self.state.get(p, [])
+                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = torch.tensor(float(p_state["step"]),
+                                                   dtype=_scalar_dtype())
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step (torch's semantics)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plans = [self._plan(gi, group) for gi, group in enumerate(self.param_groups)]
+        n_threads = _threads()
+        for plan in plans:
+            plan.run(n_threads)
+            for p, state in plan.new_state:
+                self.state[p] = state
+        return loss
+
+    def _plan(self, gi, group):
+        """One group checked and prepared; nothing changed."""
+        plan = _Plan()
+        params, grads, rows, cols, variances, steps = [], [], [], [], [], []
+        names = self._rule.state
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            where = f"param_groups[{gi}]['params'][{i}]"
+            if torch.is_complex(p):
+                raise RuntimeError("Adafactor does not support complex parameters")
+            if p.grad.is_sparse:
+                raise RuntimeError("Adafactor does not support sparse gradients")
+            if isinstance(p, _DTensor):
+                raise ValueError(f"{where} is a DTensor: fastoptim.torch.Adafactor steps "
+                                 "plain CPU tensors (its factors would need reductions "
+                                 "across ranks); use torch.optim.Adafactor under FSDP")
+            if not p.is_cpu or p.dtype not in _FLOAT:
+                raise ValueError(f"{where} is a {p.dtype} tensor on {p.device}; "
+                                 "fastoptim.torch.Adafactor steps float32 and float64 "
+                                 "CPU tensors")
+            g = p.grad
+            if g.shape != p.shape or g.dtype != p.dtype or not g.is_cpu:
+                raise ValueError(f"the gradient of {where} is a {g.dtype} tensor of shape "
+                                 f"{tuple(g.shape)} on {g.device}; the parameter is "
+                                 f"{p.dtype} of shape {tuple(p.shape)}")
+            state = self.state.get(p)
+            if not state:
+                state = {"step": torch.tensor(0.0, dtype=_scalar_dtype())}
+                for name in names:
+                    shape = self._rule.state_shape(name, g.shape)
+                    if shape is not None:
+                        state[name] = (g.new_zeros(shape) if shape != g.shape else
+                                       torch.zeros_like(g, memory_format=torch.preserve_format))
+                plan.new_state.append((p, state))
+            kept = {}
+            for name in names:
+                shape = self._rule.state_shape(name, p.shape)
+                t = state.get(name)
+                if shape is None:
+                    continue
+                if not (isinstance(t, torch.Tensor) and t.dtype == p.dtype and t.is_cpu
+                        and tuple(t.shape) == shape):
+                    raise ValueError(f"state[{name!r}] of {where} must be a {p.dtype} CPU "
+                                     f"tensor of shape {shape}, got "
+                                     f"{(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else t!r}")
+                kept[name] = plan.view(t)
+            step = state.get("step")
+            if not (isinstance(step, torch.Tensor) and step.numel() == 1):
+                raise TypeError(f"state['step'] of {where} must be a one-element tensor, "
+                                f"got {step!r}")
+            count = float(step)
+            if not (count >= 0 and count == int(count)):
+                raise ValueError(f"state['step'] of {where} is {count}; a step count must "
+                                 "be a whole number >= 0")
+            params.append(plan.view(p))
+            grads.append(_grad_array(g))
+            rows.append(kept.get("row_var"))
+            cols.append(kept.get("col_var"))
+            variances.append(kept.get("variance"))
+            steps.append(int(count))
+            plan.step_tensors.append(step)
+            plan.written.append(p)
+            plan.written.extend(state[n] for n in names if n in kept)
+        plan.steps = np.array(steps, dtype=np.int64)
+        options = {k: (_value(k, _to_scalar(group[k])) if k != "eps" else group[k])
+                   for k in ("lr", "beta2_decay", "d", "weight_decay", "eps")}
+        try:
+            plan.kernel = F.prepare_adafactor(
+                params, grads, rows, cols, variances, plan.steps,
+                maximize=bool(group["maximize"]), **options)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"param_groups[{gi}]: {e}") from None
+        return plan
+
+
+class _Plan:
+    """A group's prepared Adafactor step: run() moves data and cannot fail."""
+    __slots__ = ("kernel", "backs", "steps", "step_tensors", "new_state", "written")
+
+    def __init__(self):
+        self.kernel = None
+        self.backs = []          # (tensor, C-ordered copy): written back after the run
+        self.steps = None
+        self.step_tensors = []
+        self.new_state = []      # (param, state) made by this step
+        self.written = []
+
+    def view(self, t):
+        """The tensor as a C-ordered NumPy array: its own memory, or a copy written
+        back after the run."""
+        a = t.detach().numpy()
+        if a.flags.c_contiguous:
+            return a
+        c = np.ascontiguousarray(a)
+        self.backs.append((a, c))
+        return c
+
+    def run(self, n_threads):
+        self.kernel.run(n_threads)
+        for dst, src in self.backs:
+            np.copyto(dst, src)
+        for t, count in zip(self.step_tensors, self.steps.tolist()):
+            t.fill_(count)
+        torch.autograd.graph.increment_version(self.written)
+
+
+def _grad_array(g):
+    """A gradient as a NumPy array (a graph, conjugate or negative bit resolved)."""
+    g = g.detach()
+    try:
+        return g.numpy()
+    except RuntimeError:
+        return g.resolve_neg().resolve_conj().numpy()
