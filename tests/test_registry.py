@@ -17,7 +17,7 @@ CLASSES = {"sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop", "adam": "Ad
            "radam": "RAdam", "rprop": "Rprop", "nadam": "NAdam", "asgd": "ASGD",
            "lion": "Lion", "adopt": "ADOPT", "ademamix": "AdEMAMix",
            "sophiah": "SophiaH", "adamw_schedulefree": "AdamWScheduleFree",
-           "adahessian": "AdaHessian"}
+           "adafactor": "Adafactor", "adahessian": "AdaHessian"}
 #: rules torch.optim lacks: the package whose class is the oracle (the registry's)
 ORACLES = {name: s.oracle for name, s in REGISTRY.items() if s.oracle}
 #: state an oracle keeps that fastoptim does not (SophiaH's copy of its last estimate,
@@ -99,7 +99,10 @@ def test_kept_state_and_its_order_are_torch_optim_s(name):
     s = spec(name)
     for opts in _option_mixes(s):
         # (torch's order: step, then the per-parameter scalars, NAdam's mu_product)
-        want = tuple(n for n, _ in s.scalar_state) + s.state_names(dict(s.defaults, **opts))
+        # (of a vector: Adafactor's matrices keep other state, test_adafactor.py)
+        want = tuple(n for n, _ in s.scalar_state) + tuple(
+            n for n in s.state_names(dict(s.defaults, **opts))
+            if s.state_shape(n, (5,)) is not None)
         p = torch.nn.Parameter(torch.ones(5))
         p.grad = torch.ones(5)
         ref = _torch_class(name)([p], **opts)
@@ -154,12 +157,13 @@ def _template_table():
 
 def test_the_kernels_dispatch_table_is_the_registry_s():
     """segments.pxi.tp instantiates each kernel's loops for the state formats its
-    registry entries accept, and no others (AdaHessian has its own dispatch)."""
+    registry entries accept, and no others (AdaHessian and Adafactor have their own
+    dispatch)."""
     t = _template_table()
     formats = {"bfloat16": ["bf16_nearest", "bf16_stochastic"], "8bit": ["q8"]}
     want = {}
     for s in REGISTRY.values():
-        if s.name == "adahessian":
+        if s.name in ("adahessian", "adafactor"):      # (their own kernels)
             continue
         got = want.setdefault(s.kernel, set(t["NATIVE"]))
         for f in s.state_formats:
@@ -179,7 +183,9 @@ def _problem(name, rng):
     shapes = [(5,), (3, 4)]
     params = [rng.standard_normal(sh) for sh in shapes]
     grads = [rng.standard_normal(sh) for sh in shapes]
-    states = {n: [np.abs(rng.standard_normal(sh)) for sh in shapes] for n in s.state}
+    states = {n: [None if s.state_shape(n, sh) is None
+                  else np.abs(rng.standard_normal(s.state_shape(n, sh))) for sh in shapes]
+              for n in s.state}
     states.update({n: [np.full((), s.defaults["lr"] if v is None else v, np.float32)
                        for _ in shapes] for n, v in s.scalar_state})
     inputs = [[rng.standard_normal(sh) for sh in shapes] for _ in s.inputs]
@@ -203,6 +209,8 @@ OPTION_MIXES = {
     "ademamix": [{}, {"weight_decay": 0.1, "t_alpha_beta3": 10.0, "maximize": True}],
     "sophiah": [{}, {"weight_decay": 0.1, "weight_decouple": False, "p": 0.5}],
     "adamw_schedulefree": [{}, {"weight_decay": 0.1, "ckp1": 0.3, "maximize": True}],
+    "adafactor": [{}, {"weight_decay": 0.1, "maximize": True, "eps": (1e-3, 1e-2), "d": 2.0,
+                       "beta2_decay": -0.5}],
     "adahessian": [{}, {"hessian_power": 0.5, "weight_decay": 0.1}],
 }
 
@@ -248,8 +256,8 @@ def test_bounds_are_the_kernels_and_torchs(name):
     empty = [[] for _ in s.kernel_state + s.scalar_state]
     fn([], [], *[[] for _ in s.inputs], *empty, np.zeros(0, np.int64), **kw)   # passes
     s.check_bounds(opts)
-    for key, bound, label in s.bounds:
-        bad = 1.0 if bound == "unit" else -1.0
+    for key, bound, label, *_text in s.bounds:
+        bad = 1.0 if bound in ("unit", "nonpos") else -1.0
         option, _, item = key.partition("[")
         value = bad if not item else tuple(bad if i == int(item[:-1]) else v
                                             for i, v in enumerate(opts[option]))
@@ -259,5 +267,5 @@ def test_bounds_are_the_kernels_and_torchs(name):
                    **dict(kw, **{option: value}))
             else:                            # (an option of the class, not the kernel)
                 getattr(fastoptim, CLASSES[name])([np.zeros(3)], **{option: value})
-        with pytest.raises(ValueError, match=rf"^Invalid {re.escape(label)}: {bad}$"):
+        with pytest.raises(ValueError, match=rf"^{re.escape(s.bound_message(key, bad))}$"):
             s.check_bounds(dict(opts, **{option: value}))

@@ -24,7 +24,7 @@ INFOS = {info.optim_cls.__name__: info for info in optim_db
 
 def test_the_database_covers_every_drop_in_of_a_torch_optim_rule():
     assert sorted(INFOS) == sorted(n for n in fot.__all__ if hasattr(torch.optim, n))
-    assert len(INFOS) == 11
+    assert len(INFOS) == 12
 
 
 @pytest.mark.parametrize("name", sorted(INFOS))
