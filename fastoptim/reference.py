@@ -1006,7 +1006,11 @@ def adafactor_(params, grads, row_vars, col_vars, variances, steps, *, lr=1e-2,
     Sums run in the fixed order of the functions above (torch sums in its own order,
     so results agree with torch's to rounding, not bit for bit); each mean is its sum
     divided by the count, each RMS ``sqrt(sum of squares) / sqrt(count)``, the square
-    root in the arrays' dtype, the rest in double.
+    root in the arrays' dtype, the rest in double. A matrix's :math:`\hat V` is
+    :math:`(R/\mathrm{rm})\,C` and, where it is not clamped,
+    :math:`U = g\,(1/\sqrt{R/\mathrm{rm}})(1/\sqrt{C})` (torch: :math:`g/\sqrt{RC/\mathrm{rm}}`,
+    the same to rounding): a factor per row and per column, so that no element needs a
+    division or a square root.
     """
     params, grads = _as_list(params), _as_list(grads)
     row_list, col_list = _as_list(row_vars), _as_list(col_vars)
@@ -1033,6 +1037,7 @@ def adafactor_(params, grads, row_vars, col_vars, variances, steps, *, lr=1e-2,
         if weight_decay != 0:
             p *= _scalar(1 - lr * weight_decay, p)
         e2 = _scalar(eps1 * eps1, p)
+        one = _scalar(1, p)
         if p.ndim > 1:
             r, c = row_list[i], col_list[i]
             B, m, n = x.shape
@@ -1040,13 +1045,19 @@ def adafactor_(params, grads, row_vars, col_vars, variances, steps, *, lr=1e-2,
             c[...] = _lerp(c, (_adafactor_col_sums(x) / _scalar(m, p)).reshape(c.shape), w)
             rm = np.array([_adafactor_total(s) for s in r.reshape(B, m)]) / _scalar(m, p)
             rm = np.where(rm < _scalar(eps1, p), _scalar(eps1, p), rm)
-            v = (r.reshape(B, m, 1) * c.reshape(B, 1, n)) / rm.reshape(B, 1, 1)
-            v = v.reshape(p.shape)
+            # V = (R / rm) C, and 1/sqrt(V) = 1/sqrt(R / rm) * 1/sqrt(C) where V is not
+            # clamped: a row's and a column's factor, no division or root per element
+            a = r.reshape(B, m) / rm.reshape(B, 1)
+            v = (a.reshape(B, m, 1) * c.reshape(B, 1, n)).reshape(p.shape)
+            with np.errstate(divide="ignore", invalid="ignore"):   # (as the kernel: inf)
+                scale = ((one / np.sqrt(a)).reshape(B, m, 1)
+                         * (one / np.sqrt(c)).reshape(B, 1, n)).reshape(p.shape)
+                u = np.where(v < e2, g * (one / np.sqrt(e2)), g * scale)
         else:
             var = var_list[i]
             var[...] = _lerp(var, g2, w)
-            v = var
-        u = g * (_scalar(1, p) / np.sqrt(np.where(v < e2, e2, v)))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                u = g * (one / np.sqrt(np.where(var < e2, e2, var)))
         if p.ndim > 1:
             usum = _adafactor_row_sums((u * u).reshape(-1, p.shape[-1]))
         else:

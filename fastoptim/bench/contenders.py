@@ -1,5 +1,7 @@
 """Contenders: one implementation in one configuration (NumPy reference, fastoptim,
 the ceiling loop, torch.optim), and every contender for a rule over a case's arrays."""
+import math
+
 import numpy as np
 
 from .. import _config, functional, reference
@@ -53,21 +55,25 @@ def _fastoptim_call(rule, P, G, S):
     return lambda: rule.call(functional, P, G, S, steps)
 
 
-def _ceiling_contender(P, G, S, threads, warm=None, policy=None):
+def _ceiling_contender(P, G, S, threads, warm=None, policy=None, passes=None):
     """The same-traffic loop on exactly ``threads`` threads over P, G, S (``warm``:
-    prefix views for the warm-up). Each call moves every value one step around the
-    cycle p <- s0 <- s1 ... <- p (1 + len(S) arrays); ``settle`` completes the cycle.
-    With more than one thread, ``before``/``after`` switch the kernels' serial
-    threshold off and back (``policy``, a :class:`SerialPolicy`), so the loop runs a
-    team of ``threads`` at every size."""
+    prefix views for the warm-up), once per pass (``passes``: the state arrays each
+    pass moves; default one pass over all of S). Each pass moves every value one step
+    around the cycle p <- s0 <- s1 ... <- p (1 + its states' arrays); ``settle``
+    completes the cycles. With more than one thread, ``before``/``after`` switch the
+    kernels' serial threshold off and back (``policy``, a :class:`SerialPolicy`), so
+    the loop runs a team of ``threads`` at every size."""
     prepare = _kernels.prepare_traffic
-    period = 1 + len(S)
+    passes = (len(S),) if passes is None else tuple(passes)
+    period = math.lcm(*(1 + k for k in passes))
 
     def call():
-        prepare(P, G, S).run(threads)
+        for k in passes:
+            prepare(P, G, S[:k]).run(threads)
 
     def warm_call():
-        prepare(*warm).run(threads)
+        for k in passes:
+            prepare(warm[0], warm[1], warm[2][:k]).run(threads)
 
     def settle(calls, warms):
         if warm is None:
@@ -97,6 +103,12 @@ def _torch_call(torch, rule, P, G, S, variant):
     its tensors replaced by views of S, so torch never allocates state of its own (and
     no full-size step is spent on setting up)."""
     cls, kw = _torch_class(torch, rule, variant)
+    if rule.spec.factored:
+        # (Adafactor: torch makes its own factors, at the first, untimed, warm-up step)
+        tp = [torch.from_numpy(rule.view(p)) for p in P]
+        for t, g in zip(tp, G):
+            t.grad = torch.from_numpy(rule.view(g))
+        return cls(tp, **rule.torch_kwargs, **kw).step
     dtype = torch.from_numpy(P[0][:0].reshape(-1)).dtype
     probe = torch.zeros(1, dtype=dtype)
     probe.grad = torch.ones(1, dtype=dtype)
@@ -144,9 +156,9 @@ def _dropin_call(torch, rule, P, G):
     """fastoptim.torch's optimizer (the drop-in for torch.optim) on nn.Parameters copied
     from P, with .grad set once: what a PyTorch user's step() costs."""
     from .. import torch as fot
-    params = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in P]
+    params = [torch.nn.Parameter(torch.from_numpy(rule.view(p.copy()))) for p in P]
     for t, g in zip(params, G):
-        t.grad = torch.from_numpy(g.copy())
+        t.grad = torch.from_numpy(rule.view(g.copy()))
     opt = _ready(getattr(fot, rule.torch_name)(params, **rule.torch_kwargs))
     if rule.spec.inputs:      # (SophiaH: its estimate, once)
         opt.step(hessian=[torch.ones_like(p) for p in params])
@@ -177,8 +189,8 @@ def build_contenders(rule, arrays, threads, torch=None, warm_prefix=None,
         n = max(threads)
         from .. import optim
         cls = getattr(optim, rule.torch_name)
-        opt = _ready(cls([p.copy() for p in P], **rule.torch_kwargs))
-        grads = [g.copy() for g in G]
+        opt = _ready(cls([rule.view(p.copy()) for p in P], **rule.torch_kwargs))
+        grads = [rule.view(g.copy()) for g in G]
         if opt._rule.inputs:                      # (SophiaH: its estimate, once)
             opt.step(grads, [np.ones_like(g) for g in grads])
         out.append(Contender("fastoptim", "optimizer class", n, lambda: opt.step(grads),
@@ -187,7 +199,7 @@ def build_contenders(rule, arrays, threads, torch=None, warm_prefix=None,
             out.append(Contender("fastoptim", "torch drop-in", n,
                                  _dropin_call(torch, rule, P, G), before=_set_fo_threads(n)))
     for n in sorted(set(threads) | {1}):     # 1 thread: the NumPy reference's ceiling
-        out.append(_ceiling_contender(P, G, S, n, warm, policy))
+        out.append(_ceiling_contender(P, G, S, n, warm, policy, rule.passes))
     if torch is not None:
         n = torch.get_num_threads()
         for variant in _torch_variants(rule):

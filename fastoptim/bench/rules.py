@@ -18,7 +18,8 @@ class Rule:
     torch's place, if installed (None for torch.optim's rules).
     """
 
-    def __init__(self, key, title, call, name, options, torch_fused, kernel):
+    def __init__(self, key, title, call, name, options, torch_fused, kernel, view=None,
+                 passes=None):
         entry = spec(name)
         self.spec = entry                   # (the registry entry)
         self.key = key
@@ -26,14 +27,31 @@ class Rule:
         self.call = call
         self.torch_name = entry.title
         self.torch_kwargs = options
-        self.torch_state = entry.state_names(dict(entry.defaults, **options))
+        # (factored state is not shaped like the parameter: the rule keeps its own, and
+        # torch's optimizer makes its own, not views of the case's state arrays)
+        self.torch_state = () if entry.factored else \
+            entry.state_names(dict(entry.defaults, **options))
         self.n_state = len(self.torch_state)
         self.torch_fused = torch_fused
         self.kernel = kernel
         self.oracle = entry.oracle or None
+        #: ``view(array)``: the array as the rule steps it (Adafactor: a matrix)
+        self.view = view if view is not None else (lambda a: a)
+        #: the passes of the same-traffic ceiling, each a traffic loop over this many
+        #: state arrays: what the rule's own passes must move (one pass for an
+        #: element-wise rule)
+        self.passes = passes if passes is not None else (self.n_state,)
 
     def __repr__(self):
         return f"Rule({self.key!r})"
+
+
+def _matrix(a):
+    """A 1-D array of a multiple of 1024 elements (at least 2^14) as a matrix of 1024
+    columns; other arrays as they are (a vector's Adafactor keeps a full second moment)."""
+    if a.ndim == 1 and a.size >= 1 << 14 and a.size % 1024 == 0:
+        return a.reshape(-1, 1024)
+    return a
 
 
 RULES = {r.key: r for r in (
@@ -95,10 +113,31 @@ RULES = {r.key: r for r in (
          lambda m, P, G, S, st: m.adamw_schedulefree_(P, G, S[0], S[1], st, lr=0.0025,
                                                       ckp1=0.01),
          "adamw_schedulefree", dict(lr=0.0025), False, "adamw-schedulefree"),
+    # (a matrix of 1024 columns: its row and column factors; its three passes move
+    # p and g, then g, then p, g and p again -- the traffic of two plain-SGD loops)
+    Rule("adafactor", "Adafactor",
+         lambda m, P, G, S, st: m.adafactor_(*_adafactor_arrays(P, G), st, lr=1e-2),
+         "adafactor", dict(lr=1e-2), False, "adafactor", view=_matrix, passes=(0, 0)),
 )}
 
 
 _SCALARS = {}
+_FACTORS = {}
+
+
+def _adafactor_arrays(P, G):
+    """(params, grads, row_vars, col_vars, variances) of an Adafactor step over P, G
+    (seen through _matrix), its state kept between the benchmark's steps."""
+    P = [_matrix(p) for p in P]
+    G = [_matrix(g) for g in G]
+    key = tuple((p.__array_interface__["data"][0], p.shape) for p in P)
+    if key not in _FACTORS:
+        _FACTORS.clear()
+        s = spec("adafactor")
+        _FACTORS[key] = [[None if s.state_shape(n, p.shape) is None
+                          else np.zeros(s.state_shape(n, p.shape), p.dtype) for p in P]
+                         for n in s.state]
+    return (P, G, *_FACTORS[key])
 
 
 def _scalars(params, name, initial):
@@ -114,7 +153,9 @@ def _scalars(params, name, initial):
 
 
 def bytes_per_element(rule, itemsize):
-    """Bytes a step moves per element: read p, g and each state; write p and each state.
+    """Bytes a step moves per element: read p, g and each state; write p and each state
+    (per pass of the rule: Adafactor's matrices take two plain-SGD passes' worth).
 
-    fp32: plain SGD 12, one state array (SGD-momentum, Adagrad, RMSprop) 20, Adam 28."""
-    return (3 + 2 * rule.n_state) * itemsize
+    fp32: plain SGD 12, one state array (SGD-momentum, Adagrad, RMSprop) 20, Adam 28,
+    Adafactor 24."""
+    return sum(3 + 2 * k for k in rule.passes) * itemsize

@@ -18,7 +18,8 @@
 # Every sum follows the order fastoptim/reference.py defines (16 interleaved lane sums
 # per row, rows one after the other, column blocks one after the other), which does not
 # depend on the thread count or the instruction set: the kernel equals the reference
-# bit for bit. Threads split rows (or blocks, or column tiles) statically; below
+# bit for bit. The row loops are C (src_c/fo_adafactor.h, for restrict); this file
+# runs them over rows, blocks and chunks. Threads split rows (or blocks, or column tiles) statically; below
 # AF_SERIAL elements a parameter runs on the calling thread.
 
 cdef enum:
@@ -46,25 +47,30 @@ cdef struct AfOpts:
     bint maximize
 
 
-cdef inline floating _af_sumsq(const floating *x, Py_ssize_t n) noexcept nogil:
-    """Sum of x^2 over one row: 16 interleaved lane sums, added lane by lane, then the
-    elements past the last full 16 (reference._adafactor_row_sums)."""
-    cdef floating acc[AF_LANES]
-    cdef floating s
-    cdef Py_ssize_t k, l, n16 = n - n % AF_LANES
-    for l in range(AF_LANES):
-        acc[l] = 0
-    k = 0
-    while k < n16:
-        for l in range(AF_LANES):
-            acc[l] = acc[l] + x[k + l] * x[k + l]
-        k += AF_LANES
-    s = acc[0]
-    for l in range(1, AF_LANES):
-        s = s + acc[l]
-    for k in range(n16, n):
-        s = s + x[k] * x[k]
-    return s
+cdef extern from "fo_adafactor.h" nogil:
+    # the row loops (C, for restrict); _f float, _d double
+    void fo_af_row_sums_f(const float *p, const float *g, float *col, int64_t n,
+                          float *sg, float *sp)
+    void fo_af_row_sums_d(const double *p, const double *g, double *col, int64_t n,
+                          double *sg, double *sp)
+    float fo_af_row_usum_f(const float *g, float a, float ra, const float *c,
+                           const float *cb, float e2, float ie, float sign, int64_t n)
+    double fo_af_row_usum_d(const double *g, double a, double ra, const double *c,
+                            const double *cb, double e2, double ie, double sign, int64_t n)
+    void fo_af_row_step_f(float *p, const float *g, float a, float ra, const float *c,
+                          const float *cb, float e2, float ie, float sign, float decay,
+                          int has_wd, float step, int64_t n)
+    void fo_af_row_step_d(double *p, const double *g, double a, double ra, const double *c,
+                          const double *cb, double e2, double ie, double sign, double decay,
+                          int has_wd, double step, int64_t n)
+    void fo_af_chunk_f(const float *p, const float *g, float *v, int64_t n, float w,
+                       float e2, float sign, float *sp, float *su)
+    void fo_af_chunk_d(const double *p, const double *g, double *v, int64_t n, double w,
+                       double e2, double sign, double *sp, double *su)
+    void fo_af_chunk_step_f(float *p, const float *g, const float *v, int64_t n, float e2,
+                            float sign, float decay, int has_wd, float step)
+    void fo_af_chunk_step_d(double *p, const double *g, const double *v, int64_t n,
+                            double e2, double sign, double decay, int has_wd, double step)
 
 
 cdef inline floating _af_total(const floating *x, Py_ssize_t n) noexcept nogil:
@@ -79,87 +85,68 @@ cdef inline floating _af_total(const floating *x, Py_ssize_t n) noexcept nogil:
     return s
 
 
-cdef inline floating _af_update(floating g, floating v, floating e2) noexcept nogil:
-    """U = g / sqrt(max(V, eps1^2)), as g * rsqrt (torch: clamp_, rsqrt_, mul_)."""
-    cdef floating one = 1
-    return g * (one / _sqrt(e2 if v < e2 else v))
-
-
 # --- matrices --------------------------------------------------------------------------
 
 cdef void _af_block(const floating *p, const floating *g, floating *rows, floating *prow,
                     floating *cp, Py_ssize_t k, Py_ssize_t nb, Py_ssize_t m,
                     Py_ssize_t n) noexcept nogil:
     """Pass 1 on block k (of all B*nb): its rows' sums of g^2 and p^2, and its column
-    sums of g^2 (row after row) into cp + k*n."""
+    sums of g^2, row after row, into cp + k*n; one read of each row."""
     cdef Py_ssize_t b = k // nb, r0 = (k % nb) * AF_BLOCK, r1 = min(m, r0 + AF_BLOCK)
     cdef Py_ssize_t r, j, row
-    cdef const floating *gr
     cdef floating *c = cp + k * n
+    for j in range(n):
+        c[j] = 0
     for r in range(r0, r1):
         row = b * m + r
-        gr = g + row * n
-        if r == r0:
-            for j in range(n):
-                c[j] = gr[j] * gr[j]
+        if floating is float:
+            fo_af_row_sums_f(p + row * n, g + row * n, c, n, &rows[row], &prow[row])
         else:
-            for j in range(n):
-                c[j] = c[j] + gr[j] * gr[j]
-        rows[row] = _af_sumsq(gr, n)
-        prow[row] = _af_sumsq(p + row * n, n)
+            fo_af_row_sums_d(p + row * n, g + row * n, c, n, &rows[row], &prow[row])
 
 
-cdef void _af_cols(floating *col, const floating *cp, Py_ssize_t tile, Py_ssize_t nb,
-                   Py_ssize_t n, floating mf, floating w) noexcept nogil:
+cdef void _af_cols(floating *col, floating *cb, const floating *cp, Py_ssize_t tile,
+                   Py_ssize_t nb, Py_ssize_t n, floating mf, floating w) noexcept nogil:
     """C of one tile of AF_COLTILE columns: its block sums added block after block,
-    then C's lerp toward their mean."""
+    C's lerp toward their mean, and the column factor 1/sqrt(C)."""
     cdef Py_ssize_t tpb = (n + AF_COLTILE - 1) // AF_COLTILE
     cdef Py_ssize_t b = tile // tpb, j0 = (tile % tpb) * AF_COLTILE
     cdef Py_ssize_t j1 = min(n, j0 + AF_COLTILE), j, k
     cdef const floating *base = cp + b * nb * n
-    cdef floating s
+    cdef floating acc[AF_COLTILE]
+    cdef floating s, one = 1
+    # block after block, each over the tile's columns (contiguous: vector loads)
     for j in range(j0, j1):
-        s = base[j]
-        for k in range(1, nb):
-            s = s + base[k * n + j]
-        col[b * n + j] = _lerp(col[b * n + j], s / mf, w)
+        acc[j - j0] = base[j]
+    for k in range(1, nb):
+        for j in range(j0, j1):
+            acc[j - j0] = acc[j - j0] + base[k * n + j]
+    for j in range(j0, j1):
+        s = _lerp(col[b * n + j], acc[j - j0] / mf, w)
+        col[b * n + j] = s
+        cb[b * n + j] = one / _sqrt(s)
 
 
-cdef floating _af_row_update(const floating *g, floating r, const floating *c,
-                             floating rm, floating e2, floating sign,
-                             Py_ssize_t n) noexcept nogil:
-    """Pass 2 on one row: the sum of U^2, U from R's r, C and the row mean rm."""
-    cdef floating acc[AF_LANES]
-    cdef floating s, u
-    cdef Py_ssize_t k, l, n16 = n - n % AF_LANES
-    for l in range(AF_LANES):
-        acc[l] = 0
-    k = 0
-    while k < n16:
-        for l in range(AF_LANES):
-            u = _af_update(g[k + l] * sign, (r * c[k + l]) / rm, e2)
-            acc[l] = acc[l] + u * u
-        k += AF_LANES
-    s = acc[0]
-    for l in range(1, AF_LANES):
-        s = s + acc[l]
-    for k in range(n16, n):
-        u = _af_update(g[k] * sign, (r * c[k]) / rm, e2)
-        s = s + u * u
-    return s
+cdef inline floating _af_row_update(const floating *g, floating a, floating ra,
+                                    const floating *c, const floating *cb, floating e2,
+                                    floating ie, floating sign, Py_ssize_t n) noexcept nogil:
+    """Pass 2 on one row: the sum of U^2 (a = R/rm of the row, ra = 1/sqrt(a); U is
+    g / sqrt(eps1^2) where V = a C is clamped, else g * (ra * 1/sqrt(C)))."""
+    if floating is float:
+        return fo_af_row_usum_f(g, a, ra, c, cb, e2, ie, sign, n)
+    else:
+        return fo_af_row_usum_d(g, a, ra, c, cb, e2, ie, sign, n)
 
 
-cdef void _af_row_step(floating *p, const floating *g, floating r, const floating *c,
-                       floating rm, floating e2, floating sign, floating decay, bint has_wd,
-                       floating step, Py_ssize_t n) noexcept nogil:
+cdef inline void _af_row_step(floating *p, const floating *g, floating a, floating ra,
+                              const floating *c, const floating *cb, floating e2,
+                              floating ie, floating sign, floating decay, bint has_wd,
+                              floating step, Py_ssize_t n) noexcept nogil:
     """Pass 3 on one row: p (1 - lr wd) + step * U."""
-    cdef Py_ssize_t j
-    cdef floating pj
-    for j in range(n):
-        pj = p[j]
-        if has_wd:
-            pj = pj * decay
-        p[j] = pj + step * _af_update(g[j] * sign, (r * c[j]) / rm, e2)
+    if floating is float:
+        fo_af_row_step_f(p, g, a, ra, c, cb, e2, ie, sign, decay, has_wd, step, n)
+    else:
+        fo_af_row_step_d(p, g, a, ra, c, cb, e2, ie, sign, decay, has_wd, step, n)
 
 
 cdef void _af_matrix(const AfParam *a, floating *p, const floating *g, floating *row,
@@ -167,14 +154,16 @@ cdef void _af_matrix(const AfParam *a, floating *p, const floating *g, floating 
                      int nt) noexcept nogil:
     cdef Py_ssize_t B = a.B, m = a.m, n = a.n, nb = a.nb, nrows = a.B * a.m, k, b, i
     cdef Py_ssize_t ntiles = a.B * ((a.n + AF_COLTILE - 1) // AF_COLTILE)
-    cdef floating *rows = scr
-    cdef floating *prow = scr + nrows
+    cdef floating *rows = scr            # row sums of g^2, then R / rm
+    cdef floating *prow = scr + nrows    # row sums of p^2, then 1/sqrt(R / rm)
     cdef floating *urow = scr + 2 * nrows
     cdef floating *rm = scr + 3 * nrows
-    cdef floating *cp = scr + 3 * nrows + B
+    cdef floating *cb = scr + 3 * nrows + B
+    cdef floating *cp = scr + 3 * nrows + B + B * n
     cdef floating w = <floating> pow(t, o.beta2_decay)
-    cdef floating nf = <floating> n, mf = <floating> m
+    cdef floating nf = <floating> n, mf = <floating> m, one = 1
     cdef floating e1 = <floating> o.eps1, e2 = <floating> (o.eps1 * o.eps1)
+    cdef floating ie = one / _sqrt(e2)
     cdef floating sign = -1 if o.maximize else 1
     cdef floating decay = <floating> (1.0 - o.lr * o.weight_decay)
     cdef floating x
@@ -192,38 +181,42 @@ cdef void _af_matrix(const AfParam *a, floating *p, const floating *g, floating 
     rho = rho if rho < o.lr else o.lr
     rms = <double> _sqrt(_af_total(prow, nrows)) / root
     alpha = (rms if rms > o.eps2 else o.eps2) * rho
+    # the factors: R, its row means, C; per row R / rm and its 1/sqrt, per column 1/sqrt(C)
     for i in range(nrows):
         row[i] = _lerp(row[i], rows[i] / nf, w)
     for b in range(B):
         x = _af_total(row + b * m, m) / mf
         rm[b] = e1 if x < e1 else x
+    for i in range(nrows):
+        rows[i] = row[i] / rm[i // m]
+        prow[i] = one / _sqrt(rows[i])
     if nt > 1:
         for k in prange(ntiles, num_threads=nt, schedule="static"):
-            _af_cols(col, cp, k, nb, n, mf, w)
+            _af_cols(col, cb, cp, k, nb, n, mf, w)
     else:
         for k in range(ntiles):
-            _af_cols(col, cp, k, nb, n, mf, w)
+            _af_cols(col, cb, cp, k, nb, n, mf, w)
     # 2. the RMS of the update
     if nt > 1:
         for i in prange(nrows, num_threads=nt, schedule="static"):
-            urow[i] = _af_row_update(g + i * n, row[i], col + (i // m) * n, rm[i // m], e2,
-                                     sign, n)
+            urow[i] = _af_row_update(g + i * n, rows[i], prow[i], col + (i // m) * n,
+                                     cb + (i // m) * n, e2, ie, sign, n)
     else:
         for i in range(nrows):
-            urow[i] = _af_row_update(g + i * n, row[i], col + (i // m) * n, rm[i // m], e2,
-                                     sign, n)
+            urow[i] = _af_row_update(g + i * n, rows[i], prow[i], col + (i // m) * n,
+                                     cb + (i // m) * n, e2, ie, sign, n)
     urms = <double> _sqrt(_af_total(urow, nrows)) / (root * o.d)
     denom = urms if urms > 1.0 else 1.0
     step = <floating> (-alpha / denom)
     # 3. the update
     if nt > 1:
         for i in prange(nrows, num_threads=nt, schedule="static"):
-            _af_row_step(p + i * n, g + i * n, row[i], col + (i // m) * n, rm[i // m], e2,
-                         sign, decay, has_wd, step, n)
+            _af_row_step(p + i * n, g + i * n, rows[i], prow[i], col + (i // m) * n,
+                         cb + (i // m) * n, e2, ie, sign, decay, has_wd, step, n)
     else:
         for i in range(nrows):
-            _af_row_step(p + i * n, g + i * n, row[i], col + (i // m) * n, rm[i // m], e2,
-                         sign, decay, has_wd, step, n)
+            _af_row_step(p + i * n, g + i * n, rows[i], prow[i], col + (i // m) * n,
+                         cb + (i // m) * n, e2, ie, sign, decay, has_wd, step, n)
 
 
 # --- vectors ---------------------------------------------------------------------------
@@ -233,51 +226,20 @@ cdef void _af_chunk(const floating *p, const floating *g, floating *v, floating 
                     floating sign) noexcept nogil:
     """Pass 1 on one chunk: V's lerp toward g^2, the sums of p^2 and of U^2."""
     cdef Py_ssize_t lo = c * AF_CHUNK, n = min(N - lo, <Py_ssize_t> AF_CHUNK)
-    cdef Py_ssize_t k, l, n16 = n - n % AF_LANES, j
-    cdef floating accp[AF_LANES]
-    cdef floating accu[AF_LANES]
-    cdef floating sp, su, gj, vj, u
-    for l in range(AF_LANES):
-        accp[l] = 0
-        accu[l] = 0
-    k = 0
-    while k < n16:
-        for l in range(AF_LANES):
-            j = lo + k + l
-            gj = g[j] * sign
-            vj = _lerp(v[j], gj * gj, w)
-            v[j] = vj
-            u = _af_update(gj, vj, e2)
-            accp[l] = accp[l] + p[j] * p[j]
-            accu[l] = accu[l] + u * u
-        k += AF_LANES
-    sp = accp[0]
-    su = accu[0]
-    for l in range(1, AF_LANES):
-        sp = sp + accp[l]
-        su = su + accu[l]
-    for k in range(n16, n):
-        j = lo + k
-        gj = g[j] * sign
-        vj = _lerp(v[j], gj * gj, w)
-        v[j] = vj
-        u = _af_update(gj, vj, e2)
-        sp = sp + p[j] * p[j]
-        su = su + u * u
-    prow[c] = sp
-    urow[c] = su
+    if floating is float:
+        fo_af_chunk_f(p + lo, g + lo, v + lo, n, w, e2, sign, &prow[c], &urow[c])
+    else:
+        fo_af_chunk_d(p + lo, g + lo, v + lo, n, w, e2, sign, &prow[c], &urow[c])
 
 
 cdef void _af_chunk_step(floating *p, const floating *g, const floating *v, Py_ssize_t c,
                          Py_ssize_t N, floating e2, floating sign, floating decay,
                          bint has_wd, floating step) noexcept nogil:
-    cdef Py_ssize_t lo = c * AF_CHUNK, hi = min(N, lo + AF_CHUNK), j
-    cdef floating pj
-    for j in range(lo, hi):
-        pj = p[j]
-        if has_wd:
-            pj = pj * decay
-        p[j] = pj + step * _af_update(g[j] * sign, v[j], e2)
+    cdef Py_ssize_t lo = c * AF_CHUNK, n = min(N - lo, <Py_ssize_t> AF_CHUNK)
+    if floating is float:
+        fo_af_chunk_step_f(p + lo, g + lo, v + lo, n, e2, sign, decay, has_wd, step)
+    else:
+        fo_af_chunk_step_d(p + lo, g + lo, v + lo, n, e2, sign, decay, has_wd, step)
 
 
 cdef void _af_vector(const AfParam *a, floating *p, const floating *g, floating *v,
@@ -325,6 +287,7 @@ cdef class AdafactorStep:
     cdef list keep
     cdef bint done
     cdef Py_ssize_t total
+    cdef cnp.ndarray scratch      # float64 words, shared by the step's parameters
 
     def __cinit__(self):
         self.a = NULL
@@ -335,6 +298,8 @@ cdef class AdafactorStep:
 
     def __dealloc__(self):
         PyMem_Free(self.a)
+        if self.scratch is not None and _af_pool is not None:
+            _af_scratch_give(self.scratch)
 
     @property
     def size(self):
@@ -382,6 +347,28 @@ cdef void _af_run(const AfParam *params, Py_ssize_t n, int64_t *steps, const AfO
                        <float *> a.scratch, step, o, nt)
 
 
+#: scratch buffers of finished steps, for the next ones (a step takes one while it
+#: lives; taking and giving back happen under the GIL)
+cdef list _af_pool = []
+
+
+cdef cnp.ndarray _af_scratch_take(Py_ssize_t words):
+    """A float64 buffer of at least ``words`` words (one more: never empty)."""
+    cdef Py_ssize_t k
+    for k in range(len(_af_pool)):
+        if (<cnp.ndarray> _af_pool[k]).shape[0] > words:
+            return _af_pool.pop(k)
+    return np.empty(words + 1, dtype=np.float64)
+
+
+cdef _af_scratch_give(cnp.ndarray buf):
+    """Keep a finished step's buffer (the four largest at most)."""
+    _af_pool.append(buf)
+    if len(_af_pool) > 4:
+        _af_pool.sort(key=len)
+        del _af_pool[0]
+
+
 cdef cnp.ndarray _af_state(object obj, str name, Py_ssize_t i, cnp.ndarray p, tuple shape):
     """A factor or second moment of params[i]: its dtype, ``shape``, C-contiguous."""
     cdef cnp.ndarray a = _check_array(obj, name, i, True, None, None)
@@ -401,7 +388,7 @@ def prepare_adafactor(params, grads, row_vars, col_vars, variances, steps, lr,
     """Check everything and return an AdafactorStep (fastoptim.functional.adafactor_)."""
     cdef AdafactorStep s = AdafactorStep()
     cdef list ps, gs, rs, cs, vs
-    cdef Py_ssize_t n, i, k, B, m, nc
+    cdef Py_ssize_t n, i, k, B, m, nc, words, scratch_len = 0
     cdef cnp.ndarray p, g, st, scratch
     cdef AfParam *a
     s.o.lr = _nonneg("learning rate", lr)
@@ -476,7 +463,7 @@ def prepare_adafactor(params, grads, row_vars, col_vars, variances, steps, lr,
             written[2].append(col)
             where[1].append(i)
             where[2].append(i)
-            nc = 3 * a.B * a.m + a.B + a.B * a.nb * a.n
+            nc = 3 * a.B * a.m + a.B + a.B * a.n + a.B * a.nb * a.n
         else:
             if rs[i] is not None or cs[i] is not None:
                 raise ValueError(f"row_vars[{i}] and col_vars[{i}] must be None: "
@@ -489,9 +476,11 @@ def prepare_adafactor(params, grads, row_vars, col_vars, variances, steps, lr,
             nc = 2 * ((a.N + AF_CHUNK - 1) // AF_CHUNK)
         if not cnp.PyArray_IS_C_CONTIGUOUS(g):
             g = np.ascontiguousarray(g)
-        scratch = np.empty(max(nc, 1), dtype=p.dtype)
-        s.keep.extend((p, g, scratch))
-        a.p, a.g, a.scratch = cnp.PyArray_DATA(p), cnp.PyArray_DATA(g), cnp.PyArray_DATA(scratch)
+        s.keep.extend((p, g))
+        a.p, a.g = cnp.PyArray_DATA(p), cnp.PyArray_DATA(g)
+        a.scratch = <void *> <uintptr_t> (8 * scratch_len)      # (an offset, for now)
+        words = nc if a.is_double else (nc + 1) // 2
+        scratch_len += (words + 7) // 8 * 8         # (64-byte aligned parts)
         written[0].append(p)
         read[0].append(g)
         where[0].append(i)
@@ -507,6 +496,12 @@ def prepare_adafactor(params, grads, row_vars, col_vars, variances, steps, lr,
         raise ValueError(f"{names[la]}[{where[la][ia]}] and {names[lb]}[{where[lb][ib]}] "
                          f"share memory; the arrays a step updates must not overlap any "
                          f"other array")
+    # one scratch buffer for the step's row and column sums, taken from a pool: a new
+    # one every step (megabytes for a large matrix) cost the kernel's page clearing
+    s.scratch = _af_scratch_take(scratch_len)
+    for k in range(s.n):
+        s.a[k].scratch = <void *> (<char *> cnp.PyArray_DATA(s.scratch)
+                                   + <uintptr_t> s.a[k].scratch)
     s.o.eps1 = 0.0 if eps1 is None else eps1
     s.steps = <int64_t *> cnp.PyArray_DATA(st)
     s.keep.append(st)
