@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fastoptim import _config, bench, functional, reference
+from fastoptim.bench.contenders import _ceiling_contender
 
 pytest.importorskip("pytest_benchmark")
 
@@ -33,9 +34,10 @@ def test_step(benchmark, rule_key, dtype, size, impl):
         bench.bytes_per_element(rule, np.dtype(dtype).itemsize) * size)
     if impl == "traffic":
         threads = _config.get_num_threads()
-        prepare = _config._kernels.prepare_traffic
-        benchmark(lambda: prepare(P, G, S).run(threads))
+        benchmark(_ceiling_contender(P, G, S, threads, passes=rule.passes).call)
     else:
         module = functional if impl == "fastoptim" else reference
         benchmark(rule.call, module, P, G, S, steps)
-    assert np.isfinite(P[0]).all()
+    # (Adafactor's step is relative to RMS(p): thousands of rounds of one gradient grow
+    # p by (1 + lr) a step, to infinity -- the rule, not a fault)
+    assert np.isfinite(P[0]).all() or rule.key == "adafactor"

@@ -967,6 +967,21 @@ def _adafactor_col_sums(x):
     return np.cumsum(np.stack(blocks, axis=1), axis=1)[:, -1]
 
 
+def _adafactor_factored_usum(x, r, c, a, rm, e2):
+    """The sum of U^2 of a matrix from its factors, without U: where no element of
+    V = a C is clamped (every a and C finite and positive, min(a) min(C) >= eps1^2),
+    U^2 = g^2 (rm / R) (1 / C) to rounding, so the sum is
+    sum_b rm_b sum_j T_bj / C_bj with T_bj = sum_i g_bij^2 (1 / R_bi) (summed as the
+    column sums are). None where some element may be clamped: U must be summed."""
+    one = x.dtype.type(1)
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(c)) and np.all(a > 0)
+            and np.all(c > 0)) or not a.min() * c.min() >= e2:
+        return None
+    t = _adafactor_col_sums(x * (one / r)[:, :, None])
+    per = [rm[b] * _adafactor_total(t[b] / c[b]) for b in range(x.shape[0])]
+    return _adafactor_total(np.array(per, x.dtype))
+
+
 def adafactor_eps1(eps, params, grads):
     """The eps1 a step uses: ``eps[0]``, or when it is None the machine epsilon of the
     first parameter that has a gradient (as torch.optim.Adafactor resolves it)."""
@@ -1006,7 +1021,9 @@ def adafactor_(params, grads, row_vars, col_vars, variances, steps, *, lr=1e-2,
     Sums run in the fixed order of the functions above (torch sums in its own order,
     so results agree with torch's to rounding, not bit for bit); each mean is its sum
     divided by the count, each RMS ``sqrt(sum of squares) / sqrt(count)``, the square
-    root in the arrays' dtype, the rest in double. A matrix's :math:`\hat V` is
+    root in the arrays' dtype, the rest in double. A matrix's sum of :math:`U^2` comes
+    from its factors where no element is clamped (:func:`_adafactor_factored_usum`:
+    the kernel then reads the gradient twice, not three times). A matrix's :math:`\hat V` is
     :math:`(R/\mathrm{rm})\,C` and, where it is not clamped,
     :math:`U = g\,(1/\sqrt{R/\mathrm{rm}})(1/\sqrt{C})` (torch: :math:`g/\sqrt{RC/\mathrm{rm}}`,
     the same to rounding): a factor per row and per column, so that no element needs a
@@ -1053,16 +1070,17 @@ def adafactor_(params, grads, row_vars, col_vars, variances, steps, *, lr=1e-2,
                 scale = ((one / np.sqrt(a)).reshape(B, m, 1)
                          * (one / np.sqrt(c)).reshape(B, 1, n)).reshape(p.shape)
                 u = np.where(v < e2, g * (one / np.sqrt(e2)), g * scale)
+                usum = _adafactor_factored_usum(x, r.reshape(B, m), c.reshape(B, n), a,
+                                                rm, e2)
+            if usum is None:
+                usum = _adafactor_total(_adafactor_row_sums((u * u).reshape(-1, n)))
         else:
             var = var_list[i]
             var[...] = _lerp(var, g2, w)
             with np.errstate(divide="ignore", invalid="ignore"):
                 u = g * (one / np.sqrt(np.where(var < e2, e2, var)))
-        if p.ndim > 1:
-            usum = _adafactor_row_sums((u * u).reshape(-1, p.shape[-1]))
-        else:
-            usum = _adafactor_flat_row_sums(u * u)
-        urms = float(np.sqrt(_adafactor_total(usum))) / (max(p.size, 1) ** 0.5 * d)
+            usum = _adafactor_total(_adafactor_flat_row_sums(u * u))
+        urms = float(np.sqrt(usum)) / (max(p.size, 1) ** 0.5 * d)
         denom = max(1.0, urms)
         p += _scalar(-alpha / denom, p) * u
 

@@ -63,6 +63,14 @@ static void fo_af_row_sums_##SUF(const T *restrict p, const T *restrict g,      
     *sp = t;                                                                             \
 }                                                                                        \
                                                                                          \
+/* Pass 1 of a matrix, one row again (from L1): t[j] += g[j]^2 * inv, inv = 1/R of the  \
+ * row (the column sums of g^2 / R, for the sum of U^2 from the factors) */              \
+static void fo_af_row_tsum_##SUF(const T *restrict g, T inv, T *restrict t, int64_t n) { \
+    int64_t j;                                                                           \
+    for (j = 0; j < n; j++)                                                              \
+        t[j] = t[j] + (g[j] * g[j]) * inv;                                               \
+}                                                                                        \
+                                                                                         \
 /* Pass 2 of a matrix, one row: the sum of U^2 (a = R/rm of the row, ra = 1/sqrt(a),    \
  * cb[j] = 1/sqrt(c[j])) */                                                              \
 static T fo_af_row_usum_##SUF(const T *restrict g, T a, T ra, const T *restrict c,       \

@@ -40,6 +40,9 @@ def _problem(dtype, seed=0, shapes=SHAPES):
 def _grads(rng, params, k):
     gs = [np.asarray(rng.standard_normal(p.shape) * 10.0 ** (i % 3 - 1), p.dtype)
           for i, p in enumerate(params)]
+    if k == 0:
+        gs[0][3] = 0                 # (a zero row: V may be clamped, U is summed)
+        gs[1][1, 2] = 0
     if k == 2:
         gs[1] = None                 # (a parameter without a gradient is left alone)
     return gs

@@ -58,22 +58,28 @@ def _fastoptim_call(rule, P, G, S):
 def _ceiling_contender(P, G, S, threads, warm=None, policy=None, passes=None):
     """The same-traffic loop on exactly ``threads`` threads over P, G, S (``warm``:
     prefix views for the warm-up), once per pass (``passes``: the state arrays each
-    pass moves; default one pass over all of S). Each pass moves every value one step
+    pass moves, or "read" for a pass that only reads p and g; default one pass over
+    all of S). Each pass moves every value one step
     around the cycle p <- s0 <- s1 ... <- p (1 + its states' arrays); ``settle``
     completes the cycles. With more than one thread, ``before``/``after`` switch the
     kernels' serial threshold off and back (``policy``, a :class:`SerialPolicy`), so
     the loop runs a team of ``threads`` at every size."""
     prepare = _kernels.prepare_traffic
     passes = (len(S),) if passes is None else tuple(passes)
-    period = math.lcm(*(1 + k for k in passes))
+    period = math.lcm(*(1 + k for k in passes if k != "read"))
+
+    def run(P, G, S):
+        for k in passes:
+            if k == "read":       # (the non-finite scan: p and g read once, in parallel)
+                _kernels.first_nonfinite(P + G, threads)
+            else:
+                prepare(P, G, S[:k]).run(threads)
 
     def call():
-        for k in passes:
-            prepare(P, G, S[:k]).run(threads)
+        run(P, G, S)
 
     def warm_call():
-        for k in passes:
-            prepare(warm[0], warm[1], warm[2][:k]).run(threads)
+        run(*warm)
 
     def settle(calls, warms):
         if warm is None:

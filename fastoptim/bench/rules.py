@@ -38,8 +38,8 @@ class Rule:
         #: ``view(array)``: the array as the rule steps it (Adafactor: a matrix)
         self.view = view if view is not None else (lambda a: a)
         #: the passes of the same-traffic ceiling, each a traffic loop over this many
-        #: state arrays: what the rule's own passes must move (one pass for an
-        #: element-wise rule)
+        #: state arrays, or "read" (p and g read, nothing written): what the rule's own
+        #: passes must move (one pass for an element-wise rule)
         self.passes = passes if passes is not None else (self.n_state,)
 
     def __repr__(self):
@@ -113,11 +113,12 @@ RULES = {r.key: r for r in (
          lambda m, P, G, S, st: m.adamw_schedulefree_(P, G, S[0], S[1], st, lr=0.0025,
                                                       ckp1=0.01),
          "adamw_schedulefree", dict(lr=0.0025), False, "adamw-schedulefree"),
-    # (a matrix of 1024 columns: its row and column factors; its three passes move
-    # p and g, then g, then p, g and p again -- the traffic of two plain-SGD loops)
+    # (a matrix of 1024 columns: its row and column factors; its passes read p and g,
+    # then read p and g and write p -- a read-only pass and a plain-SGD loop)
     Rule("adafactor", "Adafactor",
          lambda m, P, G, S, st: m.adafactor_(*_adafactor_arrays(P, G), st, lr=1e-2),
-         "adafactor", dict(lr=1e-2), False, "adafactor", view=_matrix, passes=(0, 0)),
+         "adafactor", dict(lr=1e-2), False, "adafactor", view=_matrix,
+         passes=("read", 0)),
 )}
 
 
@@ -154,8 +155,8 @@ def _scalars(params, name, initial):
 
 def bytes_per_element(rule, itemsize):
     """Bytes a step moves per element: read p, g and each state; write p and each state
-    (per pass of the rule: Adafactor's matrices take two plain-SGD passes' worth).
+    (per pass of the rule: Adafactor's matrices read p and g, then update p).
 
     fp32: plain SGD 12, one state array (SGD-momentum, Adagrad, RMSprop) 20, Adam 28,
-    Adafactor 24."""
-    return sum(3 + 2 * k for k in rule.passes) * itemsize
+    Adafactor 20."""
+    return sum(2 if k == "read" else 3 + 2 * k for k in rule.passes) * itemsize

@@ -7,10 +7,11 @@
 #
 #   matrix (viewed as B matrices m x n, C order; its factors R (B, m) and C (B, n)):
 #     1. read p and g: row sums of g^2 (-> R), of p^2 (-> RMS(p)), and column sums of
-#        g^2 per block of AF_BLOCK rows (threads split blocks; the block sums are added
-#        block after block in a small parallel pass over columns -> C)
-#     2. read g: the update U from R, C and the row means of R, and the row sums of U^2
-#     3. read g and p, write p: p (1 - lr wd) - alpha/denom * U, U computed again
+#        g^2 and of g^2 / R per block of AF_BLOCK rows (threads split blocks; the block
+#        sums are added block after block in a small parallel pass over columns -> C)
+#     2. the RMS of the update U: from the factors and the column sums of g^2 / R where
+#        no element of U is clamped; else a pass that reads g and sums U^2
+#     3. read g and p, write p: p (1 - lr wd) - alpha/denom * U
 #   vector or 0-d (viewed as rows of AF_CHUNK elements; its full second moment V):
 #     1. read p, g and V, write V: V's lerp toward g^2, the row sums of p^2 and of U^2
 #     2. read g, V and p, write p
@@ -53,6 +54,8 @@ cdef extern from "fo_adafactor.h" nogil:
                           float *sg, float *sp)
     void fo_af_row_sums_d(const double *p, const double *g, double *col, int64_t n,
                           double *sg, double *sp)
+    void fo_af_row_tsum_f(const float *g, float inv, float *t, int64_t n)
+    void fo_af_row_tsum_d(const double *g, double inv, double *t, int64_t n)
     float fo_af_row_usum_f(const float *g, float a, float ra, const float *c,
                            const float *cb, float e2, float ie, float sign, int64_t n)
     double fo_af_row_usum_d(const double *g, double a, double ra, const double *c,
@@ -87,32 +90,44 @@ cdef inline floating _af_total(const floating *x, Py_ssize_t n) noexcept nogil:
 
 # --- matrices --------------------------------------------------------------------------
 
-cdef void _af_block(const floating *p, const floating *g, floating *rows, floating *prow,
-                    floating *cp, Py_ssize_t k, Py_ssize_t nb, Py_ssize_t m,
-                    Py_ssize_t n) noexcept nogil:
-    """Pass 1 on block k (of all B*nb): its rows' sums of g^2 and p^2, and its column
-    sums of g^2, row after row, into cp + k*n; one read of each row."""
+cdef void _af_block(const floating *p, const floating *g, floating *row, floating *rows,
+                    floating *prow, floating *cp, floating *tp, Py_ssize_t k, Py_ssize_t nb,
+                    Py_ssize_t m, Py_ssize_t n, floating w) noexcept nogil:
+    """Pass 1 on block k (of all B*nb): its rows' sums of g^2 and p^2, R's lerp toward
+    their means, and its column sums of g^2 and of g^2 / R, row after row, into cp + k*n
+    and tp + k*n; one read of each row from memory."""
     cdef Py_ssize_t b = k // nb, r0 = (k % nb) * AF_BLOCK, r1 = min(m, r0 + AF_BLOCK)
-    cdef Py_ssize_t r, j, row
+    cdef Py_ssize_t r, j, i
     cdef floating *c = cp + k * n
+    cdef floating *t = tp + k * n
+    cdef floating nf = <floating> n, one = 1
     for j in range(n):
         c[j] = 0
+        t[j] = 0
     for r in range(r0, r1):
-        row = b * m + r
+        i = b * m + r
         if floating is float:
-            fo_af_row_sums_f(p + row * n, g + row * n, c, n, &rows[row], &prow[row])
+            fo_af_row_sums_f(p + i * n, g + i * n, c, n, &rows[i], &prow[i])
         else:
-            fo_af_row_sums_d(p + row * n, g + row * n, c, n, &rows[row], &prow[row])
+            fo_af_row_sums_d(p + i * n, g + i * n, c, n, &rows[i], &prow[i])
+        row[i] = _lerp(row[i], rows[i] / nf, w)
+        if floating is float:
+            fo_af_row_tsum_f(g + i * n, one / row[i], t, n)
+        else:
+            fo_af_row_tsum_d(g + i * n, one / row[i], t, n)
 
 
-cdef void _af_cols(floating *col, floating *cb, const floating *cp, Py_ssize_t tile,
-                   Py_ssize_t nb, Py_ssize_t n, floating mf, floating w) noexcept nogil:
+cdef void _af_cols(floating *col, floating *cb, const floating *cp, floating *tp,
+                   Py_ssize_t tile, Py_ssize_t nb, Py_ssize_t n, floating mf,
+                   floating w) noexcept nogil:
     """C of one tile of AF_COLTILE columns: its block sums added block after block,
-    C's lerp toward their mean, and the column factor 1/sqrt(C)."""
+    C's lerp toward their mean, and the column factor 1/sqrt(C); the block sums of
+    g^2 / R added alike, into the first block's place in tp."""
     cdef Py_ssize_t tpb = (n + AF_COLTILE - 1) // AF_COLTILE
     cdef Py_ssize_t b = tile // tpb, j0 = (tile % tpb) * AF_COLTILE
     cdef Py_ssize_t j1 = min(n, j0 + AF_COLTILE), j, k
     cdef const floating *base = cp + b * nb * n
+    cdef floating *tbase = tp + b * nb * n
     cdef floating acc[AF_COLTILE]
     cdef floating s, one = 1
     # block after block, each over the tile's columns (contiguous: vector loads)
@@ -125,6 +140,9 @@ cdef void _af_cols(floating *col, floating *cb, const floating *cp, Py_ssize_t t
         s = _lerp(col[b * n + j], acc[j - j0] / mf, w)
         col[b * n + j] = s
         cb[b * n + j] = one / _sqrt(s)
+    for k in range(1, nb):
+        for j in range(j0, j1):
+            tbase[j] = tbase[j] + tbase[k * n + j]
 
 
 cdef inline floating _af_row_update(const floating *g, floating a, floating ra,
@@ -149,10 +167,15 @@ cdef inline void _af_row_step(floating *p, const floating *g, floating a, floati
         fo_af_row_step_d(p, g, a, ra, c, cb, e2, ie, sign, decay, has_wd, step, n)
 
 
+cdef inline bint _af_positive(floating x) noexcept nogil:
+    """x finite and > 0."""
+    return x > 0 and x < INFINITY
+
+
 cdef void _af_matrix(const AfParam *a, floating *p, const floating *g, floating *row,
                      floating *col, floating *scr, double t, const AfOpts *o,
                      int nt) noexcept nogil:
-    cdef Py_ssize_t B = a.B, m = a.m, n = a.n, nb = a.nb, nrows = a.B * a.m, k, b, i
+    cdef Py_ssize_t B = a.B, m = a.m, n = a.n, nb = a.nb, nrows = a.B * a.m, k, b, i, j
     cdef Py_ssize_t ntiles = a.B * ((a.n + AF_COLTILE - 1) // AF_COLTILE)
     cdef floating *rows = scr            # row sums of g^2, then R / rm
     cdef floating *prow = scr + nrows    # row sums of p^2, then 1/sqrt(R / rm)
@@ -160,52 +183,71 @@ cdef void _af_matrix(const AfParam *a, floating *p, const floating *g, floating 
     cdef floating *rm = scr + 3 * nrows
     cdef floating *cb = scr + 3 * nrows + B
     cdef floating *cp = scr + 3 * nrows + B + B * n
+    cdef floating *tp = scr + 3 * nrows + B + B * n + B * nb * n
     cdef floating w = <floating> pow(t, o.beta2_decay)
-    cdef floating nf = <floating> n, mf = <floating> m, one = 1
+    cdef floating mf = <floating> m, one = 1
     cdef floating e1 = <floating> o.eps1, e2 = <floating> (o.eps1 * o.eps1)
     cdef floating ie = one / _sqrt(e2)
     cdef floating sign = -1 if o.maximize else 1
     cdef floating decay = <floating> (1.0 - o.lr * o.weight_decay)
-    cdef floating x
-    cdef bint has_wd = o.weight_decay != 0.0
+    cdef floating x, amin, cmin, usum, per
+    cdef bint has_wd = o.weight_decay != 0.0, factored_sum
     cdef double rho, rms, alpha, urms, denom, root = pow(<double> a.N, 0.5)
     cdef floating step
-    # 1. row sums of g^2 and p^2, block column sums of g^2
+    # 1. row sums of g^2 and p^2 (R's lerp), block column sums of g^2 and g^2 / R
     if nt > 1:
         for k in prange(B * nb, num_threads=nt, schedule="static"):
-            _af_block(p, g, rows, prow, cp, k, nb, m, n)
+            _af_block(p, g, row, rows, prow, cp, tp, k, nb, m, n, w)
     else:
         for k in range(B * nb):
-            _af_block(p, g, rows, prow, cp, k, nb, m, n)
+            _af_block(p, g, row, rows, prow, cp, tp, k, nb, m, n, w)
     rho = 1.0 / pow(t, 0.5)
     rho = rho if rho < o.lr else o.lr
     rms = <double> _sqrt(_af_total(prow, nrows)) / root
     alpha = (rms if rms > o.eps2 else o.eps2) * rho
-    # the factors: R, its row means, C; per row R / rm and its 1/sqrt, per column 1/sqrt(C)
-    for i in range(nrows):
-        row[i] = _lerp(row[i], rows[i] / nf, w)
+    # the factors: R's row means, C; per row a = R / rm and 1/sqrt(a), per column 1/sqrt(C)
     for b in range(B):
         x = _af_total(row + b * m, m) / mf
         rm[b] = e1 if x < e1 else x
+    factored_sum = True
     for i in range(nrows):
         rows[i] = row[i] / rm[i // m]
         prow[i] = one / _sqrt(rows[i])
+        if i == 0 or rows[i] < amin:
+            amin = rows[i]
+        factored_sum = factored_sum and _af_positive(rows[i])
     if nt > 1:
         for k in prange(ntiles, num_threads=nt, schedule="static"):
-            _af_cols(col, cb, cp, k, nb, n, mf, w)
+            _af_cols(col, cb, cp, tp, k, nb, n, mf, w)
     else:
         for k in range(ntiles):
-            _af_cols(col, cb, cp, k, nb, n, mf, w)
-    # 2. the RMS of the update
-    if nt > 1:
-        for i in prange(nrows, num_threads=nt, schedule="static"):
-            urow[i] = _af_row_update(g + i * n, rows[i], prow[i], col + (i // m) * n,
-                                     cb + (i // m) * n, e2, ie, sign, n)
+            _af_cols(col, cb, cp, tp, k, nb, n, mf, w)
+    for j in range(B * n):
+        if j == 0 or col[j] < cmin:
+            cmin = col[j]
+        factored_sum = factored_sum and _af_positive(col[j])
+    # 2. the RMS of the update: from the factors where no element of V is clamped
+    # (reference._adafactor_factored_usum), else summed over a pass that reads g
+    if factored_sum and nrows > 0 and amin * cmin >= e2:
+        usum = 0
+        for b in range(B):
+            per = 0
+            for j in range(n):
+                x = tp[b * nb * n + j] / col[b * n + j]
+                per = x if j == 0 else per + x
+            per = rm[b] * per
+            usum = per if b == 0 else usum + per
     else:
-        for i in range(nrows):
-            urow[i] = _af_row_update(g + i * n, rows[i], prow[i], col + (i // m) * n,
-                                     cb + (i // m) * n, e2, ie, sign, n)
-    urms = <double> _sqrt(_af_total(urow, nrows)) / (root * o.d)
+        if nt > 1:
+            for i in prange(nrows, num_threads=nt, schedule="static"):
+                urow[i] = _af_row_update(g + i * n, rows[i], prow[i], col + (i // m) * n,
+                                         cb + (i // m) * n, e2, ie, sign, n)
+        else:
+            for i in range(nrows):
+                urow[i] = _af_row_update(g + i * n, rows[i], prow[i], col + (i // m) * n,
+                                         cb + (i // m) * n, e2, ie, sign, n)
+        usum = _af_total(urow, nrows)
+    urms = <double> _sqrt(usum) / (root * o.d)
     denom = urms if urms > 1.0 else 1.0
     step = <floating> (-alpha / denom)
     # 3. the update
@@ -463,7 +505,7 @@ def prepare_adafactor(params, grads, row_vars, col_vars, variances, steps, lr,
             written[2].append(col)
             where[1].append(i)
             where[2].append(i)
-            nc = 3 * a.B * a.m + a.B + a.B * a.n + a.B * a.nb * a.n
+            nc = 3 * a.B * a.m + a.B + a.B * a.n + 2 * a.B * a.nb * a.n
         else:
             if rs[i] is not None or cs[i] is not None:
                 raise ValueError(f"row_vars[{i}] and col_vars[{i}] must be None: "
