@@ -57,6 +57,7 @@ cdef extern from "fo_bf16.h" nogil:
     uint32_t fo_hash32(uint32_t x)
 
 cdef extern from "fo_runtime.h" nogil:
+    void fo_prefetch_write(const void *p, long long nbytes)
     int fo_openmp_enabled()
     int fo_omp_max_threads()
     int fo_omp_num_procs()

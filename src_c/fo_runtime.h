@@ -7,6 +7,15 @@
 #ifndef FO_RUNTIME_H
 #define FO_RUNTIME_H
 
+/* Ask for the cache lines of [p, p + bytes) for writing, ahead of a loop that writes
+ * them without reading them (a store-only stream the prefetchers serve poorly) */
+static inline void fo_prefetch_write(const void *p, long long bytes) {
+    const char *c = (const char *)p;
+    long long k;
+    for (k = 0; k < bytes; k += 64)
+        __builtin_prefetch(c + k, 1, 3);
+}
+
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
