@@ -128,29 +128,20 @@ _FACTORS = {}
 
 def _adafactor_arrays(P, G):
     """(params, grads, row_vars, col_vars, variances) of an Adafactor step over P, G
-    (seen through _matrix), its state kept between the benchmark's steps."""
-    P = [_matrix(p) for p in P]
-    G = [_matrix(g) for g in G]
-    key = tuple((p.__array_interface__["data"][0], p.shape) for p in P)
-    if key not in _FACTORS:
-        _FACTORS.clear()
+    (seen through _matrix), its state kept between the benchmark's steps (one entry per
+    list of parameters, looked up by the list's identity: the 16-element case times the
+    call, not this)."""
+    entry = _FACTORS.get(id(P))
+    if entry is None or entry[0] is not P or entry[1] is not G:
+        if len(_FACTORS) > 8:
+            _FACTORS.clear()
         s = spec("adafactor")
-        _FACTORS[key] = [[None if s.state_shape(n, p.shape) is None
-                          else np.zeros(s.state_shape(n, p.shape), p.dtype) for p in P]
-                         for n in s.state]
-    return (P, G, *_FACTORS[key])
-
-
-def _scalars(params, name, initial):
-    """A rule's per-parameter scalar state (NAdam's mu_product, ASGD's eta and mu: 0-d
-    float32 from ``initial``), one list per parameter list the benchmark runs, kept
-    between its steps as an optimizer keeps it."""
-    key = (name,) + tuple(id(p) for p in params)
-    if key not in _SCALARS:
-        for k in [k for k in _SCALARS if k[0] == name]:
-            del _SCALARS[k]
-        _SCALARS[key] = [np.full((), initial, np.float32) for _ in params]
-    return _SCALARS[key]
+        mP = [_matrix(p) for p in P]
+        state = [[None if s.state_shape(n, p.shape) is None
+                  else np.zeros(s.state_shape(n, p.shape), p.dtype) for p in mP]
+                 for n in s.state]
+        entry = _FACTORS[id(P)] = (P, G, (mP, [_matrix(g) for g in G], *state))
+    return entry[2]
 
 
 def bytes_per_element(rule, itemsize):
