@@ -76,7 +76,7 @@ def _parser():
         prog="python -m fastoptim.bench",
         description="Time fastoptim's update rules against the NumPy reference, "
                     "torch.optim and a same-traffic memory ceiling measured in the "
-                    "same run. The default run (about two minutes on an idle 2-core "
+                    "same run. The default run (about two and a half minutes on an idle 2-core "
                     "machine) measures every rule at 2^16 and 2^24 float32 elements, "
                     "the parameter list of a small transformer and a 16-element step; "
                     "--full measures the whole matrix.")
