@@ -87,12 +87,13 @@ RULES = {r.key: r for r in (
          lambda m, P, G, S, st: m.rprop_(P, G, S[0], S[1], st),
          "rprop", dict(lr=1e-2), False, "rprop"),
     Rule("nadam", "NAdam",
-         lambda m, P, G, S, st: m.nadam_(P, G, S[0], S[1], _scalars(P, "mu_product", 1.0), st,
+         lambda m, P, G, S, st: m.nadam_(P, G, S[0], S[1],
+                                         _scalars(P, "mu_product", 1.0, st), st,
                                     lr=2e-3),
          "nadam", dict(lr=2e-3), False, "nadam"),
     Rule("asgd", "ASGD",
-         lambda m, P, G, S, st: m.asgd_(P, G, S[0], _scalars(P, "eta", 1e-2),
-                                        _scalars(P, "mu", 1.0), st, lr=1e-2, t0=10),
+         lambda m, P, G, S, st: m.asgd_(P, G, S[0], _scalars(P, "eta", 1e-2, st),
+                                        _scalars(P, "mu", 1.0, st), st, lr=1e-2, t0=10),
          "asgd", dict(lr=1e-2, t0=10), False, "asgd"),
     Rule("lion", "Lion",
          lambda m, P, G, S, st: m.lion_(P, G, S[0], st, lr=1e-4, weight_decay=0.1),
@@ -142,6 +143,20 @@ def _adafactor_arrays(P, G):
                  for n in s.state]
         entry = _FACTORS[id(P)] = (P, G, (mP, [_matrix(g) for g in G], *state))
     return entry[2]
+
+
+def _scalars(params, name, initial, steps):
+    """A rule's per-parameter scalar state (NAdam's mu_product, ASGD's eta and mu: 0-d
+    float32 from ``initial``), one list per parameter list and step counter (each
+    contender's own: ASGD's mu follows its counter, and a reference sharing it with the
+    kernel set it back to 1 between the kernel's steps), kept between its steps as an
+    optimizer keeps it."""
+    key = (name, id(steps)) + tuple(id(p) for p in params)
+    if key not in _SCALARS:
+        if len(_SCALARS) > 64:
+            _SCALARS.clear()
+        _SCALARS[key] = [np.full((), initial, np.float32) for _ in params]
+    return _SCALARS[key]
 
 
 def bytes_per_element(rule, itemsize):
