@@ -29,29 +29,37 @@ static inline T fo_af_u_##SUF(T g, T v, T e2, T ie, T scale) {                  
 }                                                                                        \
                                                                                          \
 /* Pass 1 of a matrix, one row: *sg = sum of g^2, *sp = sum of p^2; col[j] += g[j]^2.  \
- * The 16 lanes are one GCC vector (a zmm, two ymm or four xmm registers: lane-wise     \
- * IEEE arithmetic, the same on each) */                                                 \
+ * The 16 lanes are K GCC vectors of N lanes each, N the widest register of the build   \
+ * (one zmm, two ymm or four xmm for float): lane-wise IEEE arithmetic, the same on     \
+ * each instruction set. (One 64-byte vector on AVX2 went through the stack.) */        \
 static void fo_af_row_sums_##SUF(const T *restrict p, const T *restrict g,               \
                                  T *restrict col, int64_t n, T *sg, T *sp) {             \
-    V ag = {0}, ap = {0}, x, y, c;                                                       \
+    enum { N = sizeof(V) / sizeof(T), K = FO_AF_LANES / N };                             \
+    V ag[K], ap[K], x, y, c;                                                             \
     T s, t;                                                                              \
     int64_t j, n16 = n - n % FO_AF_LANES;                                                \
-    int l;                                                                               \
-    for (j = 0; j < n16; j += FO_AF_LANES) {                                             \
-        memcpy(&x, g + j, sizeof x);                                                     \
-        memcpy(&y, p + j, sizeof y);                                                     \
-        memcpy(&c, col + j, sizeof c);                                                   \
-        x = x * x;                                                                       \
-        ag = ag + x;                                                                     \
-        ap = ap + y * y;                                                                 \
-        c = c + x;                                                                       \
-        memcpy(col + j, &c, sizeof c);                                                   \
+    int k, l;                                                                            \
+    for (k = 0; k < K; k++) {                                                            \
+        ag[k] = (V){0};                                                                  \
+        ap[k] = (V){0};                                                                  \
     }                                                                                    \
-    s = ag[0];                                                                           \
-    t = ap[0];                                                                           \
+    for (j = 0; j < n16; j += FO_AF_LANES) {                                             \
+        for (k = 0; k < K; k++) {                                                        \
+            memcpy(&x, g + j + k * N, sizeof x);                                         \
+            memcpy(&y, p + j + k * N, sizeof y);                                         \
+            memcpy(&c, col + j + k * N, sizeof c);                                       \
+            x = x * x;                                                                   \
+            ag[k] = ag[k] + x;                                                           \
+            ap[k] = ap[k] + y * y;                                                       \
+            c = c + x;                                                                   \
+            memcpy(col + j + k * N, &c, sizeof c);                                       \
+        }                                                                                \
+    }                                                                                    \
+    s = ag[0][0];                                                                        \
+    t = ap[0][0];                                                                        \
     for (l = 1; l < FO_AF_LANES; l++) {                                                  \
-        s = s + ag[l];                                                                   \
-        t = t + ap[l];                                                                   \
+        s = s + ag[l / N][l % N];                                                        \
+        t = t + ap[l / N][l % N];                                                        \
     }                                                                                    \
     for (j = n16; j < n; j++) {                                                          \
         T z = g[j] * g[j];                                                               \
@@ -75,25 +83,30 @@ static void fo_af_row_tsum_##SUF(const T *restrict g, T inv, T *restrict t, int6
  * cb[j] = 1/sqrt(c[j])) */                                                              \
 static T fo_af_row_usum_##SUF(const T *restrict g, T a, T ra, const T *restrict c,       \
                               const T *restrict cb, T e2, T ie, T sign, int64_t n) {     \
-    V acc = {0}, gv, cv, bv, u, clamped, scaled;                                         \
+    enum { N = sizeof(V) / sizeof(T), K = FO_AF_LANES / N };                             \
+    V acc[K], gv, cv, bv, u, clamped, scaled;                                            \
     VI m;                                                                                \
     T s, su;                                                                             \
     int64_t j, n16 = n - n % FO_AF_LANES;                                                \
-    int l;                                                                               \
+    int k, l;                                                                            \
+    for (k = 0; k < K; k++)                                                              \
+        acc[k] = (V){0};                                                                 \
     for (j = 0; j < n16; j += FO_AF_LANES) {                                             \
-        memcpy(&gv, g + j, sizeof gv);                                                   \
-        memcpy(&cv, c + j, sizeof cv);                                                   \
-        memcpy(&bv, cb + j, sizeof bv);                                                  \
-        gv = gv * sign;                                                                  \
-        m = (a * cv) < e2;                     /* all ones where V is clamped */         \
-        clamped = gv * ie;                                                               \
-        scaled = gv * (ra * bv);                                                         \
-        u = (V)(((VI)clamped & m) | ((VI)scaled & ~m));                                  \
-        acc = acc + u * u;                                                               \
+        for (k = 0; k < K; k++) {                                                        \
+            memcpy(&gv, g + j + k * N, sizeof gv);                                       \
+            memcpy(&cv, c + j + k * N, sizeof cv);                                       \
+            memcpy(&bv, cb + j + k * N, sizeof bv);                                      \
+            gv = gv * sign;                                                              \
+            m = (a * cv) < e2;                 /* all ones where V is clamped */         \
+            clamped = gv * ie;                                                           \
+            scaled = gv * (ra * bv);                                                     \
+            u = (V)(((VI)clamped & m) | ((VI)scaled & ~m));                              \
+            acc[k] = acc[k] + u * u;                                                     \
+        }                                                                                \
     }                                                                                    \
-    s = acc[0];                                                                          \
+    s = acc[0][0];                                                                       \
     for (l = 1; l < FO_AF_LANES; l++)                                                    \
-        s = s + acc[l];                                                                  \
+        s = s + acc[l / N][l % N];                                                       \
     for (j = n16; j < n; j++) {                                                          \
         su = fo_af_u_##SUF(g[j] * sign, a * c[j], e2, ie, ra * cb[j]);                   \
         s = s + su * su;                                                                 \
@@ -170,11 +183,19 @@ static void fo_af_chunk_step_##SUF(T *restrict p, const T *restrict g,          
     }                                                                                    \
 }
 
-/* 16 lanes; VI: the integer vector of the same lanes (masks) */
-typedef float fo_af_vf __attribute__((vector_size(16 * sizeof(float))));
-typedef int32_t fo_af_vfi __attribute__((vector_size(16 * sizeof(float))));
-typedef double fo_af_vd __attribute__((vector_size(16 * sizeof(double))));
-typedef int64_t fo_af_vdi __attribute__((vector_size(16 * sizeof(double))));
+/* One register of the build's widest vectors; VI: the integer vector of the same lanes
+ * (masks). The 16 lanes of a sum are 16 / (its lanes) of these. */
+#if defined(__AVX512F__)
+#define FO_AF_VBYTES 64
+#elif defined(__AVX__)
+#define FO_AF_VBYTES 32
+#else
+#define FO_AF_VBYTES 16
+#endif
+typedef float fo_af_vf __attribute__((vector_size(FO_AF_VBYTES)));
+typedef int32_t fo_af_vfi __attribute__((vector_size(FO_AF_VBYTES)));
+typedef double fo_af_vd __attribute__((vector_size(FO_AF_VBYTES)));
+typedef int64_t fo_af_vdi __attribute__((vector_size(FO_AF_VBYTES)));
 
 FO_AF_DEFINE(f, float, fo_af_vf, fo_af_vfi, sqrtf)
 FO_AF_DEFINE(d, double, fo_af_vd, fo_af_vdi, sqrt)

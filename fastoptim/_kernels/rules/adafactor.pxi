@@ -190,7 +190,7 @@ cdef void _af_matrix(const AfParam *a, floating *p, const floating *g, floating 
     cdef floating ie = one / _sqrt(e2)
     cdef floating sign = -1 if o.maximize else 1
     cdef floating decay = <floating> (1.0 - o.lr * o.weight_decay)
-    cdef floating x, amin, cmin, usum, per
+    cdef floating x, usum, per, amin = 0, cmin = 0
     cdef bint has_wd = o.weight_decay != 0.0, factored_sum
     cdef double rho, rms, alpha, urms, denom, root = pow(<double> a.N, 0.5)
     cdef floating step
