@@ -67,7 +67,6 @@ class Adafactor(_TorchOptimizer):
         """One group checked and prepared; nothing changed."""
         plan = _Plan()
         params, grads, rows, cols, variances, steps = [], [], [], [], [], []
-        names = self._rule.state
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
@@ -90,20 +89,16 @@ class Adafactor(_TorchOptimizer):
                                  f"{tuple(g.shape)} on {g.device}; the parameter is "
                                  f"{p.dtype} of shape {tuple(p.shape)}")
             state = self.state.get(p)
+            shapes = _kept_shapes(self._rule, p.shape)
             if not state:
                 state = {"step": torch.tensor(0.0, dtype=_scalar_dtype())}
-                for name in names:
-                    shape = self._rule.state_shape(name, g.shape)
-                    if shape is not None:
-                        state[name] = (g.new_zeros(shape) if shape != g.shape else
-                                       torch.zeros_like(g, memory_format=torch.preserve_format))
+                for name, shape in shapes:
+                    state[name] = (g.new_zeros(shape) if shape != g.shape else
+                                   torch.zeros_like(g, memory_format=torch.preserve_format))
                 plan.new_state.append((p, state))
             kept = {}
-            for name in names:
-                shape = self._rule.state_shape(name, p.shape)
+            for name, shape in shapes:
                 t = state.get(name)
-                if shape is None:
-                    continue
                 if not (isinstance(t, torch.Tensor) and t.dtype == p.dtype and t.is_cpu
                         and tuple(t.shape) == shape):
                     raise ValueError(f"state[{name!r}] of {where} must be a {p.dtype} CPU "
@@ -126,7 +121,7 @@ class Adafactor(_TorchOptimizer):
             steps.append(int(count))
             plan.step_tensors.append(step)
             plan.written.append(p)
-            plan.written.extend(state[n] for n in names if n in kept)
+            plan.written.extend(state[n] for n, _ in shapes)
         plan.steps = np.array(steps, dtype=np.int64)
         options = {k: (_value(k, _to_scalar(group[k])) if k != "eps" else group[k])
                    for k in ("lr", "beta2_decay", "d", "weight_decay", "eps")}
@@ -168,6 +163,22 @@ class _Plan:
         for t, count in zip(self.step_tensors, self.steps.tolist()):
             t.fill_(count)
         torch.autograd.graph.increment_version(self.written)
+
+
+_SHAPES = {}
+
+
+def _kept_shapes(rule, shape):
+    """((name, shape), ...) of the state a parameter of ``shape`` keeps (the registry's
+    state_shape, asked once per shape)."""
+    kept = _SHAPES.get(shape)
+    if kept is None:
+        if len(_SHAPES) > 4096:
+            _SHAPES.clear()
+        kept = _SHAPES[shape] = tuple(
+            (n, rule.state_shape(n, shape)) for n in rule.state
+            if rule.state_shape(n, shape) is not None)
+    return kept
 
 
 def _grad_array(g):
