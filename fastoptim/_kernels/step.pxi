@@ -93,6 +93,30 @@ cdef str _interval_name(tuple names, Interval a):
     return f"{names[a.role]}[{a.index}]"
 
 
+cdef cnp.ndarray _steps_array(object steps, Py_ssize_t n):
+    """``steps`` after checking it is the step counters of n parameters: a writeable,
+    contiguous int64 array of shape (n,), each count >= 0 and < 2**63 - 1 (it is
+    incremented in place: no signed overflow)."""
+    cdef cnp.ndarray a
+    cdef Py_ssize_t i
+    if not cnp.PyArray_Check(steps):
+        raise TypeError(f"steps must be a numpy.ndarray of int64, got "
+                        f"{type(steps).__name__}")
+    a = <cnp.ndarray> steps
+    if cnp.PyArray_TYPE(a) != cnp.NPY_INT64 or not cnp.PyArray_ISNOTSWAPPED(a):
+        raise TypeError(f"steps must have dtype int64, got {a.dtype}")
+    if a.ndim != 1 or a.shape[0] != n:
+        raise ValueError(f"steps must have shape ({n},), got {(<object>a).shape}")
+    if not cnp.PyArray_ISWRITEABLE(a) or not cnp.PyArray_IS_C_CONTIGUOUS(a):
+        raise ValueError("steps must be a writeable contiguous array "
+                         "(it is incremented in place)")
+    for i in range(n):
+        if not 0 <= (<int64_t *> cnp.PyArray_DATA(a))[i] < INT64_MAX:
+            raise ValueError(f"steps[{i}] is {(<object>a)[i]}; steps must be >= 0 "
+                             f"and < 2**63 - 1")
+    return a
+
+
 cdef class Step:
     """A checked, ready-to-run update of a list of arrays. ``run()`` cannot fail."""
     cdef Batch b
@@ -214,23 +238,7 @@ cdef class Step:
                 raise ValueError(f"{names[r]} has {len(lst)} entries, expected {n} "
                                  f"(one per parameter)")
         if steps is not None:
-            if not cnp.PyArray_Check(steps):
-                raise TypeError(f"steps must be a numpy.ndarray of int64, got "
-                                f"{type(steps).__name__}")
-            a = <cnp.ndarray> steps
-            if cnp.PyArray_TYPE(a) != cnp.NPY_INT64 or not cnp.PyArray_ISNOTSWAPPED(a):
-                raise TypeError(f"steps must have dtype int64, got {a.dtype}")
-            if a.ndim != 1 or a.shape[0] != n:
-                raise ValueError(f"steps must have shape ({n},), got {(<object>a).shape}")
-            if not cnp.PyArray_ISWRITEABLE(a) or not cnp.PyArray_IS_C_CONTIGUOUS(a):
-                raise ValueError("steps must be a writeable contiguous array "
-                                 "(it is incremented in place)")
-            for i in range(n):
-                # < INT64_MAX: the counter is incremented in place (no signed overflow)
-                if not 0 <= (<int64_t *> cnp.PyArray_DATA(a))[i] < INT64_MAX:
-                    raise ValueError(f"steps[{i}] is {(<object>a)[i]}; steps must be >= 0 "
-                                     f"and < 2**63 - 1")
-            self.steps_arr = a
+            self.steps_arr = _steps_array(steps, n)
 
         self.b.nroles = nroles
         for r in range(nroles):

@@ -15,6 +15,7 @@ from torch.optim.optimizer import Optimizer as _TorchOptimizer
 from .. import functional as F
 from ..rules import spec
 from ._base import _threads, _to_scalar, _value
+from ._plan import _Planning
 from ._tensors import _DTensor, _scalar_dtype
 
 _FLOAT = (torch.float32, torch.float64)
@@ -114,7 +115,7 @@ class Adafactor(_TorchOptimizer):
                 raise ValueError(f"state['step'] of {where} is {count}; a step count must "
                                  "be a whole number >= 0")
             params.append(plan.view(p))
-            grads.append(_grad_array(g))
+            grads.append(_Planning._grad_array(g))
             rows.append(kept.get("row_var"))
             cols.append(kept.get("col_var"))
             variances.append(kept.get("variance"))
@@ -179,12 +180,3 @@ def _kept_shapes(rule, shape):
             (n, rule.state_shape(n, shape)) for n in rule.state
             if rule.state_shape(n, shape) is not None)
     return kept
-
-
-def _grad_array(g):
-    """A gradient as a NumPy array (a graph, conjugate or negative bit resolved)."""
-    g = g.detach()
-    try:
-        return g.numpy()
-    except RuntimeError:
-        return g.resolve_neg().resolve_conj().numpy()

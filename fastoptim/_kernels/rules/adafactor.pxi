@@ -454,16 +454,7 @@ def prepare_adafactor(params, grads, row_vars, col_vars, variances, steps, lr,
                              f"parameter)")
     if steps is None:
         raise TypeError("steps must be a numpy.ndarray of int64 (Adafactor counts steps)")
-    if not cnp.PyArray_Check(steps):
-        raise TypeError(f"steps must be a numpy.ndarray of int64, got {type(steps).__name__}")
-    st = <cnp.ndarray> steps
-    if cnp.PyArray_TYPE(st) != cnp.NPY_INT64 or not cnp.PyArray_ISNOTSWAPPED(st):
-        raise TypeError(f"steps must have dtype int64, got {st.dtype}")
-    if st.ndim != 1 or st.shape[0] != n:
-        raise ValueError(f"steps must have shape ({n},), got {(<object> st).shape}")
-    if not cnp.PyArray_ISWRITEABLE(st) or not cnp.PyArray_IS_C_CONTIGUOUS(st):
-        raise ValueError("steps must be a writeable contiguous array (it is incremented "
-                         "in place)")
+    st = _steps_array(steps, n)
     s.a = <AfParam *> PyMem_Malloc(max(n, 1) * sizeof(AfParam))
     if s.a == NULL:
         raise MemoryError()
@@ -473,9 +464,6 @@ def prepare_adafactor(params, grads, row_vars, col_vars, variances, steps, lr,
     for i in range(n):
         if gs[i] is None:
             continue
-        if not 0 <= (<int64_t *> cnp.PyArray_DATA(st))[i] < INT64_MAX:
-            raise ValueError(f"steps[{i}] is {(<object> st)[i]}; steps must be >= 0 and "
-                             f"< 2**63 - 1")
         p = _check_array(ps[i], "params", i, True, None, None)
         g = _check_array(gs[i], "grads", i, False, p, "params")
         a = &s.a[s.n]
