@@ -10,9 +10,9 @@ API, both class layers and torch.optim itself to the defaults written here
 in its kernel file (``fastoptim/_kernels/rules/<name>.pxi``).
 
 Adding a rule: its reference function, its kernel file (and its name in the kernels'
-rule table, ``fastoptim/_kernels/segments.pxi.tp``, for an element-wise rule), its ``prepare_<name>`` in
-:mod:`fastoptim.functional`, one entry here, its NumPy class, its torch class, and its
-options in the tests' grid (``tests/rules.py``).
+rule table, ``fastoptim/_kernels/segments.pxi.tp``, for an element-wise rule), its
+``prepare_<name>`` in :mod:`fastoptim.functional`, one entry here, its NumPy class,
+its torch class, and its options in the tests' grid (``tests/rules.py``).
 """
 import numbers
 from dataclasses import dataclass, field
@@ -110,7 +110,7 @@ class RuleSpec:
         and with its texts: ``ValueError("Invalid <label>: <value>")`` for the first
         option of ``values`` (a dict by name) out of its bound. Tensor options compare
         as torch compares them."""
-        for key, bound, label, *text in self.bounds:
+        for key, bound, *_ in self.bounds:
             name, _, item = key.partition("[")
             if name not in values:
                 continue

@@ -177,8 +177,8 @@ class Optimizer(_StateDict):
         """A parameter's new state array ``name``, in the group's format, holding
         ``_initial_state_value``: ``{name: array}``, and for 8-bit state also
         ``{name + "_absmax": block scales}``; ``{}`` for state this parameter does not
-        keep (the registry's ``state_shape``: Adafactor's factors of a vector). A scalar state (NAdam's mu_product) is
-        a 0-d float32 array, as torch keeps it."""
+        keep (the registry's ``state_shape``: Adafactor's factors of a vector). A
+        scalar state (NAdam's mu_product) is a 0-d float32 array, as torch keeps it."""
         if name in self._scalar_state:
             value = dict(self._rule.scalar_values(group))[name]
             return {name: np.full((), value, np.float32)}

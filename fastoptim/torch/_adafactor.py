@@ -102,9 +102,10 @@ class Adafactor(_TorchOptimizer):
                 t = state.get(name)
                 if not (isinstance(t, torch.Tensor) and t.dtype == p.dtype and t.is_cpu
                         and tuple(t.shape) == shape):
+                    got = ((t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor)
+                           else repr(t))
                     raise ValueError(f"state[{name!r}] of {where} must be a {p.dtype} CPU "
-                                     f"tensor of shape {shape}, got "
-                                     f"{(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else t!r}")
+                                     f"tensor of shape {shape}, got {got}")
                 kept[name] = plan.view(t)
             step = state.get("step")
             if not (isinstance(step, torch.Tensor) and step.numel() == 1):
@@ -176,7 +177,6 @@ def _kept_shapes(rule, shape):
     if kept is None:
         if len(_SHAPES) > 4096:
             _SHAPES.clear()
-        kept = _SHAPES[shape] = tuple(
-            (n, rule.state_shape(n, shape)) for n in rule.state
-            if rule.state_shape(n, shape) is not None)
+        kept = _SHAPES[shape] = tuple((n, s) for n, s in (
+            (n, rule.state_shape(n, shape)) for n in rule.state) if s is not None)
     return kept
