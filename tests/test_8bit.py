@@ -194,13 +194,41 @@ def test_bad_8bit_input_is_refused_and_changes_nothing():
         np.testing.assert_array_equal(a, b)
 
 
-def test_an_8bit_step_is_not_reusable():
-    params, states, scales, steps = _problem("adam_")
-    step = F.prepare_adam(params, [np.ones(p.shape, np.float32) for p in params],
-                          states[0], states[1], None, steps, state_dtype="8bit",
-                          absmaxes=(scales[0], scales[1], None))
-    with pytest.raises(ValueError, match="not reusable"):
-        step.make_reusable()
+def test_a_reused_8bit_step_equals_fresh_steps_and_guards_its_scales():
+    # NAdam: 8-bit codes, block scales and per-parameter scalars (mu_product), which a
+    # reused step (the torch drop-in's kept step) holds by address from step to step
+    params, states, scales, steps = _problem("nadam_")
+    twin = _problem("nadam_")
+    rng = np.random.default_rng(3)
+    grads = [np.ones(p.shape, np.float32) for p in params]
+    step = F.prepare_nadam(params, grads, *states, steps, lr=0.01, state_dtype="8bit",
+                           absmaxes=scales)
+    step.run(2)
+    F.nadam_(twin[0], grads, *twin[1], twin[3], lr=0.01, state_dtype="8bit",
+             absmaxes=twin[2])
+    step.make_reusable()
+    for k in range(4):
+        grads = [np.asarray(rng.standard_normal(p.shape) * (1 + k), np.float32)
+                 for p in params]
+        step.set_grads([g.ctypes.data for g in grads])
+        step.run(2)
+        F.nadam_(twin[0], grads, *twin[1], twin[3], lr=0.01, state_dtype="8bit",
+                 absmaxes=twin[2])
+    _equal([params, steps] + states + scales, [twin[0], twin[3]] + twin[1] + twin[2],
+           "reused 8-bit NAdam")
+    # a gradient over a block scale or a scalar is refused, and nothing changes
+    snapshot = [a.copy() for a in params + states[2] + scales[0]]
+    fake = list(grads)
+    fake[0] = scales[0][0]
+    over = [g.ctypes.data for g in fake]
+    over[0] = scales[0][2].ctypes.data
+    with pytest.raises(ValueError, match=r"absmaxes\[0\]\[2\]"):
+        step.set_grads(over)
+    over[0] = states[2][1].ctypes.data
+    with pytest.raises(ValueError, match=r"scalar_state\[0\]\[1\]"):
+        step.set_grads(over)
+    for a, b in zip(params + states[2] + scales[0], snapshot):
+        np.testing.assert_array_equal(a, b)
 
 
 CLASSES = {   # class: (functional rule, state arguments, state names, options)

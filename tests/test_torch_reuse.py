@@ -411,3 +411,159 @@ def test_address_helpers_check_their_arguments():
     assert not k.entries_are([[1]], ["a"], [ts[0]])
     with pytest.raises(ValueError, match="one length"):
         k.entries_are([d], ["a", "b"], [ts[0]])
+
+
+# --- kept steps of the rules with more than per-element state ------------------------
+# NAdam's and ASGD's per-parameter scalars, the group step counts of the oracle rules,
+# compressed state (bfloat16, 8-bit codes and their block scales). Each test runs two
+# fastoptim.torch optimizers on equal models, one kept between steps as always, one
+# planned afresh at every step (the path that checks everything): they must agree to
+# the bit after every step, whatever changes between steps.
+
+def _state_options(fmt):
+    return {} if fmt is None else {"state_dtype": fmt, "min_8bit_size": 16,
+                                   **({"rounding": "stochastic"} if fmt == "bf16s" else {})}
+
+
+class KeptAndPlanned:
+    """fastoptim.torch.<name> twice on equal models: ``kept`` keeps its groups' kernel
+    calls, ``planned`` never does."""
+
+    def __init__(self, name, opts=None, fmt=None):
+        self.name = name
+        cls = getattr(fot, name)
+        self.models = [_model(), _model()]
+        if fmt == "bf16s":
+            fmt_opts = {"state_dtype": "bfloat16", "rounding": "stochastic"}
+        else:
+            fmt_opts = _state_options(fmt)
+        self.opts = [cls([dict(params=m, **fmt_opts)], **(opts or {})) for m in self.models]
+        self.kept, self.planned = self.opts
+        self.planned._keep = lambda *args: None
+        self.gen = torch.Generator().manual_seed(2)
+        for o in self.opts:
+            if hasattr(o, "train"):
+                o.train()
+
+    def step(self, n=1):
+        for _ in range(n):
+            for a, b in zip(*self.models):
+                g = torch.randn(a.shape, generator=self.gen)
+                a.grad, b.grad = g.clone(), g.clone()
+            for o in self.opts:
+                o.step()
+            self.check()
+
+    def both(self, fn):
+        for m, o in zip(self.models, self.opts):
+            fn(m, o)
+
+    def check(self):
+        for i, (a, b) in enumerate(zip(*self.models)):
+            assert torch.equal(a, b), f"{self.name} param {i}"
+            sa, sb = self.kept.state[a], self.planned.state[b]
+            assert sorted(sa) == sorted(sb)
+            for k in sa:
+                if isinstance(sa[k], torch.Tensor):
+                    assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), \
+                        f"{self.name} param {i} {k}"
+        for ga, gb in zip(self.kept.param_groups, self.planned.param_groups):
+            assert {k: v for k, v in ga.items() if k != "params"} == \
+                {k: v for k, v in gb.items() if k != "params"}
+
+
+KEPT_CASES = [("NAdam", None), ("ASGD", None), ("AdEMAMix", None),
+              ("AdamWScheduleFree", None), ("Adam", "bfloat16"), ("Adam", "bf16s"),
+              ("Adam", "8bit"), ("NAdam", "8bit"), ("AdEMAMix", "8bit"), ("Lion", "8bit")]
+_OPTS = {"ASGD": dict(lr=0.05, t0=3.0, lambd=1e-3), "AdEMAMix": dict(t_alpha_beta3=20),
+         "AdamWScheduleFree": dict(warmup_steps=4, lr=0.01), "NAdam": dict(lr=0.01)}
+
+
+@pytest.mark.parametrize("name,fmt", KEPT_CASES)
+def test_kept_equals_planned_and_is_kept(name, fmt):
+    t = KeptAndPlanned(name, _OPTS.get(name), fmt)
+    t.step(2)
+    kept = t.kept._reuses[0]
+    t.step(4)
+    assert t.kept._reuses[0] is kept and not t.planned.__dict__.get("_reuses")
+
+
+@pytest.mark.parametrize("name,fmt", KEPT_CASES)
+def test_kept_sees_state_replaced_edited_and_loaded(name, fmt):
+    t = KeptAndPlanned(name, _OPTS.get(name), fmt)
+    t.step(3)
+    saved = copy.deepcopy(t.kept.state_dict())
+
+    def replace(params, opt):                     # every state tensor a new object
+        for st in opt.state.values():
+            for k, v in list(st.items()):
+                if isinstance(v, torch.Tensor):
+                    st[k] = v.clone()
+    t.both(replace)
+    t.step(2)
+
+    def edit(params, opt):                        # and edited in place
+        st = opt.state[params[0]]
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and v.dtype.is_floating_point and k != "step":
+                v.mul_(0.5)
+    t.both(edit)
+    t.step(2)
+    for o in t.opts:
+        o.load_state_dict(copy.deepcopy(saved))
+    t.step(3)
+
+
+@pytest.mark.parametrize("name", ["AdEMAMix", "AdamWScheduleFree"])
+def test_kept_sees_the_group_count_and_options_changed(name):
+    t = KeptAndPlanned(name, _OPTS.get(name))
+    t.step(3)
+    key = fot.__dict__[name]._rule.group_step
+
+    def rewind(params, opt):
+        opt.param_groups[0][key] = 1
+        opt.param_groups[0]["lr"] *= 0.5
+    t.both(rewind)
+    t.step(3)
+    t.both(lambda ps, opt: opt.param_groups[0].update(betas=(0.5, 0.9, 0.99)[
+        :len(opt.param_groups[0]["betas"])]))
+    t.step(2)
+
+
+def test_kept_8bit_sees_formats_and_sizes_changed():
+    t = KeptAndPlanned("Adam", dict(lr=0.01), "8bit")
+    t.step(3)
+    # min_8bit_size up: the 8-bit parameters' state is now refused as a fresh plan
+    # refuses it (their state stays 8-bit), kept or not
+    for o in t.opts:
+        o.param_groups[0]["min_8bit_size"] = 10 ** 6
+    errors = []
+    for m, o in zip(t.models, t.opts):
+        for p in m:
+            p.grad = torch.ones_like(p)
+        with pytest.raises(ValueError) as e:
+            o.step()
+        errors.append(str(e.value))
+    assert errors[0] == errors[1]
+    for o in t.opts:
+        o.param_groups[0]["min_8bit_size"] = 16
+    t.step(2)
+
+
+def test_a_gradient_over_a_block_scale_is_refused_by_a_kept_step():
+    m = [torch.nn.Parameter(torch.randn(2048)), torch.nn.Parameter(torch.randn(5))]
+    opt = fot.Adam([dict(params=m, state_dtype="8bit", min_8bit_size=16)], lr=0.01)
+    for _ in range(2):
+        for p in m:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+    assert 0 in opt._reuses
+    before = [p.detach().clone() for p in m]
+    scales = opt.state[m[0]]["exp_avg_sq_absmax"]
+    saved = scales.clone()
+    m[1].grad = scales[:5]                        # a view of the 8 block scales
+    with pytest.raises(ValueError, match="overlaps"):
+        opt.step()
+    for a, b in zip(before, m):
+        assert torch.equal(a, b)
+    assert torch.equal(scales, saved)

@@ -5,6 +5,9 @@
 
 #: role names for messages of a reused step (the prepare_* functions name their lists)
 _ROLE_NAMES = ("params", "grads", "state", "state", "state")
+# an Interval's role for scalar state k (0 or 1): SCALAR_ROLE - k (absmaxes: -2 - j)
+cdef enum:
+    SCALAR_ROLE = -100
 
 
 def gather_counts(cnp.ndarray addresses, cnp.ndarray doubles, cnp.ndarray out):
@@ -88,6 +91,8 @@ cdef cnp.ndarray _check_absmax(object obj, int j, Py_ssize_t i, Py_ssize_t size)
 cdef str _interval_name(tuple names, Interval a):
     if a.role == -1:
         return "steps"
+    if a.role <= SCALAR_ROLE:
+        return f"scalar_state[{SCALAR_ROLE - a.role}][{a.index}]"
     if a.role <= -2:
         return f"absmaxes[{-2 - a.role}][{a.index}]"
     return f"{names[a.role]}[{a.index}]"
@@ -400,10 +405,7 @@ cdef class Step:
         stay those of ``prepare_*`` (the caller keeps them alive and unchanged in
         layout: the step holds only their addresses)."""
         cdef Py_ssize_t t, n = 0, nbytes, a, b
-        cdef int r
-        if self.b.q8mode:
-            raise ValueError("a step with 8-bit state is not reusable (its block scales "
-                             "are further arrays that set_grads does not check)")
+        cdef int r, k
         if self.reusable:
             return
         if self.kind == KIND_ADAHESSIAN:
@@ -421,7 +423,8 @@ cdef class Step:
             for r in range(self.b.nroles):
                 if not self.role_written[r] or self.b.ptr[r][t] == NULL:
                     continue
-                n += 1
+                n += 2          # (and its block scales, for 8-bit state)
+            n += 2              # the scalar state (at most two per array)
         self.wiv = <Interval *> PyMem_Malloc((n + 1) * sizeof(Interval))
         if self.wiv == NULL:
             raise MemoryError()
@@ -437,6 +440,24 @@ cdef class Step:
                 self.wiv[n].end = self.wiv[n].start + <uintptr_t> nbytes
                 self.wiv[n].written = 1
                 self.wiv[n].role = r
+                self.wiv[n].index = self.b.index[t]
+                n += 1
+                if r >= 2 and self.b.q8mode and self.b.q8[t] and self.b.absmax[r - 2][t] != NULL:
+                    self.wiv[n].start = <uintptr_t> self.b.absmax[r - 2][t]
+                    self.wiv[n].end = self.wiv[n].start + <uintptr_t> (
+                        (self.b.offsets[t + 1] - self.b.offsets[t] + Q8_BLOCK - 1)
+                        // Q8_BLOCK * sizeof(float))
+                    self.wiv[n].written = 1
+                    self.wiv[n].role = -2 - (r - 2)
+                    self.wiv[n].index = self.b.index[t]
+                    n += 1
+            for k in range(2):
+                if self.b.pscal[k] == NULL:
+                    continue
+                self.wiv[n].start = <uintptr_t> self.b.pscal[k][t]
+                self.wiv[n].end = self.wiv[n].start + (8 if self.b.pscal_double[k][t] else 4)
+                self.wiv[n].written = 1
+                self.wiv[n].role = SCALAR_ROLE - k
                 self.wiv[n].index = self.b.index[t]
                 n += 1
         if self.steps_arr is not None and cnp.PyArray_NBYTES(self.steps_arr) > 0:
@@ -533,14 +554,17 @@ cdef class Step:
         if (other.segment != self.segment or other.scalars != self.scalars
                 or other.kind != self.kind or other.b.nroles != self.b.nroles
                 or other.b.bf16 != self.b.bf16 or other.b.stochastic != self.b.stochastic
+                or other.b.q8mode != self.b.q8mode or other.b.ninputs != self.b.ninputs
                 or other.b.amsgrad != self.b.amsgrad or other.b.centered != self.b.centered):
             return False
+        # every hyperparameter field of Batch (the rest are arrays, or compared above)
         self.b.lr, self.b.momentum, self.b.dampening = other.b.lr, other.b.momentum, other.b.dampening
         self.b.weight_decay, self.b.eps, self.b.alpha = other.b.weight_decay, other.b.eps, other.b.alpha
         self.b.lr_decay, self.b.beta1, self.b.beta2 = other.b.lr_decay, other.b.beta1, other.b.beta2
+        self.b.beta3, self.b.t_alpha_beta3 = other.b.beta3, other.b.t_alpha_beta3
         self.b.hessian_power, self.b.seed = other.b.hessian_power, other.b.seed
         self.b.maximize, self.b.nesterov = other.b.maximize, other.b.nesterov
-        self.b.decoupled = other.b.decoupled
+        self.b.decoupled, self.b.fixed_decay = other.b.decoupled, other.b.fixed_decay
         return True
 
     def run(self, int n_threads=1):

@@ -796,6 +796,7 @@ class AdamWScheduleFree(_OracleRule):
     _rule = spec("adamw_schedulefree")
     _complex_params = False
     _attribute_defaults = {"maximize": False}
+    _hyperparameters_per_step = True        # (the step's scheduled lr and ckp1)
 
     def __init__(self, params, lr=0.0025, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  warmup_steps=0, r=0.0, weight_lr_power=2.0,

@@ -30,7 +30,8 @@ class _Views:
         self.array = array        # 1-D array the kernel updates
         self.layout = layout      # ``array`` seen with p's shape (to align grad/state)
         self.strided = strided    # p's strided memory, when ``array`` is a buffer
-        self.states = {}          # name -> (tensor, data_ptr, kernel array, fill or None)
+        self.states = {}          # (name, state format) -> (tensor, data_ptr, kernel
+                                  # array, fill or None)
         self.step = None          # (step tensor, data_ptr, 0-d view)
 
 
@@ -109,10 +110,9 @@ class _Planning:
             plan.written.append(p)
         if not kparams:
             return plan
-        if self._rule.scalar_state or self._rule.group_step or self._rule.inputs:
-            plan.reusable = False   # (a kept step watches no 0-d state, group, or input)
+        if self._rule.inputs:
+            plan.reusable = False   # (a kept step points its kernel at no new inputs)
         if _compressed.compressed(group):
-            plan.reusable = False
             if group["state_dtype"] == "8bit":
                 kstates["absmaxes"] = tuple(kstates.pop(n + _compressed.ABSMAX, None)
                                             for n in self._rule.kernel_state)
@@ -180,9 +180,10 @@ class _Planning:
         fmt = _compressed.param_format(group, p) if _compressed.compressed(group) else None
         for sname in names:
             t = state.get(sname)
-            c = vstates.get(sname)
+            c = vstates.get((sname, fmt))
             # a state tensor is only ever replaced (load_state_dict, ZeRO) or moved
-            # (share_memory_, .data = ...), which changes its identity or pointer
+            # (share_memory_, .data = ...), which changes its identity or pointer; the
+            # format it must have may change with the group's options (min_8bit_size)
             if c is None or c[0] is not t or c[1] != t.data_ptr():
                 c = self._state_views(gi, group, i, v, sname, state, t, fmt)
             kstates[sname].append(c[2])
@@ -332,7 +333,7 @@ class _Planning:
         else:
             buf, view = _like(v.layout)
             c = (t, t.data_ptr(), buf, (view, sa))
-        v.states[sname] = c
+        v.states[sname, fmt] = c
         return c
 
     def _compressed_views(self, gi, group, i, v, sname, state, t, fmt, label):
@@ -358,7 +359,7 @@ class _Planning:
                              f"the parameter is (strides {t.stride()} against "
                              f"{p.stride()}); {fmt} state keeps the parameter's order")
         c = (t, t.data_ptr(), sa.ravel("K"), None)
-        v.states[sname] = c
+        v.states[sname, fmt] = c
         return c
 
     def _scalar_view(self, gi, group, i, sname, t):

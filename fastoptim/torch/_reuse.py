@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .. import _config
-from . import _probes
+from . import _compressed, _probes
 
 
 _GRAD = operator.attrgetter("grad")
@@ -25,16 +25,19 @@ def _by_value(group):
         for k, v in group.items() if k != "params")
 
 
-def _snapshot(group, by_value):
+def _snapshot(group, by_value, count=None):
     """A group's options (its values, ``params`` included), to see whether any changed
-    since the last step; ``by_value`` (see _by_value): tensors and lists by value."""
+    since the last step; ``by_value`` (see _by_value): tensors and lists by value;
+    ``count``: the key of the group's step count (a rule's ``group_step``), left out:
+    it changes every step, and the kept step reads it anew each time."""
     if not by_value:
-        return list(group.values())
+        return ([v for k, v in group.items() if k != count] if count
+                else list(group.values()))
     return [v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else
             tuple(x.item() if isinstance(x, torch.Tensor) and x.numel() == 1 else x
                   for x in v)
             if isinstance(v, (tuple, list)) else v
-            for k, v in group.items() if k != "params"]
+            for k, v in group.items() if k != "params" and k != count]
 
 
 class _State(defaultdict):
@@ -67,13 +70,15 @@ class _Reuse:
     cost is then a few attribute reads per parameter). Valid while the group has the
     same parameters, the same ones have gradients, each parameter and gradient keeps its
     address, shape and strides (grads: their address may change), ``self.state`` and
-    each parameter's state dict and state tensors are the same objects, and no option
-    that adds or removes a state array changed. Whatever else changed is caught by
+    each parameter's state dict and state tensors (8-bit block scales and per-parameter
+    scalars included) are the same objects, and no option that adds or removes a state
+    array or changes its format changed. A rule that counts steps per group takes the
+    group's count anew at each step. Whatever else changed is caught by
     :meth:`_Optimizer._reused`, which then plans the group afresh."""
     __slots__ = ("params", "mask", "all_used", "used", "pptrs", "shapes", "pstrides",
                  "gstrides", "dtypes", "state", "state_version", "by_value", "dicts_rep",
-                 "keys", "flat", "names", "options", "kernel", "counts", "step_addrs",
-                 "step_doubles", "written", "layout")
+                 "keys", "flat", "names", "options", "formats", "kernel", "counts",
+                 "step_addrs", "step_doubles", "written", "layout")
 
     def run(self, n_threads):
         # The versions are bumped first, while the tensors' metadata that _reused just
@@ -88,6 +93,10 @@ class _Reuse:
 class _Keeping:
     """The kept step of :class:`fastoptim.torch._base._Optimizer`: a group's prepared
     kernel call kept between steps while nothing it depends on changed (_Reuse)."""
+
+    #: whether the kernel's hyperparameters are worked out anew at every step, changed
+    #: options or not (a class whose _prepare reads a per-step schedule)
+    _hyperparameters_per_step = False
 
     def _reused(self, gi, group):
         """The group's kept kernel call, pointed at this step's gradients, if nothing it
@@ -129,12 +138,14 @@ class _Keeping:
         if (not kernels.entries_are(r.dicts_rep, r.keys, flat[0])
                 or not kernels.addresses_equal(flat[0], flat[1], _probes._READER, _probes._EXACT)):
             return None
-        options = _snapshot(group, r.by_value)
-        if options != r.options:
+        count = self._rule.group_step
+        options = _snapshot(group, r.by_value, count)
+        if options != r.options or self._hyperparameters_per_step:
             r.by_value = _by_value(group)
-            options = _snapshot(group, r.by_value)
+            options = _snapshot(group, r.by_value, count)
             if (group.get("differentiable", False) or group.get("capturable", False)
-                    or self._state_names(group) != r.names):
+                    or self._state_names(group) != r.names
+                    or tuple(map(group.get, _compressed.KEYS)) != r.formats):
                 return None
             fresh = self._prepare(group, [], [], {n: [] for n in r.names},
                                   np.zeros(0, dtype=np.int64))
@@ -144,6 +155,11 @@ class _Keeping:
         if r.step_addrs is not None and _config._kernels.gather_counts(
                 r.step_addrs, r.step_doubles, r.counts) >= 0:
             return None                          # (the fresh plan names the bad count)
+        if count:
+            n = group.get(count, 0)
+            if type(n) is not int or n < 0:
+                return None                      # (the fresh plan names the bad count)
+            r.counts.fill(n)
         try:
             r.kernel.set_grads(kernels.addresses(grads, _probes._READER, _probes._EXACT))
         except ValueError:
@@ -161,6 +177,10 @@ class _Keeping:
         reuses.pop(gi, None)
         if (not plan.reusable or plan.kernel is None or plan.fills or plan.new_state
                 or not isinstance(self.state, _State)):
+            return
+        try:
+            plan.kernel.make_reusable()
+        except ValueError:                       # (a rule whose steps cannot be: ADOPT)
             return
         r = _Reuse()
         r.params = list(group["params"])
@@ -189,17 +209,23 @@ class _Keeping:
         r.state_version = self.state.version
         dicts = [self.state.get(p) for p in r.used]
         r.names = self._state_names(group)
-        keys = r.names + (("step",) if self._has_step else ())
-        r.keys = list(keys) * len(r.used)
-        r.dicts_rep = [d for d in dicts for _ in keys]
-        tensors = [d.get(k) for d in dicts for k in keys]
+        # each parameter's state tensors the kernel holds: its arrays, 8-bit block scales
+        # (a parameter under min_8bit_size has none), per-parameter scalars, step
+        keys = (*r.names, *(n for n, _ in self._rule.scalar_state),
+                *(("step",) if self._has_step else ()))
+        scales = tuple(n + _compressed.ABSMAX for n in r.names) \
+            if group.get("state_dtype") == "8bit" else ()
+        per_dict = [keys + tuple(k for k in scales if k in d) for d in dicts]
+        r.keys = [k for ks in per_dict for k in ks]
+        r.dicts_rep = [d for d, ks in zip(dicts, per_dict) for _ in ks]
+        tensors = [d.get(k) for d, ks in zip(dicts, per_dict) for k in ks]
         if not all(isinstance(t, torch.Tensor) for t in tensors):
             return
         r.flat = (tensors, kernels.addresses(tensors))
         r.by_value = _by_value(group)
-        r.options = _snapshot(group, r.by_value)
+        r.options = _snapshot(group, r.by_value, self._rule.group_step)
+        r.formats = tuple(map(group.get, _compressed.KEYS))
         r.kernel = plan.kernel
-        r.kernel.make_reusable()
         r.counts = plan.steps
         if self._has_step:
             steps = [d["step"] for d in dicts]
