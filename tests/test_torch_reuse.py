@@ -411,6 +411,32 @@ def test_address_helpers_check_their_arguments():
     assert not k.entries_are([[1]], ["a"], [ts[0]])
     with pytest.raises(ValueError, match="one length"):
         k.entries_are([d], ["a", "b"], [ts[0]])
+    ps = [torch.zeros(2), torch.zeros(3), torch.zeros(1)]
+    ps[0].grad, ps[2].grad = torch.ones(2), torch.ones(1)
+    got = k.kept_grads(ps, list(ps), [True, False, True])
+    assert len(got) == 2 and got[0] is ps[0].grad and got[1] is ps[2].grad
+    assert k.kept_grads(ps, list(ps), [True, True, True]) is None      # a grad missing
+    assert k.kept_grads(ps, list(ps), [False, False, True]) is None    # one too many
+    assert k.kept_grads(ps, [ps[0], torch.zeros(3), ps[2]], [True, False, True]) is None
+    assert k.kept_grads(ps, ps[:2], [True, False]) is None             # lengths differ
+    assert k.kept_grads([], [], []) == []
+
+
+def test_a_kept_step_records_nothing_and_leaves_grad_mode_as_it_was():
+    """The kept step runs outside torch.no_grad() (see _Optimizer._step): it must still
+    leave the parameters leaves with no history, in either grad mode, and keep the mode."""
+    t = Twins("Adam")
+    t.step(2)
+    kept = t.got_opt._reuses[0]
+    for mode in (True, False, True):
+        with torch.set_grad_enabled(mode):
+            t.step()
+            assert torch.is_grad_enabled() is mode
+        assert t.got_opt._reuses[0] is kept
+        for p in t.got:
+            assert p.is_leaf and p.grad_fn is None and p.requires_grad
+    loss = (t.got[0] * 2).sum()            # still usable in a graph
+    loss.backward()
 
 
 # --- kept steps of the rules with more than per-element state ------------------------

@@ -2,7 +2,6 @@
 changed (see _Reuse, _Keeping)."""
 import operator
 from collections import defaultdict
-from itertools import compress, repeat
 
 import numpy as np
 import torch
@@ -11,7 +10,6 @@ from .. import _config
 from . import _compressed, _probes
 
 
-_GRAD = operator.attrgetter("grad")
 _SHAPE = operator.attrgetter("shape")
 _DTYPE = operator.attrgetter("dtype")
 _STRIDE = torch.Tensor.stride
@@ -75,7 +73,7 @@ class _Reuse:
     array or changes its format changed. A rule that counts steps per group takes the
     group's count anew at each step. Whatever else changed is caught by
     :meth:`_Optimizer._reused`, which then plans the group afresh."""
-    __slots__ = ("params", "mask", "all_used", "used", "pptrs", "shapes", "pstrides",
+    __slots__ = ("params", "mask", "used", "pptrs", "shapes", "pstrides",
                  "gstrides", "dtypes", "state", "state_version", "by_value", "dicts_rep",
                  "keys", "flat", "names", "options", "formats", "kernel", "counts",
                  "step_addrs", "step_doubles", "written", "layout")
@@ -105,15 +103,11 @@ class _Keeping:
         r = self.__dict__.get("_reuses", {}).get(gi)
         if r is None:
             return None
-        params = group["params"]
-        if len(params) != len(r.params) or not all(map(operator.is_, params, r.params)):
-            return None
-        grads = list(map(_GRAD, params))
-        if list(map(operator.is_not, grads, repeat(None))) != r.mask:
+        kernels = _config._kernels
+        grads = kernels.kept_grads(group["params"], r.params, r.mask)
+        if grads is None:
             return None
         used = r.used
-        if not r.all_used:
-            grads = list(compress(grads, r.mask))
         if r.layout is not None:
             if not r.layout.check(*used, *grads):
                 return None
@@ -128,7 +122,6 @@ class _Keeping:
             except RuntimeError:                 # a sparse gradient has no strides
                 return None
         # (only now, every gradient known to be a dense tensor, are addresses read)
-        kernels = _config._kernels
         if not kernels.addresses_equal(used, r.pptrs, _probes._READER, _probes._EXACT):
             return None
         state = self.state
@@ -189,7 +182,6 @@ class _Keeping:
         if [p for p, m in zip(r.params, r.mask) if m] != r.used or any(
                 g is not p.grad for p, g in zip(r.used, plan.grads)):
             return                               # (a hook changed the gradients)
-        r.all_used = all(r.mask)
         grads = plan.grads
         kernels = _config._kernels
         r.pptrs = kernels.addresses(r.used)
