@@ -106,6 +106,7 @@ def prepare_lion(params: _Arrays, grads: _Grads, exp_avgs: _States, steps: _Step
                  weight_decay: _Real, maximize: bool, state_dtype: str | None = None,
                  rounding: str = "nearest", seed: int = 0,
                  absmaxes: Sequence[_States | None] | None = None) -> Step: ...
+def adopt_set_clips(s: Step, clip_lambda: Callable[[int], _Real] | None) -> None: ...
 def prepare_adopt(params: _Arrays, grads: _Grads, exp_avgs: _States, exp_avg_sqs: _States,
                   steps: _Steps | None, lr: _Real,
                   betas: tuple[_Real, _Real] | Sequence[_Real],

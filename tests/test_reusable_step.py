@@ -130,3 +130,48 @@ def test_set_grads_takes_an_int64_array_and_refuses_other_arrays():
         s.set_grads(tuple(addrs))
     with pytest.raises(ValueError, match="3 entries|expected 3"):
         s.set_grads(np.array(addrs[:2], dtype=np.int64))
+
+
+def test_a_reused_adopt_step_takes_its_clips_anew_from_the_step_counts():
+    # ADOPT's clip is a function of each array's step: a kept step works it out again
+    # (adopt_set_clips) after its counts moved, and then equals a fresh step
+    clip = lambda step: 0.5 * step ** 0.5          # noqa: E731 (small: it clips here)
+    params = _arrays()
+    m, v = [np.zeros_like(p) for p in params], [np.zeros_like(p) for p in params]
+    steps = np.array([0, 3, 7], np.int64)            # one count per array, unequal
+    ref = [p.copy() for p in params]
+    rm, rv, rsteps = [a.copy() for a in m], [a.copy() for a in v], steps.copy()
+    opts = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.0, weight_decouple=False,
+                fixed_decay=False, eps=1e-6, maximize=False)
+    args = list(opts.values())
+    step = K.prepare_adopt(params, _arrays(1), m, v, steps, opts["lr"], opts["betas"],
+                           clip, *args[2:])
+    step.run(1)
+    R.adopt_(ref, _arrays(1), rm, rv, rsteps, clip_lambda=clip, **opts)
+    step.make_reusable()
+    for k in range(2, 6):
+        K.adopt_set_clips(step, clip)
+        grads = [g * 10 for g in _arrays(k)]
+        step.set_grads([g.ctypes.data for g in grads])
+        step.run(2)
+        R.adopt_(ref, grads, rm, rv, rsteps, clip_lambda=clip, **opts)
+        for a, b in zip(params + m + v, ref + rm + rv):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(steps, rsteps)
+    # a bad clip or function is refused with the clips as they were (counts now
+    # 5, 8, 12: the next steps 6, 9, 13)
+    with pytest.raises(ValueError, match=r"clip_lambda\(9\)"):
+        K.adopt_set_clips(step, lambda s: -1.0 if s == 9 else 1.0)
+    with pytest.raises(TypeError, match="clip_lambda must be a function"):
+        K.adopt_set_clips(step, 3.0)
+    with pytest.raises(TypeError, match="prepare_adopt"):
+        K.adopt_set_clips(_adam(_arrays(), _arrays(1), [np.zeros_like(p) for p in params],
+                                [np.zeros_like(p) for p in params], np.zeros(3, np.int64)),
+                          clip)
+    # so this run clips as the last step did: at clip(its step - 1)
+    grads = [g * 10 for g in _arrays(9)]
+    step.set_grads([g.ctypes.data for g in grads])
+    step.run(1)
+    R.adopt_(ref, grads, rm, rv, rsteps, clip_lambda=lambda s: clip(s - 1), **opts)
+    for a, b in zip(params + m + v, ref + rm + rv):
+        np.testing.assert_array_equal(a, b)

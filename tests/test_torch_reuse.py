@@ -500,7 +500,8 @@ class KeptAndPlanned:
 
 KEPT_CASES = [("NAdam", None), ("ASGD", None), ("AdEMAMix", None),
               ("AdamWScheduleFree", None), ("Adam", "bfloat16"), ("Adam", "bf16s"),
-              ("Adam", "8bit"), ("NAdam", "8bit"), ("AdEMAMix", "8bit"), ("Lion", "8bit")]
+              ("Adam", "8bit"), ("NAdam", "8bit"), ("AdEMAMix", "8bit"), ("Lion", "8bit"),
+              ("ADOPT", None), ("ADOPT", "8bit")]
 _OPTS = {"ASGD": dict(lr=0.05, t0=3.0, lambd=1e-3), "AdEMAMix": dict(t_alpha_beta3=20),
          "AdamWScheduleFree": dict(warmup_steps=4, lr=0.01), "NAdam": dict(lr=0.01)}
 
@@ -554,6 +555,39 @@ def test_kept_sees_the_group_count_and_options_changed(name):
     t.both(lambda ps, opt: opt.param_groups[0].update(betas=(0.5, 0.9, 0.99)[
         :len(opt.param_groups[0]["betas"])]))
     t.step(2)
+
+
+@pytest.mark.parametrize("name", ["ADOPT", "AdEMAMix"])
+def test_kept_sees_the_options_kept_as_attributes_changed(name):
+    # the oracle rules keep maximize (ADOPT also clip_lambda, a function of the step)
+    # on the optimizer, not in its groups
+    t = KeptAndPlanned(name, _OPTS.get(name))
+    t.step(3)
+    kept = t.kept._reuses[0]
+    t.both(lambda ps, opt: setattr(opt, "maximize", True))
+    t.step(2)
+    if name == "ADOPT":
+        t.both(lambda ps, opt: setattr(opt, "clip_lambda", lambda step: 0.01 * step))
+        t.step(2)
+        t.both(lambda ps, opt: setattr(opt, "clip_lambda", None))
+        t.step(2)
+    t.step(2)
+    assert t.kept._reuses[0] is kept
+
+
+def test_a_kept_adopt_step_with_a_bad_clip_is_refused_and_changes_nothing():
+    t = KeptAndPlanned("ADOPT")
+    t.step(3)
+    assert t.kept._reuses.get(0) is not None
+    before = [p.clone() for p in t.models[0]], copy.deepcopy(t.kept.state_dict())
+    t.kept.clip_lambda = lambda step: -1.0
+    with pytest.raises(ValueError, match=r"clip_lambda\(4\)"):
+        t.kept.step()
+    assert all(torch.equal(a, b) for a, b in zip(before[0], t.models[0]))
+    after = t.kept.state_dict()
+    assert after["param_groups"] == before[1]["param_groups"]
+    for k, st in before[1]["state"].items():
+        assert all(torch.equal(v, after["state"][k][n]) for n, v in st.items())
 
 
 def test_kept_8bit_sees_formats_and_sizes_changed():

@@ -414,9 +414,6 @@ cdef class Step:
         if self.b.ninputs:
             raise ValueError("this step reads other inputs than its gradients: it cannot "
                              "be reused")
-        if self.kind == KIND_ADOPT:
-            raise ValueError("this step's clips were computed from its step counts when "
-                             "it was prepared: it cannot be reused")
         for t in range(self.b.n):
             if self.b.offsets[t + 1] == self.b.offsets[t]:
                 continue

@@ -2,6 +2,7 @@
 fastoptim's kernels (the rest is the base class's and the registry's)."""
 import torch
 
+from .. import _config
 from ..optim.classes import (_SCHEDULEFREE_EVAL_STEP, _apply_schedule, _check_hutchinson,
                              _lion_decoupling, _schedule)
 from ..reference import adopt_clip
@@ -630,6 +631,10 @@ class ADOPT(_OracleRule):
                      "weight_decouple": weight_decouple, "fixed_decay": fixed_decay,
                      "foreach": foreach, "eps": eps}, kwargs,
             {"clip_lambda": clip_lambda, "maximize": maximize, "foreach": foreach})
+
+    def _kept_refresh(self, kernel):
+        # a kept step's clips, from the step it is about to take
+        _config._kernels.adopt_set_clips(kernel, self.clip_lambda)
 
 
 class AdEMAMix(_OracleRule):

@@ -95,6 +95,17 @@ class _Keeping:
     #: whether the kernel's hyperparameters are worked out anew at every step, changed
     #: options or not (a class whose _prepare reads a per-step schedule)
     _hyperparameters_per_step = False
+    #: what a kept kernel call takes anew at every step, after its step counts: a
+    #: method given the kernel call (ADOPT's clips, a function of the step), or None
+    _kept_refresh = None
+
+    def _options(self, group, by_value):
+        """The options a kept step compares with the last step's (_snapshot), and those
+        the rule keeps as attributes of the optimizer (``maximize`` of the oracle rules)."""
+        options = _snapshot(group, by_value, self._rule.group_step)
+        for k in self._rule.attributes:
+            options.append(getattr(self, k, None))
+        return options
 
     def _reused(self, gi, group):
         """The group's kept kernel call, pointed at this step's gradients, if nothing it
@@ -132,10 +143,10 @@ class _Keeping:
                 or not kernels.addresses_equal(flat[0], flat[1], _probes._READER, _probes._EXACT)):
             return None
         count = self._rule.group_step
-        options = _snapshot(group, r.by_value, count)
+        options = self._options(group, r.by_value)
         if options != r.options or self._hyperparameters_per_step:
             r.by_value = _by_value(group)
-            options = _snapshot(group, r.by_value, count)
+            options = self._options(group, r.by_value)
             if (group.get("differentiable", False) or group.get("capturable", False)
                     or self._state_names(group) != r.names
                     or tuple(map(group.get, _compressed.KEYS)) != r.formats):
@@ -153,6 +164,11 @@ class _Keeping:
             if type(n) is not int or n < 0:
                 return None                      # (the fresh plan names the bad count)
             r.counts.fill(n)
+        if self._kept_refresh is not None:
+            try:
+                self._kept_refresh(r.kernel)
+            except ValueError:
+                return None                      # (the fresh plan names the bad value)
         try:
             r.kernel.set_grads(kernels.addresses(grads, _probes._READER, _probes._EXACT))
         except ValueError:
@@ -215,7 +231,7 @@ class _Keeping:
             return
         r.flat = (tensors, kernels.addresses(tensors))
         r.by_value = _by_value(group)
-        r.options = _snapshot(group, r.by_value, self._rule.group_step)
+        r.options = self._options(group, r.by_value)
         r.formats = tuple(map(group.get, _compressed.KEYS))
         r.kernel = plan.kernel
         r.counts = plan.steps

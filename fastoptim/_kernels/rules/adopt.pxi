@@ -68,13 +68,42 @@ cdef void _adopt_scalars(Batch *b, Py_ssize_t t) noexcept nogil:
     b.ts0[t] = 1.0 if b.steps[b.index[t]] == 1 else 0.0
 
 
+cdef int _adopt_clips(Step s, object clip_lambda) except -1:
+    """Each array's clip, from the step it is about to take (one call of clip_lambda per
+    distinct step; None: no clip), all worked out before any is set: a clip_lambda that
+    raises or gives a bad clip changes nothing."""
+    cdef Py_ssize_t t
+    cdef dict clips = {}
+    cdef list out = []
+    for t in range(s.b.n):
+        if clip_lambda is None:
+            out.append(INFINITY)
+            continue
+        key = s.b.steps[s.b.index[t]] + 1
+        if key not in clips:
+            clips[key] = _real(f"clip_lambda({key})", clip_lambda(key), 0.0, False,
+                               INFINITY, False)
+        out.append(clips[key])
+    for t in range(s.b.n):
+        s.b.ts1[t] = out[t]
+    return 0
+
+
+def adopt_set_clips(Step s not None, clip_lambda):
+    """A reusable ADOPT step's clips worked out again from its step counts as they are
+    now (after the caller set them, before run()): what prepare_adopt does once."""
+    if s.kind != KIND_ADOPT:
+        raise TypeError("adopt_set_clips takes a step of prepare_adopt")
+    if clip_lambda is not None and not callable(clip_lambda):
+        raise TypeError(f"clip_lambda must be a function of the step, or None; got "
+                        f"{type(clip_lambda).__name__}")
+    _adopt_clips(s, clip_lambda)
+
+
 def prepare_adopt(params, grads, exp_avgs, exp_avg_sqs, steps, lr, betas, clip_lambda,
                   weight_decay, weight_decouple, fixed_decay, eps, maximize,
                   state_dtype=None, rounding="nearest", seed=0, absmaxes=None):
     cdef Step s = Step()
-    cdef Py_ssize_t t
-    cdef double clip
-    cdef dict clips = {}
     _take_storage(s, state_dtype, rounding, seed)
     _take_q8(s, (True, False))   # the signed map for signed state, in kernel order
     s.b.lr = _nonneg("learning rate", lr)
@@ -96,16 +125,7 @@ def prepare_adopt(params, grads, exp_avgs, exp_avg_sqs, steps, lr, betas, clip_l
               (_arrays("params", params), _arrays("grads", grads),
                _arrays("exp_avgs", exp_avgs), _arrays("exp_avg_sqs", exp_avg_sqs)),
               (True, False, True, True), steps, _absmaxes(s, absmaxes, 2))
-    # each array's clip, from the step it is about to take (one call per distinct step)
-    for t in range(s.b.n):
-        if clip_lambda is None:
-            s.b.ts1[t] = INFINITY
-            continue
-        key = s.b.steps[s.b.index[t]] + 1
-        if key not in clips:
-            clips[key] = _real(f"clip_lambda({key})", clip_lambda(key), 0.0, False,
-                               INFINITY, False)
-        s.b.ts1[t] = clips[key]
+    _adopt_clips(s, clip_lambda)
     s.segment = _adopt_segment
     s.kind = KIND_ADOPT
     s.scalars = _adopt_scalars
