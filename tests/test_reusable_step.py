@@ -175,3 +175,77 @@ def test_a_reused_adopt_step_takes_its_clips_anew_from_the_step_counts():
     R.adopt_(ref, grads, rm, rv, rsteps, clip_lambda=lambda s: clip(s - 1), **opts)
     for a, b in zip(params + m + v, ref + rm + rv):
         np.testing.assert_array_equal(a, b)
+
+
+def _adafactor_problem(dtype, seed=0):
+    """A matrix, a batch of matrices, a vector and a 0-d parameter, with Adafactor's
+    state (factors for the first two, a full second moment for the others)."""
+    rng = np.random.default_rng(seed)
+    shapes = [(40, 9), (3, 5, 7), (300,), ()]
+    params = [np.asarray(rng.standard_normal(s), dtype) for s in shapes]
+    rows = [np.zeros(s[:-1] + (1,), dtype) if len(s) >= 2 else None for s in shapes]
+    cols = [np.zeros(s[:-2] + (1,) + s[-1:], dtype) if len(s) >= 2 else None
+            for s in shapes]
+    var = [np.zeros(s, dtype) if len(s) < 2 else None for s in shapes]
+    return params, rows, cols, var, np.zeros(len(shapes), np.int64)
+
+
+def _af(params, grads, rows, cols, var, steps, lr=1e-2, eps=(None, 1e-3)):
+    return K.prepare_adafactor(params, grads, rows, cols, var, steps, lr, -0.8, eps, 1.0,
+                               0.01, False)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_reused_adafactor_step_equals_fresh_steps(dtype):
+    got, ref = _adafactor_problem(dtype), _adafactor_problem(dtype)
+
+    def grads(k):
+        rng = np.random.default_rng(100 + k)
+        return [np.asarray(rng.standard_normal(p.shape), dtype) for p in got[0]]
+    step = _af(got[0], grads(0), *got[1:])
+    step.run(1)
+    _af(ref[0], grads(0), *ref[1:]).run(1)
+    step.make_reusable()
+    with pytest.raises(RuntimeError, match="set_grads"):
+        step.run(1)
+    for k in range(1, 6):
+        lr, eps = 1e-2 / k, ((None, 1e-3) if k % 2 else (1e-20, 1e-3))
+        assert step.take_hyperparameters(_af([], [], [], [], [], np.zeros(0, np.int64),
+                                             lr=lr, eps=eps))
+        g = grads(k)
+        step.set_grads(np.array([a.ctypes.data for a in g], np.int64))
+        step.run(2)
+        _af(ref[0], g, *ref[1:], lr=lr, eps=eps).run(2)
+        for a, b in zip(got, ref):
+            for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list)
+                            else [b]):
+                if x is not None:
+                    np.testing.assert_array_equal(x, y)
+
+
+def test_a_reused_adafactor_step_refuses_bad_gradients_and_copies():
+    params, rows, cols, var, steps = _adafactor_problem(np.float32)
+    g = [np.ones_like(p) for p in params]
+    step = _af(params, g, rows, cols, var, steps)
+    step.make_reusable()
+    good = np.array([a.ctypes.data for a in g], np.int64)
+    for i, addr, match in ((1, cols[1].ctypes.data, r"grads\[1\] overlaps col_vars\[1\]"),
+                           (2, good[2] + 2, r"grads\[2\] is not aligned"),
+                           (0, steps.ctypes.data, r"grads\[0\] overlaps steps")):
+        bad = good.copy()
+        bad[i] = addr
+        with pytest.raises(ValueError, match=match):
+            step.set_grads(bad)
+    with pytest.raises(ValueError, match="expected 4"):
+        step.set_grads(good[:3].copy())
+    with pytest.raises(TypeError, match="int64"):
+        step.set_grads(good.astype(np.int32))
+    before = [a.copy() for a in params]
+    step.set_grads(good)
+    step.run(1)
+    assert not all(np.array_equal(a, b) for a, b in zip(params, before))
+    # a gradient the step had to copy to C order cannot be pointed at again
+    gt = [np.ones((9, 40), np.float32).T] + g[1:]
+    copied = _af(params, gt, rows, cols, var, steps)
+    with pytest.raises(ValueError, match="cannot be reused"):
+        copied.make_reusable()

@@ -501,7 +501,7 @@ class KeptAndPlanned:
 KEPT_CASES = [("NAdam", None), ("ASGD", None), ("AdEMAMix", None),
               ("AdamWScheduleFree", None), ("Adam", "bfloat16"), ("Adam", "bf16s"),
               ("Adam", "8bit"), ("NAdam", "8bit"), ("AdEMAMix", "8bit"), ("Lion", "8bit"),
-              ("ADOPT", None), ("ADOPT", "8bit")]
+              ("ADOPT", None), ("ADOPT", "8bit"), ("Adafactor", None)]
 _OPTS = {"ASGD": dict(lr=0.05, t0=3.0, lambd=1e-3), "AdEMAMix": dict(t_alpha_beta3=20),
          "AdamWScheduleFree": dict(warmup_steps=4, lr=0.01), "NAdam": dict(lr=0.01)}
 
@@ -555,6 +555,40 @@ def test_kept_sees_the_group_count_and_options_changed(name):
     t.both(lambda ps, opt: opt.param_groups[0].update(betas=(0.5, 0.9, 0.99)[
         :len(opt.param_groups[0]["betas"])]))
     t.step(2)
+
+
+def test_kept_adafactor_takes_changed_options_and_its_machine_epsilon():
+    t = KeptAndPlanned("Adafactor", dict(lr=0.05))
+    t.step(3)
+    kept = t.kept._reuses[0]
+    for change in (dict(lr=0.01), dict(eps=(1e-20, 1e-3)), dict(eps=(None, 1e-2), d=2.0),
+                   dict(weight_decay=0.1, maximize=True)):
+        t.both(lambda ps, opt: opt.param_groups[0].update(change))
+        t.step(2)
+    assert t.kept._reuses[0] is kept
+    # a bad option on a kept step is refused as a fresh plan refuses it, nothing changed
+    t.both(lambda ps, opt: opt.param_groups[0].update(lr=-1.0))
+    errors = []
+    for m, o in zip(t.models, t.opts):
+        before = [p.clone() for p in m]
+        with pytest.raises(ValueError) as e:
+            o.step()
+        errors.append(str(e.value))
+        assert all(torch.equal(a, b) for a, b in zip(before, m))
+    assert errors[0] == errors[1]
+
+
+def test_adafactor_is_planned_when_a_gradient_is_not_c_ordered():
+    m = [torch.nn.Parameter(torch.randn(6, 4))]
+    opt = fot.Adafactor(m)
+    for _ in range(3):
+        m[0].grad = torch.randn(4, 6).t()
+        opt.step()
+    assert not opt._reuses.get(0)
+    m[0].grad = torch.randn(6, 4)
+    opt.step()
+    opt.step()
+    assert opt._reuses.get(0)
 
 
 @pytest.mark.parametrize("name", ["ADOPT", "AdEMAMix"])

@@ -33,6 +33,21 @@ cdef bint _first_conflict(Interval *iv, Py_ssize_t n, Py_ssize_t *a,
     return False
 
 
+cdef Py_ssize_t _written_hit(const Interval *wiv, Py_ssize_t n, uintptr_t start,
+                             uintptr_t end) noexcept nogil:
+    """Of n written intervals sorted by start (none overlapping another, so sorted by end
+    too), the one [start, end) overlaps: its index, or -1. (A reused step's check of a
+    new gradient: Step.set_grads, AdafactorStep.set_grads.)"""
+    cdef Py_ssize_t lo = 0, hi = n, mid
+    while lo < hi:          # the last interval that starts before this one ends
+        mid = (lo + hi) // 2
+        if wiv[mid].start < end:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1 if lo > 0 and wiv[lo - 1].end > start else -1
+
+
 def first_overlap(list written, list read):
     """Memory overlap across lists of arrays (None entries and empty arrays skipped):
     None, or (list_a, index_a, written_a, list_b, index_b, written_b) for an array that

@@ -98,6 +98,15 @@ cdef str _interval_name(tuple names, Interval a):
     return f"{names[a.role]}[{a.index}]"
 
 
+cdef _overlap_error(tuple names, Interval a, Interval b):
+    x = _interval_name(names, a)
+    y = _interval_name(names, b)
+    if a.role == b.role and a.index == b.index:
+        raise ValueError(f"{x} appears twice")
+    raise ValueError(f"{x} overlaps {y} in memory; arrays that are updated in place "
+                     f"must not share memory with any other argument")
+
+
 cdef cnp.ndarray _steps_array(object steps, Py_ssize_t n):
     """``steps`` after checking it is the step counters of n parameters: a writeable,
     contiguous int64 array of shape (n,), each count >= 0 and < 2**63 - 1 (it is
@@ -373,20 +382,13 @@ cdef class Step:
 
             # No updated array may overlap any other array of the call.
             if _first_conflict(iv, nint, &k, &who):
-                self._overlap_error(names, iv[k], iv[who])
+                _overlap_error(names, iv[k], iv[who])
         finally:
             PyMem_Free(iv)
         self.keep.append(lists)
         if self.steps_arr is not None:
             self.b.steps = <int64_t *> cnp.PyArray_DATA(self.steps_arr)
 
-    cdef _overlap_error(self, tuple names, Interval a, Interval b):
-        x = _interval_name(names, a)
-        y = _interval_name(names, b)
-        if a.role == b.role and a.index == b.index:
-            raise ValueError(f"{x} appears twice")
-        raise ValueError(f"{x} overlaps {y} in memory; arrays that are updated in place "
-                         f"must not share memory with any other argument")
 
     # --- reuse: the torch drop-in keeps a prepared step for as long as its parameters,
     # state and options stay the same, and per step only points it at the new gradients
@@ -484,7 +486,7 @@ cdef class Step:
         the next ``run()``. Checked here: alignment, and no overlap with any array the
         step writes. A refused call raises ValueError naming ``grads[i]`` and changes
         nothing."""
-        cdef Py_ssize_t n = self.b.n, t, lo, hi, mid, itemsize, nbytes
+        cdef Py_ssize_t n = self.b.n, t, hit, itemsize, nbytes
         cdef uintptr_t addr, end
         cdef void **tmp
         cdef Interval g
@@ -524,18 +526,11 @@ cdef class Step:
                 if addr == 0 or addr % itemsize != 0:
                     raise ValueError(f"grads[{self.b.index[t]}] is not aligned to its dtype")
                 end = addr + <uintptr_t> nbytes
-                # the last written interval that starts before this one ends
-                lo, hi = 0, self.nwiv
-                while lo < hi:
-                    mid = (lo + hi) // 2
-                    if self.wiv[mid].start < end:
-                        lo = mid + 1
-                    else:
-                        hi = mid
-                if lo > 0 and self.wiv[lo - 1].end > addr:
+                hit = _written_hit(self.wiv, self.nwiv, addr, end)
+                if hit >= 0:
                     g.start, g.end, g.written, g.role = addr, end, 0, ROLE_GRAD
                     g.index = self.b.index[t]
-                    self._overlap_error(_ROLE_NAMES, g, self.wiv[lo - 1])
+                    _overlap_error(_ROLE_NAMES, g, self.wiv[hit])
             for t in range(n):
                 self.b.ptr[ROLE_GRAD][t] = tmp[t]
             self.grads_bound = True

@@ -6,7 +6,9 @@ so it does not go through the planned step of the other classes (_plan, _reuse),
 see every parameter as a flat run of elements: this class views each parameter, its
 gradient and its state as the kernel takes them (C order; a parameter in another
 layout goes through a C-ordered copy that is written back), checks every group, then
-runs them all. A refused step changes nothing.
+runs them all. A refused step changes nothing. Its group's prepared kernel call is kept
+between steps as the other classes keep theirs (_reuse._Keeping), when no copy was
+needed.
 """
 import numpy as np
 import torch
@@ -14,20 +16,22 @@ from torch.optim.optimizer import Optimizer as _TorchOptimizer
 
 from .. import functional as F
 from ..rules import spec
-from ._base import _threads, _to_scalar, _value
+from ._base import _step_hooks, _to_scalar, _value
 from ._plan import _Planning
+from ._reuse import _Keeping, _State
 from ._tensors import _DTensor, _scalar_dtype
 
 _FLOAT = (torch.float32, torch.float64)
 
 
-class Adafactor(_TorchOptimizer):
+class Adafactor(_Keeping, _TorchOptimizer):
     """torch.optim.Adafactor on fastoptim's compiled kernel (same signature, defaults,
     errors, state and state_dict; ``foreach`` is accepted and kept, the kernel runs
     either way). Parameters must be float32 or float64 CPU tensors (torch refuses
     complex ones too); a DTensor is refused: its row and column statistics would need
     reductions across ranks."""
     _rule = spec("adafactor")
+    _has_step = True
 
     def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
                  weight_decay=0.0, *, foreach=None, maximize=False):
@@ -38,9 +42,13 @@ class Adafactor(_TorchOptimizer):
         defaults = {"lr": lr, "beta2_decay": beta2_decay, "eps": eps, "d": d,
                     "weight_decay": weight_decay, "foreach": foreach, "maximize": maximize}
         super().__init__(params, defaults)
+        self.state = _State(dict, self.state)
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        if not isinstance(self.state, _State):
+            self.state = _State(dict, self.state)
+        self._reuses = {}
         for group in self.param_groups:
             group.setdefault("foreach", None)
             for p in group["params"]:
@@ -49,24 +57,31 @@ class Adafactor(_TorchOptimizer):
                     p_state["step"] = torch.tensor(float(p_state["step"]),
                                                    dtype=_scalar_dtype())
 
-    @torch.no_grad()
+    @_step_hooks
     def step(self, closure=None):
         """Perform a single optimization step (torch's semantics)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plans = [self._plan(gi, group) for gi, group in enumerate(self.param_groups)]
-        n_threads = _threads()
-        for plan in plans:
-            plan.run(n_threads)
-            for p, state in plan.new_state:
-                self.state[p] = state
+        self._step_groups()
         return loss
+
+    def _state_names(self, group):
+        return self._rule.state
+
+    def _prepare(self, group, params, grads, states, steps):
+        """The kernel call for ``params`` (their state lists by name, None where a
+        parameter keeps no such state)."""
+        options = {k: (_value(k, _to_scalar(group[k])) if k != "eps" else group[k])
+                   for k in ("lr", "beta2_decay", "d", "weight_decay", "eps")}
+        return F.prepare_adafactor(
+            params, grads, states.get("row_var", []), states.get("col_var", []),
+            states.get("variance", []), steps, maximize=bool(group["maximize"]), **options)
 
     def _plan(self, gi, group):
         """One group checked and prepared; nothing changed."""
-        plan = _Plan()
+        plan = _Plan(self.state)
         params, grads, rows, cols, variances, steps = [], [], [], [], [], []
         for i, p in enumerate(group["params"]):
             if p.grad is None:
@@ -117,6 +132,10 @@ class Adafactor(_TorchOptimizer):
                                  "be a whole number >= 0")
             params.append(plan.view(p))
             grads.append(_Planning._grad_array(g))
+            if not grads[-1].flags.c_contiguous:
+                plan.reusable = False            # (the kernel reads a copy of it)
+            plan.used.append(p)
+            plan.grads.append(g)
             rows.append(kept.get("row_var"))
             cols.append(kept.get("col_var"))
             variances.append(kept.get("variance"))
@@ -125,28 +144,37 @@ class Adafactor(_TorchOptimizer):
             plan.written.append(p)
             plan.written.extend(state[n] for n, _ in shapes)
         plan.steps = np.array(steps, dtype=np.int64)
-        options = {k: (_value(k, _to_scalar(group[k])) if k != "eps" else group[k])
-                   for k in ("lr", "beta2_decay", "d", "weight_decay", "eps")}
         try:
-            plan.kernel = F.prepare_adafactor(
-                params, grads, rows, cols, variances, plan.steps,
-                maximize=bool(group["maximize"]), **options)
+            plan.kernel = self._prepare(
+                group, params, grads,
+                {"row_var": rows, "col_var": cols, "variance": variances}, plan.steps)
         except (TypeError, ValueError) as e:
             raise type(e)(f"param_groups[{gi}]: {e}") from None
         return plan
 
 
 class _Plan:
-    """A group's prepared Adafactor step: run() moves data and cannot fail."""
-    __slots__ = ("kernel", "backs", "steps", "step_tensors", "new_state", "written")
+    """A group's prepared Adafactor step: run() moves data and cannot fail. (With what
+    _Keeping._keep reads to keep it: ``used``, ``grads``, ``reusable``, ``fills``.)"""
+    __slots__ = ("kernel", "backs", "steps", "step_tensors", "new_state", "written",
+                 "state", "used", "grads", "reusable")
 
-    def __init__(self):
+    def __init__(self, state):
         self.kernel = None
         self.backs = []          # (tensor, C-ordered copy): written back after the run
         self.steps = None
         self.step_tensors = []
         self.new_state = []      # (param, state) made by this step
         self.written = []
+        self.state = state       # the optimizer's, where new_state goes after the run
+        self.used = []           # the parameters with a gradient (the kernel's order)
+        self.grads = []          # their gradients
+        self.reusable = True     # whether a _Reuse can be made of this plan
+
+    @property
+    def fills(self):
+        # (a kept step must need no copies: those of parameters are written back)
+        return self.backs
 
     def view(self, t):
         """The tensor as a C-ordered NumPy array: its own memory, or a copy written
@@ -165,6 +193,8 @@ class _Plan:
         for t, count in zip(self.step_tensors, self.steps.tolist()):
             t.fill_(count)
         torch.autograd.graph.increment_version(self.written)
+        for p, state in self.new_state:
+            self.state[p] = state
 
 
 _SHAPES = {}

@@ -11,8 +11,8 @@ from torch.optim.optimizer import Optimizer as _TorchOptimizer
 from .. import _config
 from .. import functional as F
 from . import _compressed
-from ._plan import _GroupPlan, _Planning
-from ._reuse import _Keeping, _State
+from ._plan import _Planning
+from ._reuse import _Keeping, _State, _threads  # noqa: F401 (_threads: re-exported)
 from ._tensors import _DTYPES, _new_step, _placeable, _scalar_dtype, _state_like
 
 
@@ -68,13 +68,6 @@ class _Options(Mapping):
 
     def __len__(self):
         return len(self.group)
-
-
-def _threads():
-    """fastoptim.set_num_threads(n) when it was called, else torch's thread count."""
-    if _config._num_threads is not None or not _config._kernels.openmp_enabled():
-        return _config.get_num_threads()
-    return max(1, torch.get_num_threads())
 
 
 def _step_hooks(step):
@@ -223,33 +216,8 @@ class _Optimizer(_Keeping, _Planning, _TorchOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Plan every group before running any: a refused step changes nothing. A kept
-        # step (every group's call reused) runs no torch op that autograd could record,
-        # so it skips torch.no_grad(), whose entry and exit cost ~4 us, as much as the
-        # rest of a small kept step; a group planned afresh makes tensors under it.
-        plans = [self._reused(gi, group) for gi, group in enumerate(self.param_groups)]
-        if None in plans:
-            with torch.no_grad():
-                plans = [plan or self._plan(gi, group)
-                         for gi, (plan, group) in enumerate(zip(plans, self.param_groups))]
-                self._run_plans(plans)
-        else:
-            self._run_plans(plans)
+        self._step_groups()
         return loss
-
-    def _run_plans(self, plans):
-        """Run each group's kernel call (all of them checked), keep the fresh ones for
-        the next step, and count the step in each group where the rule counts per group."""
-        n_threads = _threads()
-        for gi, plan in enumerate(plans):
-            if plan.kernel is not None:
-                plan.run(n_threads)
-            if isinstance(plan, _GroupPlan):
-                self._keep(gi, self.param_groups[gi], plan)
-        key = self._rule.group_step
-        if key:                             # (the oracle's count: every group, every step)
-            for group in self.param_groups:
-                group[key] = group.get(key, 0) + 1
 
     @_step_hooks
     def step(self, closure=None):

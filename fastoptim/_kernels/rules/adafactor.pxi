@@ -321,25 +321,37 @@ cdef void _af_vector(const AfParam *a, floating *p, const floating *g, floating 
 
 cdef class AdafactorStep:
     """A checked, ready-to-run Adafactor update of a list of arrays (the interface of
-    Step: ``run(n_threads)`` cannot fail and runs once)."""
+    Step: ``run(n_threads)`` cannot fail and runs once, or, made reusable, once after
+    each ``set_grads()``)."""
     cdef AfParam *a
     cdef Py_ssize_t n
     cdef AfOpts o
     cdef int64_t *steps
-    cdef list keep
+    cdef list keep               # the arrays the step points at (grads: in gkeep)
+    cdef list gkeep
+    cdef cnp.ndarray steps_arr
     cdef bint done
     cdef Py_ssize_t total
     cdef cnp.ndarray scratch      # float64 words, shared by the step's parameters
+    cdef bint copied             # a gradient was copied to C order
+    cdef bint eps1_auto          # eps=(None, ...): eps1 is the first array's machine eps
+    cdef double auto_eps1
+    cdef bint reusable, grads_bound
+    cdef Interval *wiv           # reusable: the memory it writes, sorted (see Step)
+    cdef Py_ssize_t nwiv
 
     def __cinit__(self):
         self.a = NULL
         self.n = 0
         self.keep = []
+        self.gkeep = []
         self.done = False
         self.total = 0
+        self.wiv = NULL
 
     def __dealloc__(self):
         PyMem_Free(self.a)
+        PyMem_Free(self.wiv)
         if self.scratch is not None and _af_pool is not None:
             _af_scratch_give(self.scratch)
 
@@ -354,12 +366,115 @@ cdef class AdafactorStep:
         return self.n
 
     def run(self, int n_threads=1):
-        """Apply the update in place. Runs at most once."""
-        if self.done:
+        """Apply the update in place. Runs at most once (unless made reusable)."""
+        if self.done and not self.reusable:
             raise RuntimeError("this step has already run")
+        if self.reusable and not self.grads_bound:
+            raise RuntimeError("a reused step needs set_grads() before each run")
+        self.grads_bound = not self.reusable
         self.done = True
         with nogil:
             _af_run(self.a, self.n, self.steps, &self.o, n_threads)
+
+    # --- reuse (fastoptim.torch keeps a group's step): as Step's ------------------------
+
+    def make_reusable(self):
+        """As :meth:`Step.make_reusable`: ``run()`` any number of times, each after
+        ``set_grads()``; the gradients given to ``prepare_adafactor`` are let go. Refused
+        (ValueError) when one of them was not C-contiguous (the step reads a copy)."""
+        cdef Py_ssize_t t, k = 0, isz
+        cdef const AfParam *a
+        if self.reusable:
+            return
+        if self.copied:
+            raise ValueError("this step reads a C-ordered copy of a gradient: it cannot "
+                             "be reused")
+        self.wiv = <Interval *> PyMem_Malloc((3 * self.n + 1) * sizeof(Interval))
+        if self.wiv == NULL:
+            raise MemoryError()
+        for t in range(self.n):
+            a = &self.a[t]
+            if a.N == 0:
+                continue
+            isz = 8 if a.is_double else 4
+            _af_interval(&self.wiv[k], a.p, a.N * isz, 0, a.index)
+            k += 1
+            if a.factored:
+                _af_interval(&self.wiv[k], a.row, a.B * a.m * isz, 1, a.index)
+                _af_interval(&self.wiv[k + 1], a.col, a.B * a.n * isz, 2, a.index)
+                k += 2
+            else:
+                _af_interval(&self.wiv[k], a.var, a.N * isz, 3, a.index)
+                k += 1
+        if cnp.PyArray_NBYTES(self.steps_arr) > 0:
+            _af_interval(&self.wiv[k], cnp.PyArray_DATA(self.steps_arr),
+                         cnp.PyArray_NBYTES(self.steps_arr), -1, 0)
+            k += 1
+        qsort(self.wiv, k, sizeof(Interval), _cmp_interval)
+        self.nwiv = k
+        self.reusable = True
+        self.gkeep = None
+        self.grads_bound = False
+
+    def set_grads(self, cnp.ndarray addresses not None):
+        """Point each updated array's gradient at a new address (a contiguous int64
+        array as :func:`addresses` returns, one per updated array): memory laid out
+        exactly as the gradient given to ``prepare_adafactor`` (dtype, shape,
+        C-contiguous), kept alive by the caller until the next ``run()``. Checked:
+        alignment, and no overlap with any array the step writes; a refused call
+        raises ValueError naming ``grads[i]`` and changes nothing."""
+        cdef Py_ssize_t t, hit, isz
+        cdef uintptr_t addr, end
+        cdef const int64_t *arr
+        cdef Interval g
+        if not self.reusable:
+            raise RuntimeError("set_grads() needs make_reusable() first")
+        if (cnp.PyArray_TYPE(addresses) != cnp.NPY_INT64 or cnp.PyArray_NDIM(addresses) != 1
+                or not cnp.PyArray_IS_C_CONTIGUOUS(addresses)):
+            raise TypeError("addresses must be a contiguous 1-d int64 array")
+        if cnp.PyArray_SIZE(addresses) != self.n:
+            raise ValueError(f"addresses has {cnp.PyArray_SIZE(addresses)} entries, "
+                             f"expected {self.n}")
+        arr = <const int64_t *> cnp.PyArray_DATA(addresses)
+        for t in range(self.n):
+            if self.a[t].N == 0:
+                continue
+            addr = <uintptr_t> arr[t]
+            isz = 8 if self.a[t].is_double else 4
+            if addr == 0 or addr % isz != 0:
+                raise ValueError(f"grads[{self.a[t].index}] is not aligned to its dtype")
+            end = addr + <uintptr_t> (self.a[t].N * isz)
+            hit = _written_hit(self.wiv, self.nwiv, addr, end)
+            if hit >= 0:
+                _af_interval(&g, <void *> addr, self.a[t].N * isz, 4, self.a[t].index)
+                g.written = 0
+                _overlap_error(_AF_NAMES, g, self.wiv[hit])
+        for t in range(self.n):
+            self.a[t].g = <void *> <uintptr_t> arr[t]
+        self.grads_bound = True
+
+    def take_hyperparameters(self, AdafactorStep other not None):
+        """Copy the options of ``other`` -- a step prepared for no arrays, which
+        checked them -- into this reusable step (a scheduler changed ``lr``, ...);
+        eps=(None, ...) stays this step's machine epsilon. True (always)."""
+        self.o = other.o
+        self.eps1_auto = other.eps1_auto
+        if other.eps1_auto:
+            self.o.eps1 = self.auto_eps1
+        return True
+
+
+#: the roles of AdafactorStep's arrays, in error messages (see _interval_name)
+_AF_NAMES = ("params", "row_vars", "col_vars", "variances", "grads")
+
+
+cdef void _af_interval(Interval *iv, const void *start, Py_ssize_t nbytes, int role,
+                       Py_ssize_t index) noexcept nogil:
+    iv.start = <uintptr_t> start
+    iv.end = iv.start + <uintptr_t> nbytes
+    iv.written = 1
+    iv.role = role
+    iv.index = index
 
 
 cdef void _af_run(const AfParam *params, Py_ssize_t n, int64_t *steps, const AfOpts *o,
@@ -506,7 +621,9 @@ def prepare_adafactor(params, grads, row_vars, col_vars, variances, steps, lr,
             nc = 2 * ((a.N + AF_CHUNK - 1) // AF_CHUNK)
         if not cnp.PyArray_IS_C_CONTIGUOUS(g):
             g = np.ascontiguousarray(g)
-        s.keep.extend((p, g))
+            s.copied = True
+        s.keep.append(p)
+        s.gkeep.append(g)
         a.p, a.g = cnp.PyArray_DATA(p), cnp.PyArray_DATA(g)
         a.scratch = <void *> <uintptr_t> (8 * scratch_len)      # (an offset, for now)
         words = nc if a.is_double else (nc + 1) // 2
@@ -515,8 +632,8 @@ def prepare_adafactor(params, grads, row_vars, col_vars, variances, steps, lr,
         read[0].append(g)
         where[0].append(i)
         where[4].append(i)
-        if eps1 is None:
-            eps1 = float(np.finfo(p.dtype).eps)
+        if s.n == 0:
+            s.auto_eps1 = float(np.finfo(p.dtype).eps)
         s.n += 1
         s.total += a.N
     hit = first_overlap(written, read)
@@ -532,7 +649,8 @@ def prepare_adafactor(params, grads, row_vars, col_vars, variances, steps, lr,
     for k in range(s.n):
         s.a[k].scratch = <void *> (<char *> cnp.PyArray_DATA(s.scratch)
                                    + <uintptr_t> s.a[k].scratch)
-    s.o.eps1 = 0.0 if eps1 is None else eps1
+    s.eps1_auto = eps1 is None
+    s.o.eps1 = s.auto_eps1 if eps1 is None else eps1
     s.steps = <int64_t *> cnp.PyArray_DATA(st)
-    s.keep.append(st)
+    s.steps_arr = st
     return s
