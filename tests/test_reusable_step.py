@@ -113,6 +113,18 @@ def test_a_step_with_other_inputs_than_gradients_is_not_reusable():
         step.make_reusable()
 
 
+def test_a_sophiah_step_is_reusable_on_the_steps_without_hessians():
+    def prepare(hessians):
+        p = _arrays()
+        m, h = [np.zeros_like(a) for a in p], [np.zeros_like(a) for a in p]
+        return K.prepare_sophiah(p, _arrays(1), hessians, m, h,
+                                 np.zeros(3, np.int64), 0.1, (0.9, 0.99), 0.0, True, False,
+                                 0.01, 1e-12, False)
+    prepare(None).make_reusable()
+    with pytest.raises(ValueError, match="cannot be reused"):
+        prepare(_arrays(2)).make_reusable()
+
+
 def test_set_grads_takes_an_int64_array_and_refuses_other_arrays():
     params, m, v, steps, ref, rm, rv, rsteps = _adam_twins()
     s = _adam(params, _arrays(1), m, v, steps)

@@ -578,6 +578,30 @@ def test_kept_adafactor_takes_changed_options_and_its_machine_epsilon():
     assert errors[0] == errors[1]
 
 
+def test_kept_sophiah_between_its_hessian_steps():
+    # the steps that update the Hessian moment read estimates and are planned; the
+    # others are kept, and all equal the planned twin's
+    t = KeptAndPlanned("SophiaH", dict(update_period=3, lr=0.01))
+    gen = torch.Generator().manual_seed(5)
+    kept = None
+    for k in range(10):
+        hs = [torch.rand(p.shape, generator=gen) for p in t.models[0]]
+        for a, b in zip(*t.models):
+            g = torch.randn(a.shape, generator=gen)
+            a.grad, b.grad = g.clone(), g.clone()
+        for o in t.opts:
+            o.step(hessian=[h.clone() for h in hs] if k % 3 == 0 else None)
+        t.check()
+        r = t.kept._reuses.get(0)
+        if k % 3 == 0:
+            assert r is None
+        elif k % 3 == 1:
+            assert r is not None
+            kept = r
+        else:
+            assert r is kept
+
+
 def test_adafactor_is_planned_when_a_gradient_is_not_c_ordered():
     m = [torch.nn.Parameter(torch.randn(6, 4))]
     opt = fot.Adafactor(m)

@@ -413,9 +413,11 @@ cdef class Step:
         if self.kind == KIND_ADAHESSIAN:
             raise ValueError("this step reads other inputs than its gradients (the "
                              "Hessian diagonals): it cannot be reused")
-        if self.b.ninputs:
-            raise ValueError("this step reads other inputs than its gradients: it cannot "
-                             "be reused")
+        for t in range(self.b.n):          # (a step of such a rule without them can be)
+            for r in range(self.b.nroles - self.b.ninputs, self.b.nroles):
+                if self.b.ptr[r][t] != NULL:
+                    raise ValueError("this step reads other inputs than its gradients: "
+                                     "it cannot be reused")
         for t in range(self.b.n):
             if self.b.offsets[t + 1] == self.b.offsets[t]:
                 continue

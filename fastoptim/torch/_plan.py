@@ -110,7 +110,7 @@ class _Planning:
             plan.written.append(p)
         if not kparams:
             return plan
-        if self._rule.inputs:
+        if kinputs is not None:
             plan.reusable = False   # (a kept step points its kernel at no new inputs)
         if _compressed.compressed(group):
             if group["state_dtype"] == "8bit":

@@ -152,6 +152,8 @@ class _Keeping:
         r = self.__dict__.get("_reuses", {}).get(gi)
         if r is None:
             return None
+        if self._rule.inputs and self.__dict__.get("_step_inputs") is not None:
+            return None          # (SophiaH's Hessian steps; its kept call reads none)
         kernels = _config._kernels
         grads = kernels.kept_grads(group["params"], r.params, r.mask)
         if grads is None:
