@@ -33,6 +33,15 @@ cdef bint _first_conflict(Interval *iv, Py_ssize_t n, Py_ssize_t *a,
     return False
 
 
+cdef void _set_interval(Interval *iv, const void *start, Py_ssize_t nbytes, int written,
+                       int role, Py_ssize_t index) noexcept nogil:
+    iv.start = <uintptr_t> start
+    iv.end = iv.start + <uintptr_t> nbytes
+    iv.written = written
+    iv.role = role
+    iv.index = index
+
+
 cdef Py_ssize_t _written_hit(const Interval *wiv, Py_ssize_t n, uintptr_t start,
                              uintptr_t end) noexcept nogil:
     """Of n written intervals sorted by start (none overlapping another, so sorted by end

@@ -351,21 +351,15 @@ cdef class Step:
                                               cnp.PyArray_SIZE(p))
                             self.b.absmax[r - 2][t] = <float *> cnp.PyArray_DATA(h)
                             if cnp.PyArray_NBYTES(h) > 0:
-                                iv[nint].start = <uintptr_t> cnp.PyArray_DATA(h)
-                                iv[nint].end = iv[nint].start + <uintptr_t> cnp.PyArray_NBYTES(h)
-                                iv[nint].written = 1
-                                iv[nint].role = -2 - (r - 2)
-                                iv[nint].index = i
+                                _set_interval(&iv[nint], cnp.PyArray_DATA(h),
+                                              cnp.PyArray_NBYTES(h), 1, -2 - (r - 2), i)
                                 nint += 1
                         elif self.b.q8mode:
                             self.b.absmax[r - 2][t] = NULL
                     self.b.ptr[r][t] = cnp.PyArray_DATA(a)
                     if nbytes > 0:
-                        iv[nint].start = <uintptr_t> cnp.PyArray_DATA(a)
-                        iv[nint].end = iv[nint].start + <uintptr_t> cnp.PyArray_NBYTES(a)
-                        iv[nint].written = self.role_written[r]
-                        iv[nint].role = r
-                        iv[nint].index = i
+                        _set_interval(&iv[nint], cnp.PyArray_DATA(a), cnp.PyArray_NBYTES(a),
+                                      self.role_written[r], r, i)
                         nint += 1
                 self.b.offsets[t + 1] = self.b.offsets[t] + cnp.PyArray_SIZE(p)
                 t += 1
@@ -373,11 +367,8 @@ cdef class Step:
             self.total = self.b.offsets[t]
             if self.steps_arr is not None and cnp.PyArray_NBYTES(self.steps_arr) > 0:
                 # the step counters are written too: they may not overlap any array
-                iv[nint].start = <uintptr_t> cnp.PyArray_DATA(self.steps_arr)
-                iv[nint].end = iv[nint].start + <uintptr_t> cnp.PyArray_NBYTES(self.steps_arr)
-                iv[nint].written = 1
-                iv[nint].role = -1
-                iv[nint].index = 0
+                _set_interval(&iv[nint], cnp.PyArray_DATA(self.steps_arr),
+                              cnp.PyArray_NBYTES(self.steps_arr), 1, -1, 0)
                 nint += 1
 
             # No updated array may overlap any other array of the call.
@@ -388,7 +379,6 @@ cdef class Step:
         self.keep.append(lists)
         if self.steps_arr is not None:
             self.b.steps = <int64_t *> cnp.PyArray_DATA(self.steps_arr)
-
 
     # --- reuse: the torch drop-in keeps a prepared step for as long as its parameters,
     # state and options stay the same, and per step only points it at the new gradients
@@ -437,36 +427,24 @@ cdef class Step:
                 if not self.role_written[r] or self.b.ptr[r][t] == NULL:
                     continue
                 nbytes = (self.b.offsets[t + 1] - self.b.offsets[t]) * self._itemsize(t, r)
-                self.wiv[n].start = <uintptr_t> self.b.ptr[r][t]
-                self.wiv[n].end = self.wiv[n].start + <uintptr_t> nbytes
-                self.wiv[n].written = 1
-                self.wiv[n].role = r
-                self.wiv[n].index = self.b.index[t]
+                _set_interval(&self.wiv[n], self.b.ptr[r][t], nbytes, 1, r, self.b.index[t])
                 n += 1
                 if r >= 2 and self.b.q8mode and self.b.q8[t] and self.b.absmax[r - 2][t] != NULL:
-                    self.wiv[n].start = <uintptr_t> self.b.absmax[r - 2][t]
-                    self.wiv[n].end = self.wiv[n].start + <uintptr_t> (
-                        (self.b.offsets[t + 1] - self.b.offsets[t] + Q8_BLOCK - 1)
-                        // Q8_BLOCK * sizeof(float))
-                    self.wiv[n].written = 1
-                    self.wiv[n].role = -2 - (r - 2)
-                    self.wiv[n].index = self.b.index[t]
+                    _set_interval(&self.wiv[n], self.b.absmax[r - 2][t],
+                                  (self.b.offsets[t + 1] - self.b.offsets[t] + Q8_BLOCK - 1)
+                                  // Q8_BLOCK * sizeof(float), 1, -2 - (r - 2),
+                                  self.b.index[t])
                     n += 1
             for k in range(2):
                 if self.b.pscal[k] == NULL:
                     continue
-                self.wiv[n].start = <uintptr_t> self.b.pscal[k][t]
-                self.wiv[n].end = self.wiv[n].start + (8 if self.b.pscal_double[k][t] else 4)
-                self.wiv[n].written = 1
-                self.wiv[n].role = SCALAR_ROLE - k
-                self.wiv[n].index = self.b.index[t]
+                _set_interval(&self.wiv[n], self.b.pscal[k][t],
+                              8 if self.b.pscal_double[k][t] else 4, 1, SCALAR_ROLE - k,
+                              self.b.index[t])
                 n += 1
         if self.steps_arr is not None and cnp.PyArray_NBYTES(self.steps_arr) > 0:
-            self.wiv[n].start = <uintptr_t> cnp.PyArray_DATA(self.steps_arr)
-            self.wiv[n].end = self.wiv[n].start + <uintptr_t> cnp.PyArray_NBYTES(self.steps_arr)
-            self.wiv[n].written = 1
-            self.wiv[n].role = -1
-            self.wiv[n].index = 0
+            _set_interval(&self.wiv[n], cnp.PyArray_DATA(self.steps_arr),
+                          cnp.PyArray_NBYTES(self.steps_arr), 1, -1, 0)
             n += 1
         # written arrays never overlap one another (checked by _gather): sorted by start,
         # they are sorted by end too
@@ -530,8 +508,7 @@ cdef class Step:
                 end = addr + <uintptr_t> nbytes
                 hit = _written_hit(self.wiv, self.nwiv, addr, end)
                 if hit >= 0:
-                    g.start, g.end, g.written, g.role = addr, end, 0, ROLE_GRAD
-                    g.index = self.b.index[t]
+                    _set_interval(&g, <void *> addr, nbytes, 0, ROLE_GRAD, self.b.index[t])
                     _overlap_error(_ROLE_NAMES, g, self.wiv[hit])
             for t in range(n):
                 self.b.ptr[ROLE_GRAD][t] = tmp[t]

@@ -397,18 +397,18 @@ cdef class AdafactorStep:
             if a.N == 0:
                 continue
             isz = 8 if a.is_double else 4
-            _af_interval(&self.wiv[k], a.p, a.N * isz, 0, a.index)
+            _set_interval(&self.wiv[k], a.p, a.N * isz, 1, 0, a.index)
             k += 1
             if a.factored:
-                _af_interval(&self.wiv[k], a.row, a.B * a.m * isz, 1, a.index)
-                _af_interval(&self.wiv[k + 1], a.col, a.B * a.n * isz, 2, a.index)
+                _set_interval(&self.wiv[k], a.row, a.B * a.m * isz, 1, 1, a.index)
+                _set_interval(&self.wiv[k + 1], a.col, a.B * a.n * isz, 1, 2, a.index)
                 k += 2
             else:
-                _af_interval(&self.wiv[k], a.var, a.N * isz, 3, a.index)
+                _set_interval(&self.wiv[k], a.var, a.N * isz, 1, 3, a.index)
                 k += 1
         if cnp.PyArray_NBYTES(self.steps_arr) > 0:
-            _af_interval(&self.wiv[k], cnp.PyArray_DATA(self.steps_arr),
-                         cnp.PyArray_NBYTES(self.steps_arr), -1, 0)
+            _set_interval(&self.wiv[k], cnp.PyArray_DATA(self.steps_arr),
+                          cnp.PyArray_NBYTES(self.steps_arr), 1, -1, 0)
             k += 1
         qsort(self.wiv, k, sizeof(Interval), _cmp_interval)
         self.nwiv = k
@@ -446,8 +446,7 @@ cdef class AdafactorStep:
             end = addr + <uintptr_t> (self.a[t].N * isz)
             hit = _written_hit(self.wiv, self.nwiv, addr, end)
             if hit >= 0:
-                _af_interval(&g, <void *> addr, self.a[t].N * isz, 4, self.a[t].index)
-                g.written = 0
+                _set_interval(&g, <void *> addr, self.a[t].N * isz, 0, 4, self.a[t].index)
                 _overlap_error(_AF_NAMES, g, self.wiv[hit])
         for t in range(self.n):
             self.a[t].g = <void *> <uintptr_t> arr[t]
@@ -466,15 +465,6 @@ cdef class AdafactorStep:
 
 #: the roles of AdafactorStep's arrays, in error messages (see _interval_name)
 _AF_NAMES = ("params", "row_vars", "col_vars", "variances", "grads")
-
-
-cdef void _af_interval(Interval *iv, const void *start, Py_ssize_t nbytes, int role,
-                       Py_ssize_t index) noexcept nogil:
-    iv.start = <uintptr_t> start
-    iv.end = iv.start + <uintptr_t> nbytes
-    iv.written = 1
-    iv.role = role
-    iv.index = index
 
 
 cdef void _af_run(const AfParam *params, Py_ssize_t n, int64_t *steps, const AfOpts *o,
