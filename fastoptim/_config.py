@@ -119,6 +119,8 @@ def config():
         "serial_threshold": get_serial_threshold(),
         "calibration": _kernels.calibration(),
         "compile_flags": _kernels.build_cflags(),
+        "8bit_decode": ("byte permutes (AVX512-VBMI)" if _kernels._q8_permute_decode()
+                        else "gathers"),
         "machine": platform.machine(),
     }
 

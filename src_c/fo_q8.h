@@ -20,6 +20,11 @@
  *     code = (entry >> 16) + ((entry & 0xFFFF) < (lower 16 bits of v, flipped if v < 0))
  * one gather per vector and a few integer operations. fo_q8_selfcheck compares the
  * result with the threshold count for every float32 in [-1, 1].
+ *
+ * Decoding looks map[code] up: a gather per vector, or, where the CPU has AVX512-VBMI
+ * (fo_q8_vbmi), byte permutes: the map's 256 values as four byte planes of four
+ * registers each, two two-register permutes and a blend per plane give one byte of 64
+ * values, and two rounds of unpacks put the bytes together. No loads but the codes.
  */
 #ifndef FO_Q8_H
 #define FO_Q8_H
@@ -37,6 +42,7 @@
 
 typedef struct {
     float map[256];         /* ascending */
+    uint8_t plane[4][256];  /* byte k (little-endian) of each map value's bits */
     float thr[256];         /* thr[j], j < 255: see above; thr[255] = +inf */
     uint32_t cell[2 * FO_Q8_HALF];      /* [0, HALF): v >= 0; then v < 0 */
     uint8_t zero;           /* the code of 0 */
@@ -67,7 +73,11 @@ static int fo_q8_init(int w, const float *values) {
     int j, i;
     memset(q, 0, sizeof *q);
     for (j = 0; j < 256; j++) {
+        uint32_t bits;
         q->map[j] = values[j];
+        memcpy(&bits, &values[j], sizeof bits);
+        for (i = 0; i < 4; i++)
+            q->plane[i][j] = (uint8_t)(bits >> (8 * i));
         if (values[j] == 0.0f)
             q->zero = (uint8_t)j;
         if (j > 0 && !(values[j] > values[j - 1]))
@@ -177,12 +187,79 @@ static inline void fo_q8_prefetch(const void *p, int64_t nbytes) {
         __builtin_prefetch(c + i, 1, 3);
 }
 
+/* fo_q8_vbmi: decode by byte permutes (fo_q8_decode_vbmi). Set by fo_q8_set_vbmi, only
+ * in an AVX-512 build on a CPU with AVX512-VBMI. */
+static int fo_q8_vbmi = 0;
+
+static int fo_q8_set_vbmi(int on) {
+#if defined(__AVX512F__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    fo_q8_vbmi = on && __builtin_cpu_supports("avx512vbmi");
+#else
+    (void)on;
+    fo_q8_vbmi = 0;
+#endif
+    return fo_q8_vbmi;
+}
+
+#if defined(__AVX512F__) && defined(__GNUC__)
+/* out[i] = map[codes[i]] * scale for the first n - n % 64 values, by byte permutes;
+ * returns how many. (Its own function, built for VBMI: called only where the CPU has
+ * it, and never inlined into code that runs elsewhere.) */
+__attribute__((target("avx512vbmi"), noinline))
+static int64_t fo_q8_decode_vbmi(const fo_q8_map *q, const uint8_t *codes, float scale,
+                                 float *out, int64_t n) {
+    __m512i t[4][4], order, c, lo, hi, b[4], w0, w1, w2, w3;
+    __m512 s = _mm512_set1_ps(scale);
+    uint8_t ord[64];
+    __mmask64 top;
+    int64_t i = 0;
+    int k, h, r, l;
+    for (k = 0; k < 4; k++)
+        for (h = 0; h < 4; h++)
+            t[k][h] = _mm512_loadu_si512((const void *)(q->plane[k] + 64 * h));
+    /* The unpacks leave value 16 r + 4 l + j (lane l, dword j of register r) where the
+     * bytes of code 16 l + 4 r + j were: put each code there first. */
+    for (l = 0; l < 4; l++)
+        for (r = 0; r < 4; r++)
+            for (k = 0; k < 4; k++)
+                ord[16 * l + 4 * r + k] = (uint8_t)(16 * r + 4 * l + k);
+    order = _mm512_loadu_si512((const void *)ord);
+    for (; i + 64 <= n; i += 64) {
+        c = _mm512_permutexvar_epi8(order, _mm512_loadu_si512((const void *)(codes + i)));
+        top = _mm512_movepi8_mask(c);                    /* codes 128..255 */
+        for (k = 0; k < 4; k++) {
+            lo = _mm512_permutex2var_epi8(t[k][0], c, t[k][1]);
+            hi = _mm512_permutex2var_epi8(t[k][2], c, t[k][3]);
+            b[k] = _mm512_mask_mov_epi8(lo, top, hi);
+        }
+        w0 = _mm512_unpacklo_epi8(b[0], b[1]);
+        w1 = _mm512_unpackhi_epi8(b[0], b[1]);
+        w2 = _mm512_unpacklo_epi8(b[2], b[3]);
+        w3 = _mm512_unpackhi_epi8(b[2], b[3]);
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(
+            _mm512_castsi512_ps(_mm512_unpacklo_epi16(w0, w2)), s));
+        _mm512_storeu_ps(out + i + 16, _mm512_mul_ps(
+            _mm512_castsi512_ps(_mm512_unpackhi_epi16(w0, w2)), s));
+        _mm512_storeu_ps(out + i + 32, _mm512_mul_ps(
+            _mm512_castsi512_ps(_mm512_unpacklo_epi16(w1, w3)), s));
+        _mm512_storeu_ps(out + i + 48, _mm512_mul_ps(
+            _mm512_castsi512_ps(_mm512_unpackhi_epi16(w1, w3)), s));
+    }
+    return i;
+}
+#endif
+
 /* out[i] = map[codes[i]] * scale */
 static inline void fo_q8_decode(const fo_q8_map *q, const uint8_t *codes, float scale,
                                 float *out, int64_t n) {
     int64_t i = 0;
 #if defined(__AVX512F__)
     __m512 s = _mm512_set1_ps(scale);
+#if defined(__GNUC__)
+    if (fo_q8_vbmi)
+        i = fo_q8_decode_vbmi(q, codes, scale, out, n);
+#endif
     for (; i + 16 <= n; i += 16) {
         __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + i)));
         _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_i32gather_ps(c, q->map, 4), s));

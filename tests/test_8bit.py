@@ -112,6 +112,37 @@ def test_the_encoder_gives_every_float32_in_unit_range_its_code(signed):
     assert wrong == 0, f"{wrong} values encoded wrongly, e.g. bits {bits:#010x}"
 
 
+@pytest.mark.parametrize("permute", [True, False], ids=["permutes", "gathers"])
+def test_both_decoders_read_every_code_as_the_reference(permute):
+    """Codes are decoded by gathers, or by byte permutes where the kernel path is
+    AVX-512 and the CPU has AVX512-VBMI (on by default there; _q8_permute_decode turns
+    it off): either way, a step from state holding all 256 codes in every block (and a
+    tail of 100) equals the reference, for the signed and the unsigned map."""
+    k = _config._kernels
+    was = k._q8_permute_decode()
+    try:
+        if k._q8_permute_decode(permute) != permute:
+            pytest.skip("no AVX512-VBMI decoder on this CPU or kernel path")
+        rng = np.random.default_rng(4)
+        n = 4 * FM.BLOCK + 100
+        g = np.linspace(-1, 1, n, dtype=np.float32)
+        for name, opts in (("sgd_", dict(momentum=0.9)), ("adagrad_", {})):
+            p0 = rng.standard_normal(n).astype(np.float32)
+            codes0 = np.resize(rng.permutation(256).astype(np.uint8), n)
+            scales0 = (np.abs(rng.standard_normal(5)) + 0.5).astype(np.float32)
+            out = []
+            for module in (F, R):
+                p, codes, scales = p0.copy(), codes0.copy(), scales0.copy()
+                steps = np.ones(1, np.int64)
+                getattr(module, name)([p], [g], [codes], steps, lr=0.01,
+                                      state_dtype="8bit", absmaxes=[[scales]], **opts)
+                out.append([p, codes, scales, steps])
+            _equal(out[0], out[1], f"{name} permute={permute}")
+            assert not np.array_equal(out[0][1], codes0)        # (it stepped)
+    finally:
+        k._q8_permute_decode(was)
+
+
 @pytest.mark.parametrize("name", list(RULES))
 def test_kernel_equals_reference_bit_for_bit(name):
     for opts, order in itertools.product(RULES[name][2], ["C", "F"]):

@@ -131,6 +131,8 @@ cdef extern from "fo_q8.h" nogil:
     void fo_q8_encode(const fo_q8_map *q, const float *x, float scale, uint8_t *codes,
                       int64_t n)
     int64_t fo_q8_selfcheck(int w, uint32_t *bad)
+    int fo_q8_vbmi
+    int fo_q8_set_vbmi(int on)
     void fo_q8_prefetch(const void *p, int64_t nbytes)
 
 
@@ -152,6 +154,19 @@ def _q8_thresholds(bint signed):
     """The encoder's 255 thresholds (float32): value v gets code j + 1 over thr[j]."""
     return np.array([fo_q8_maps[1 if signed else 0].thr[j] for j in range(255)],
                     np.float32)
+
+
+def _q8_permute_decode(on=None):
+    """Whether 8-bit codes are decoded by byte permutes (AVX512-VBMI) rather than
+    gathers: True where this is an AVX-512 build and the CPU has VBMI. ``on=False``
+    turns it off (same results), ``on=True`` back on where available; returns the
+    setting now in force."""
+    if on is not None:
+        fo_q8_set_vbmi(1 if on else 0)
+    return bool(fo_q8_vbmi)
+
+
+fo_q8_set_vbmi(1)
 
 
 def _q8_selfcheck(bint signed):
