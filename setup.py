@@ -120,6 +120,16 @@ def _is_x86_64():
 class BuildExt(build_ext):
     """Decide OpenMP and ISA variants from what the compiler accepts."""
 
+    def finalize_options(self):
+        super().finalize_options()
+        # The kernel paths are three compiles of one large C file each, independent:
+        # build them side by side unless told otherwise (pip and `python -m build` pass
+        # no -j). FASTOPTIM_BUILD_JOBS=1 builds one at a time.
+        if not self.parallel:
+            jobs = os.environ.get("FASTOPTIM_BUILD_JOBS")
+            self.parallel = int(jobs) if jobs else min(len(self.extensions),
+                                                      os.cpu_count() or 1)
+
     def build_extensions(self):
         compiler = self.compiler
         msvc = _is_msvc(compiler)
