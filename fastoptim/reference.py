@@ -141,10 +141,12 @@ def _stored_state(state, touched, unsigned=()):
     bfloat16 bits: the rule runs on their float32 values (so the parameter update uses
     this step's unrounded state) and each is rounded once when stored back, to nearest
     even (``rounding="nearest"``) or stochastically (``"stochastic"``). Stochastic
-    rounding draws element k's 16 random bits as ``hash32(k * 0x9E3779B9 ^ key_j)``,
-    k its position in memory within its array, ``key_j = hash32(key ^ j)`` for the
-    j-th of the rule's state arguments (from 1, whether the options use the others or
-    not), ``key`` a hash of ``seed``, the parameter's step and its position in the list.
+    rounding draws element k's 16 random bits for the j-th of the rule's state
+    arguments (j from 1, whether the options use the others or not) from
+    ``hash32(k * 0x9E3779B9 ^ key_q)``, ``q = (j + 1) // 2``: its low 16 bits for odd
+    j, its high 16 for even j (one hash serves two states); k is the element's
+    position in memory within its array, ``key_q = hash32(key ^ q)``, ``key`` a hash
+    of ``seed``, the parameter's step and its position in the list.
 
     With ``state_dtype="8bit"``, a parameter's state arrays are uint8 codes, with their
     float32 block scales in ``absmaxes`` (one list per state argument, in order), or
@@ -181,7 +183,8 @@ def _stored_state(state, touched, unsigned=()):
                     h = _memory_index(p) * np.uint32(0x9E3779B9)
                 for n in names:
                     j = state.index(n) + 1
-                    bits = (hash32(h ^ np.uint32(hash32(key ^ j)))
+                    bits = ((hash32(h ^ np.uint32(hash32(key ^ ((j + 1) // 2))))
+                             >> np.uint32(16 * (1 - j % 2)))
                             if rounding == "stochastic" else None)
                     stored[n][i][...] = float32_to_bfloat16(wide[n][i], bits)
 

@@ -9,8 +9,10 @@
 # * bf16_nearest, bf16_stochastic: bfloat16 bits (the upper half of a float32; float32
 #   parameters only), widened to float32 when loaded, rounded once when stored, to
 #   nearest even or stochastically. Element i's random bits hash its index in the array
-#   with a per-array, per-step, per-state key (a Codec): results do not depend on the
-#   thread count or the partition.
+#   with a per-array, per-step key for each pair of states (a Codec): the first state
+#   of a pair takes the hash's low 16 bits, the second its high 16, so a loop hashes
+#   once for both (the same expression, which the compiler computes once). Results do
+#   not depend on the thread count or the partition.
 # A rule's segment function picks the instance from the Batch (_state_format).
 
 cdef struct bf16_nearest:
@@ -38,7 +40,8 @@ cdef enum:
 
 cdef struct Codec:
     # What a store needs besides the value: the loop's first element's index in its
-    # array, and a stochastic-rounding key per state array (in kernel order).
+    # array, and a stochastic-rounding key per pair of state arrays (kernel order:
+    # states 0 and 1 share key[0], state 2 has key[1]).
     uint32_t base
     uint32_t key[MAX_STATE]
 
@@ -57,6 +60,7 @@ cdef inline Codec _codec(const Batch *b, Py_ssize_t t, Py_ssize_t lo) noexcept n
     c.base = <uint32_t> lo
     for j in range(MAX_STATE):
         c.key[j] = fo_hash32(b.tkey[t] ^ <uint32_t> (j + 1)) if b.stochastic else 0
+    # (key[j] serves states 2j and 2j + 1)
     return c
 
 
@@ -74,7 +78,8 @@ cdef inline void _store(stored *s, Py_ssize_t i, floating x, Codec c,
         s[i].bits = fo_f32_to_bf16_rne(<float> x)
     elif stored is bf16_stochastic:
         h = (c.base + <uint32_t> i) * (<uint32_t> 2654435769u)
-        s[i].bits = fo_f32_to_bf16_sr(<float> x, fo_hash32(h ^ c.key[j]))
+        s[i].bits = fo_f32_to_bf16_sr(<float> x,
+                                      fo_hash32(h ^ c.key[j >> 1]) >> (16 * (j & 1)))
     else:
         s[i] = x
 
