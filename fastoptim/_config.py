@@ -120,7 +120,7 @@ def config():
         "calibration": _kernels.calibration(),
         "compile_flags": _kernels.build_cflags(),
         "8bit_decode": ("byte permutes (AVX512-VBMI)" if _kernels._q8_permute_decode()
-                        else "gathers"),
+                        else "gathers" if _dispatch.ISA != "baseline" else "scalar loads"),
         "machine": platform.machine(),
     }
 

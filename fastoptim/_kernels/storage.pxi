@@ -58,9 +58,9 @@ cdef inline Codec _codec(const Batch *b, Py_ssize_t t, Py_ssize_t lo) noexcept n
     cdef Codec c
     cdef int j
     c.base = <uint32_t> lo
-    for j in range(MAX_STATE):
-        c.key[j] = fo_hash32(b.tkey[t] ^ <uint32_t> (j + 1)) if b.stochastic else 0
-    # (key[j] serves states 2j and 2j + 1)
+    for j in range(MAX_STATE):             # key[j] serves states 2j and 2j + 1
+        c.key[j] = (fo_hash32(b.tkey[t] ^ <uint32_t> (j + 1))
+                    if b.stochastic and 2 * j < MAX_STATE else 0)
     return c
 
 
